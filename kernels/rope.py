@@ -1,0 +1,143 @@
+"""Rotary position embedding (NeoX / rotate-half, as Hugging Face applies it) on q and k in one launch.
+
+HF computes ``q * cos + rotate_half(q) * sin`` with ``cos``/``sin`` of shape ``[b or 1, s, rotary_dim]`` straight
+from the model's rotary embedding, so every rope type (default, linear, dynamic, yarn, llama3) reaches the kernel
+already folded into cos/sin. With ``h = rotary_dim // 2`` and ``x1 = x[:h]``, ``x2 = x[h:rotary_dim]``::
+
+    out[:h]          = x1 * cos[:h]  - x2 * sin[:h]
+    out[h:rotary_dim] = x2 * cos[h:] + x1 * sin[h:]
+    out[rotary_dim:] = x[rotary_dim:]          (partial rotary: passed through)
+
+Grid: axis 0 is the token (b, s); axis 1 walks head blocks of q first, then of k. q and k keep whatever strides
+they come with (HF passes ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``); every dim is strided
+(Triton specialises the usual last-dim stride of 1 at compile time, so it costs nothing).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_tile(
+    x_ptr,  # [B, H, S, D] (strided) rows to rotate
+    o_ptr,  # [B, H, S, D] (strided) output
+    b,
+    s,
+    head0,
+    H,
+    stride_xb,
+    stride_xh,
+    stride_xs,
+    stride_xd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    c1,  # [BLOCK_HALF] fp32 cos[:h]
+    c2,  # [BLOCK_HALF] fp32 cos[h:rd]
+    s1,  # [BLOCK_HALF] fp32 sin[:h]
+    s2,  # [BLOCK_HALF] fp32 sin[h:rd]
+    HALF,
+    PASS,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    heads = head0 + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    hmask = heads < H
+    mask = hmask[:, None] & (d < HALF)[None, :]
+    heads64 = heads.to(tl.int64)
+    x_row = x_ptr + b.to(tl.int64) * stride_xb + s.to(tl.int64) * stride_xs + heads64[:, None] * stride_xh
+    o_row = o_ptr + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + heads64[:, None] * stride_oh
+    x1 = tl.load(x_row + d[None, :] * stride_xd, mask=mask, other=0.0)
+    x2 = tl.load(x_row + (HALF + d[None, :]) * stride_xd, mask=mask, other=0.0)
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    o1 = x1f * c1[None, :] - x2f * s1[None, :]
+    o2 = x2f * c2[None, :] + x1f * s2[None, :]
+    tl.store(o_row + d[None, :] * stride_od, o1.to(x1.dtype), mask=mask)
+    tl.store(o_row + (HALF + d[None, :]) * stride_od, o2.to(x1.dtype), mask=mask)
+    if BLOCK_PASS > 0:
+        p = tl.arange(0, BLOCK_PASS)
+        pmask = hmask[:, None] & (p < PASS)[None, :]
+        xp = tl.load(x_row + (2 * HALF + p[None, :]) * stride_xd, mask=pmask, other=0.0)
+        tl.store(o_row + (2 * HALF + p[None, :]) * stride_od, xp, mask=pmask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [B, Hq, S, D]
+    k_ptr,  # [B, Hk, S, D]
+    cos_ptr,  # [Bc, S, RD], Bc in {1, B} (stride_cb = 0 when broadcast)
+    sin_ptr,  # [Bc, S, RD]
+    qo_ptr,  # [B, Hq, S, D]
+    ko_ptr,  # [B, Hk, S, D]
+    S,
+    Hq,
+    Hk,
+    HALF,  # rotary_dim // 2
+    PASS,  # D - rotary_dim
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_qob, stride_qoh, stride_qos, stride_qod,
+    stride_kob, stride_koh, stride_kos, stride_kod,
+    stride_cb, stride_cs, stride_cd,
+    stride_sb, stride_ss, stride_sd,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    hblk = tl.program_id(1)
+    b = tok // S
+    s = tok % S
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    c_row = cos_ptr + b.to(tl.int64) * stride_cb + s.to(tl.int64) * stride_cs
+    s_row = sin_ptr + b.to(tl.int64) * stride_sb + s.to(tl.int64) * stride_ss
+    c1 = tl.load(c_row + d * stride_cd, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(c_row + (HALF + d) * stride_cd, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(s_row + d * stride_sd, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_row + (HALF + d) * stride_sd, mask=dmask, other=0.0).to(tl.float32)
+    n_qblk = tl.cdiv(Hq, BLOCK_H)
+    if hblk < n_qblk:
+        _rope_tile(q_ptr, qo_ptr, b, s, hblk * BLOCK_H, Hq,
+                   stride_qb, stride_qh, stride_qs, stride_qd, stride_qob, stride_qoh, stride_qos, stride_qod,
+                   c1, c2, s1, s2, HALF, PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+    else:
+        _rope_tile(k_ptr, ko_ptr, b, s, (hblk - n_qblk) * BLOCK_H, Hk,
+                   stride_kb, stride_kh, stride_ks, stride_kd, stride_kob, stride_koh, stride_kos, stride_kod,
+                   c1, c2, s1, s2, HALF, PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS)
+
+
+def rope_config(num_tokens: int, Hq: int, Hk: int, head_dim: int, rotary_dim: int) -> dict:
+    """Heads per program so a tile holds ~2K elements of each half; decode (one token) still spreads q and k
+    heads over several programs."""
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_pass = 0 if head_dim == rotary_dim else triton.next_power_of_2(head_dim - rotary_dim)
+    block_h = max(1, min(triton.next_power_of_2(max(Hq, Hk)), 2048 // block_half))
+    if num_tokens <= 4:
+        # Few tokens: prefer more, smaller programs.
+        block_h = min(block_h, 4)
+    num_warps = max(1, min(8, block_h * block_half // 256))
+    return {"BLOCK_H": block_h, "BLOCK_HALF": block_half, "BLOCK_PASS": block_pass, "num_warps": num_warps}
+
+
+def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
+    """Launch ``_rope_kernel``. q/k/outs are 4-D ``[B, H, S, D]``; cos/sin are 3-D ``[Bc, S, RD]``."""
+    B, Hq, S, D = q.shape
+    Hk = k.shape[1]
+    rd = cos.shape[-1]
+    cfg = rope_config(B * S, Hq, Hk, D, rd)
+    bh = cfg["BLOCK_H"]
+    grid = (B * S, triton.cdiv(Hq, bh) + triton.cdiv(Hk, bh))
+    cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    sb = sin.stride(0) if sin.shape[0] > 1 else 0
+    _rope_kernel[grid](
+        q, k, cos, sin, q_out, k_out, S, Hq, Hk, rd // 2, D - rd,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+        cb, cos.stride(1), cos.stride(2), sb, sin.stride(1), sin.stride(2),
+        BLOCK_H=bh, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_PASS=cfg["BLOCK_PASS"], num_warps=cfg["num_warps"],
+    )

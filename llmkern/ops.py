@@ -1,0 +1,306 @@
+"""Public ops: validation, torch custom-op registration, and dispatch to a backend.
+
+Each op is one name in the ``llmkern`` torch library (``torch.ops.llmkern.rms_norm`` ...) with a schema and a fake
+implementation, so ``torch.compile`` traces through it without graph breaks, and ``torch.library.opcheck`` holds.
+The real implementation picks a backend per call (``llmkern.backends.select``): Triton for CUDA tensors, Triton in
+the interpreter for CPU tensors under ``TRITON_INTERPRET=1``, else the pure-torch reference.
+
+Inputs are validated in one function per op, called by both the fake and the real implementation, so bad input
+raises the same ``TypeError``/``ValueError`` in eager mode and while ``torch.compile`` traces.
+
+The ops are for inference: they register no autograd formula.
+"""
+
+import math
+from numbers import Real
+
+import torch
+
+from llmkern import backends, reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Widest row one normalisation tile holds (kernels/rms_norm.py MAX_N); kept here so validation does not import triton.
+_MAX_NORM_N = 65536
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation helpers: each names the argument, what was expected and what came.
+
+
+def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def _check_same(attr: str, **tensors) -> None:
+    vals = {name: getattr(t, attr) for name, t in tensors.items()}
+    if len(set(map(str, vals.values()))) > 1:
+        desc = ", ".join(f"{n}.{attr}={tuple(v) if attr == 'shape' else v}" for n, v in vals.items())
+        raise ValueError(f"expected equal {attr}s, got {desc}")
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    return eps
+
+
+def _check_norm_weight(x, weight) -> None:
+    _check_tensor(weight, "weight")
+    _check_same_device(x=x, weight=weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if x.shape[-1] > _MAX_NORM_N:
+        raise ValueError(f"x's last dim must be at most {_MAX_NORM_N}, got {x.shape[-1]}")
+
+
+def _check_rms_norm(x, weight, eps) -> None:
+    _check_tensor(x, "x")
+    _check_norm_weight(x, weight)
+    _check_eps(eps)
+
+
+def _check_fused_add_rms_norm(x, residual, weight, eps) -> None:
+    _check_tensor(x, "x")
+    _check_tensor(residual, "residual")
+    _check_same_device(x=x, residual=residual)
+    _check_same("shape", x=x, residual=residual)
+    _check_same("dtype", x=x, residual=residual)
+    _check_norm_weight(x, weight)
+    _check_eps(eps)
+
+
+def _check_rope(q, k, cos, sin) -> None:
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_tensor(t, name)
+    _check_same_device(q=q, k=k, cos=cos, sin=sin)
+    _check_same("dtype", q=q, k=k)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D [batch, heads, seq, head_dim], got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
+    b, _, s, d = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (b, s, d):
+        raise ValueError(f"k must match q in batch, seq and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    _check_same("shape", cos=cos, sin=sin)
+    if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s:
+        raise ValueError(f"cos and sin must have shape [1 or {b}, {s}, rotary_dim] for q {tuple(q.shape)}, "
+                         f"got {tuple(cos.shape)}")
+    rd = cos.shape[-1]
+    if rd % 2 or rd > d:
+        raise ValueError(f"rotary_dim (cos.shape[-1]) must be even and at most head_dim {d}, got {rd}")
+
+
+def _check_silu_and_mul(gate, up) -> None:
+    _check_tensor(gate, "gate")
+    _check_tensor(up, "up")
+    _check_same_device(gate=gate, up=up)
+    _check_same("shape", gate=gate, up=up)
+    _check_same("dtype", gate=gate, up=up)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, last]``: a view whenever the leading dims collapse (always for HF's activations); a copy
+    only for layouts whose leading dims cannot be described by one stride."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _norm_out_dtype(x, weight, offset: float) -> torch.dtype:
+    # Llama: `weight * h.to(x.dtype)` promotes; Gemma: `.type_as(x)`.
+    return torch.promote_types(x.dtype, weight.dtype) if offset == 0.0 else x.dtype
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rms_norm
+
+
+@torch.library.custom_op("llmkern::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    _check_rms_norm(x, weight, eps)
+    if backends.select("rms_norm", x.device) == "reference":
+        return reference.rms_norm(x, weight, eps, offset)
+    from llmkern.kernels import rms_norm as K
+
+    out = torch.empty(x.shape, dtype=_norm_out_dtype(x, weight, offset), device=x.device)
+    K.rms_norm_fwd(_rows(x), weight, _rows(out), eps, offset)
+    return out
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, offset):
+    _check_rms_norm(x, weight, eps)
+    return x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, offset))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0) -> torch.Tensor:
+    """Root-mean-square normalisation over the last dim, exactly as Hugging Face's ``LlamaRMSNorm``.
+
+    Args:
+        x: ``[..., N]`` fp32/fp16/bf16, any strides.
+        weight: ``[N]``, on x's device.
+        eps: added to the mean square, > 0.
+        offset: 0 for Llama/Qwen2/Mistral (``w * norm(x).to(x.dtype)``); 1.0 for Gemma (``norm(x) * (1 + w)`` in fp32).
+
+    Returns:
+        ``[..., N]`` contiguous, dtype ``promote(x.dtype, weight.dtype)`` (offset 0) or ``x.dtype`` (offset != 0).
+
+    Example:
+        >>> x = torch.randn(2, 5, 896); w = torch.ones(896)
+        >>> y = llmkern.ops.rms_norm(x, w, 1e-6)
+    """
+    _check_eps(eps)
+    if isinstance(offset, bool) or not isinstance(offset, Real):
+        raise TypeError(f"offset must be a float, got {type(offset).__name__}")
+    return torch.ops.llmkern.rms_norm(x, weight, float(eps), float(offset))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fused_add_rms_norm
+
+
+@torch.library.custom_op("llmkern::fused_add_rms_norm", mutates_args=())
+def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_fused_add_rms_norm(x, residual, weight, eps)
+    if backends.select("fused_add_rms_norm", x.device) == "reference":
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    from llmkern.kernels import rms_norm as K
+
+    out = torch.empty(x.shape, dtype=_norm_out_dtype(x, weight, 0.0), device=x.device)
+    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    K.fused_add_rms_norm_fwd(_rows(x), _rows(residual), weight, _rows(out), _rows(res_out), eps)
+    return out, res_out
+
+
+@_fused_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    _check_fused_add_rms_norm(x, residual, weight, eps)
+    return x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, 0.0)), x.new_empty(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual_out = x + residual`` and ``rms_norm(residual_out, weight, eps)`` in one pass over memory.
+
+    This is a decoder layer's ``hidden = residual + attn_out; residual = hidden; hidden = post_attention_layernorm(hidden)``:
+    the sum is rounded to x's dtype before it is normalised, as eager does.
+
+    Args:
+        x, residual: ``[..., N]``, same shape, dtype (fp32/fp16/bf16) and device; any strides.
+        weight: ``[N]``.
+        eps: > 0.
+
+    Returns:
+        ``(normed, residual_out)``, both ``[..., N]`` contiguous; ``normed`` has dtype ``promote(x, weight)``.
+    """
+    _check_eps(eps)
+    return torch.ops.llmkern.fused_add_rms_norm(x, residual, weight, float(eps))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# apply_rope
+
+
+@torch.library.custom_op("llmkern::apply_rope", mutates_args=())
+def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_rope(q, k, cos, sin)
+    if backends.select("apply_rope", q.device) == "reference":
+        q_out, k_out = reference.apply_rope(q, k, cos, sin)
+        # Keep the layout the fake implementation promises (empty_like of the inputs).
+        return torch.empty_like(q).copy_(q_out), torch.empty_like(k).copy_(k_out)
+    from llmkern.kernels import rope as K
+
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    K.rope_fwd(q, k, cos, sin, q_out, k_out)
+    return q_out, k_out
+
+
+@_apply_rope_op.register_fake
+def _(q, k, cos, sin):
+    _check_rope(q, k, cos, sin)
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding on q and k (rotate-half / NeoX style, as HF's ``apply_rotary_pos_emb``), one launch.
+
+    Args:
+        q: ``[b, Hq, s, d]``, any strides (HF passes ``[b, s, H, d]`` buffers transposed).
+        k: ``[b, Hkv, s, d]``, same dtype and device as q.
+        cos, sin: ``[b or 1, s, rotary_dim]`` exactly as the model's rotary embedding returns them; ``rotary_dim``
+            even and ``<= d``; dims past ``rotary_dim`` pass through unchanged (partial rotary).
+
+    Returns:
+        ``(q_rot, k_rot)`` with q's and k's shapes, dtypes and memory layouts.
+
+    Example:
+        >>> q = torch.randn(1, 14, 5, 64); k = torch.randn(1, 2, 5, 64)
+        >>> cos, sin = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
+        >>> q2, k2 = llmkern.ops.apply_rope(q, k, cos, sin)
+    """
+    return torch.ops.llmkern.apply_rope(q, k, cos, sin)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# silu_and_mul
+
+
+@torch.library.custom_op("llmkern::silu_and_mul", mutates_args=())
+def _silu_and_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check_silu_and_mul(gate, up)
+    if backends.select("silu_and_mul", gate.device) == "reference":
+        return reference.silu_and_mul(gate, up)
+    from llmkern.kernels import swiglu as K
+
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    K.silu_and_mul_fwd(_rows(gate), _rows(up), _rows(out))
+    return out
+
+
+@_silu_and_mul_op.register_fake
+def _(gate, up):
+    _check_silu_and_mul(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (SwiGLU), rounding like HF's ``LlamaMLP``: silu's result is cast to the dtype first.
+
+    Args:
+        gate, up: ``[..., I]``, same shape, dtype and device; any strides.
+
+    Returns:
+        ``[..., I]`` contiguous.
+    """
+    return torch.ops.llmkern.silu_and_mul(gate, up)
+
+
+def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused ``[..., 2*I]`` gate/up projection (gate first, then up), without copying the halves.
+
+    Returns:
+        ``[..., I]`` contiguous.
+    """
+    _check_tensor(gate_up, "gate_up")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (gate then up), got {gate_up.shape[-1]}")
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.ops.llmkern.silu_and_mul(gate, up)
