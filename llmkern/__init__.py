@@ -7,7 +7,9 @@
 
 from llmkern import ops
 from llmkern.backends import track, use_backend
+from llmkern.patching import PatchReport, is_patched, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "track", "use_backend", "__version__"]
+__all__ = ["ops", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "track", "use_backend",
+           "__version__"]

