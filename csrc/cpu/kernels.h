@@ -1,0 +1,95 @@
+// llmkern CPU kernels: torch-free. Pointers, sizes, strides (in elements) and a work range; no allocation, no
+// threads (the caller splits work with at::parallel_for and calls a kernel per range). Every function returns 0 on
+// success or a negative Status the caller turns into an exception.
+//
+// Vocabulary: M rows x N columns for row ops; T tokens, B sequences, Hq query heads, Hkv KV heads, G = Hq / Hkv
+// (the GQA group), D head_dim, BS block (page) size.
+#pragma once
+
+#include <cstdint>
+
+namespace llmkern {
+namespace cpu {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+enum Status : int {
+  kOk = 0,
+  kBadDType = -1,
+  kBadShape = -2,
+  kBadSlot = -3,
+  kNoKernel = -4,
+};
+
+const char* status_string(int status);
+
+// Which instruction set the dispatcher picked at run time: "avx512", "avx2" or "generic".
+const char* isa_name();
+
+// y[m, :] = rms_norm(x[m, :]) * w for m in [m_begin, m_end).
+//   offset == 0: w * (x * rstd).to(x dtype)   (Llama/Qwen2: rounded to x's dtype before the weight multiply)
+//   offset != 0: ((x * rstd) * (offset + w)).to(y dtype)  (Gemma)
+// x [M, N] strides (sxm, sxn); w [N] stride sw; y [M, N] strides (sym, syn).
+int rms_norm(const void* x, int64_t sxm, int64_t sxn, const void* w, int64_t sw, void* y, int64_t sym,
+             int64_t syn, int64_t m_begin, int64_t m_end, int64_t N, float eps, float offset, DType xt, DType wt,
+             DType yt);
+
+// ro = (x + r).to(x dtype); y = w * (ro * rstd).to(x dtype). x, r, ro share dtype xt; y has dtype yt.
+int fused_add_rms_norm(const void* x, int64_t sxm, int64_t sxn, const void* r, int64_t srm, int64_t srn,
+                       const void* w, int64_t sw, void* y, int64_t sym, int64_t syn, void* ro, int64_t srom,
+                       int64_t sron, int64_t m_begin, int64_t m_end, int64_t N, float eps, DType xt, DType wt,
+                       DType yt);
+
+// Rotate-half RoPE for tokens [t_begin, t_end) of a [B, H, S, D] tensor (token t = b * S + s).
+// cos/sin [Bc, S, RD] (scb == 0 when broadcast over the batch). Dims >= RD are copied through.
+struct RopeArgs {
+  const void* x;
+  int64_t sxb, sxh, sxs, sxd;
+  void* o;
+  int64_t sob, soh, sos, sod;
+  int64_t H;
+};
+int rope(const RopeArgs& a, const void* cos, int64_t scb, int64_t scs, int64_t scd, const void* sin, int64_t ssb,
+         int64_t sss, int64_t ssd, int64_t S, int64_t D, int64_t RD, int64_t t_begin, int64_t t_end, DType xt,
+         DType ct);
+
+// out[m, i] = silu(g[m, i]).to(dtype) * u[m, i] for m in [m_begin, m_end).
+int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t sum_, int64_t sui, void* o,
+                 int64_t som, int64_t soi, int64_t m_begin, int64_t m_end, int64_t I, DType t);
+
+// Write key/value [T, Hkv, D] rows t in [t_begin, t_end) to slot_mapping[t] of caches [NB, BS, Hkv, D]
+// (contiguous). slot < 0 is padding and skipped; slot >= NB * BS is an error (kBadSlot) and nothing of that row
+// is written.
+int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
+                      int64_t svh, int64_t svd, void* k_cache, void* v_cache, const int64_t* slot_mapping,
+                      int64_t t_begin, int64_t t_end, int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t);
+
+// Paged decode attention, stage 1: one work item = (sequence b, KV head h, split s). It serves all G query heads of
+// KV head h, reads each K/V row of its token range once, and writes fp32 partial out [G, D] and log-sum-exp [G]
+// (-inf when the range is empty).
+struct DecodeArgs {
+  const void* q;  // [B, Hq, D] strides (sqb, sqh, sqd)
+  int64_t sqb, sqh, sqd;
+  const void* k_cache;  // [NB, BS, Hkv, D] contiguous
+  const void* v_cache;
+  const int32_t* block_tables;  // [B, max_blocks] row stride sbt
+  int64_t sbt;
+  const int32_t* seq_lens;  // [B]
+  int64_t B, Hq, Hkv, D, BS, NB;
+  int64_t num_splits;
+  int64_t split_len;  // tokens per split (a multiple of BS)
+  float scale;
+  float softcap;  // 0 = off
+  int64_t window;  // 0 = off
+  float* part_out;  // [B, Hq, num_splits, D]
+  float* part_lse;  // [B, Hq, num_splits]
+  DType t;
+};
+int paged_decode_stage1(const DecodeArgs& a, int64_t item_begin, int64_t item_end);
+
+// Stage 2: out[b, hq, :] = sum_s exp(lse_s - lse) * part_out_s for items (b, hq) in [begin, end).
+int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t item_begin,
+                        int64_t item_end);
+
+}  // namespace cpu
+}  // namespace llmkern

@@ -1,0 +1,11 @@
+// The CPU kernels compiled for one instruction set; dispatch.cpp picks one at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#pragma GCC target("avx2,f16c,fma")
+#define LLMKERN_ISA avx2
+#include "kernels_impl.h"

@@ -1,0 +1,11 @@
+// The CPU kernels compiled for one instruction set; dispatch.cpp picks one at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
+#define LLMKERN_ISA avx512
+#include "kernels_impl.h"

@@ -1,0 +1,488 @@
+// Templated bodies of the CPU kernels declared in kernels.h. Included once per instruction set by
+// kernels_{avx512,avx2,generic}.cpp, each compiled with its own `#pragma GCC target`, inside namespace
+// llmkern::cpu::LLMKERN_ISA. Inner loops are written so GCC vectorises them (`#pragma omp simd`, no calls, no
+// branches); -ffp-contract=off keeps a*b + c*d as two roundings, the way eager torch computes it.
+//
+// Numerics follow Hugging Face eager: fp32 accumulation; RMSNorm rounds the normalised row to the input dtype
+// before the weight multiply; SwiGLU rounds silu's result to the dtype before the multiply.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace llmkern {
+namespace cpu {
+namespace LLMKERN_ISA {
+
+struct bf16 {
+  uint16_t v;
+};
+using f16 = _Float16;
+
+static inline float ld(const float* p) { return *p; }
+static inline float ld(const f16* p) { return static_cast<float>(*p); }
+static inline float ld(const bf16* p) {
+  uint32_t u = static_cast<uint32_t>(p->v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline void st(float* p, float f) { *p = f; }
+static inline void st(f16* p, float f) { *p = static_cast<f16>(f); }
+static inline void st(bf16* p, float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  // Round to nearest even; NaNs keep a quiet-NaN payload.
+  uint32_t r = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : (u + 0x7fffu + ((u >> 16) & 1u));
+  p->v = static_cast<uint16_t>(r >> 16);
+}
+// Round a float to T's precision and back (eager's `.to(dtype)` between two ops).
+template <typename T>
+static inline float rnd(float f) {
+  T t;
+  st(&t, f);
+  return ld(&t);
+}
+
+// exp(x) for float, vectorisable: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r, 2^n from the exponent
+// bits. Max error ~2 ulp over the normal range; exp(-inf) = 0, large x saturates to +inf.
+static inline float vexp(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.7f ? 88.7f : x;
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, 4);
+  return p * scale;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm
+
+template <typename X, typename W, typename Y>
+static void rms_norm_rows(const X* x, int64_t sxm, int64_t sxn, const W* w, int64_t sw, Y* y, int64_t sym,
+                          int64_t syn, int64_t m0, int64_t m1, int64_t N, float eps, float offset) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const X* xr = x + m * sxm;
+    Y* yr = y + m * sym;
+    float ss = 0.f;
+    if (sxn == 1) {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < N; ++i) {
+        float v = ld(xr + i);
+        ss += v * v;
+      }
+    } else {
+      for (int64_t i = 0; i < N; ++i) {
+        float v = ld(xr + i * sxn);
+        ss += v * v;
+      }
+    }
+    const float rstd = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
+    if (offset == 0.f) {
+      if (sxn == 1 && sw == 1 && syn == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) st(yr + i, rnd<X>(ld(xr + i) * rstd) * ld(w + i));
+      } else {
+        for (int64_t i = 0; i < N; ++i) st(yr + i * syn, rnd<X>(ld(xr + i * sxn) * rstd) * ld(w + i * sw));
+      }
+    } else {
+      for (int64_t i = 0; i < N; ++i) st(yr + i * syn, (ld(xr + i * sxn) * rstd) * (offset + ld(w + i * sw)));
+    }
+  }
+}
+
+template <typename X, typename W, typename Y>
+static void fused_add_rms_norm_rows(const X* x, int64_t sxm, int64_t sxn, const X* r, int64_t srm, int64_t srn,
+                                    const W* w, int64_t sw, Y* y, int64_t sym, int64_t syn, X* ro, int64_t srom,
+                                    int64_t sron, int64_t m0, int64_t m1, int64_t N, float eps) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const X* xr = x + m * sxm;
+    const X* rr = r + m * srm;
+    X* ror = ro + m * srom;
+    Y* yr = y + m * sym;
+    float ss = 0.f;
+    const bool dense = sxn == 1 && srn == 1 && sron == 1 && sw == 1 && syn == 1;
+    if (dense) {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < N; ++i) {
+        float s = rnd<X>(ld(xr + i) + ld(rr + i));
+        st(ror + i, s);
+        ss += s * s;
+      }
+    } else {
+      for (int64_t i = 0; i < N; ++i) {
+        float s = rnd<X>(ld(xr + i * sxn) + ld(rr + i * srn));
+        st(ror + i * sron, s);
+        ss += s * s;
+      }
+    }
+    const float rstd = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
+    if (dense) {
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) st(yr + i, rnd<X>(ld(ror + i) * rstd) * ld(w + i));
+    } else {
+      for (int64_t i = 0; i < N; ++i) st(yr + i * syn, rnd<X>(ld(ror + i * sron) * rstd) * ld(w + i * sw));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RoPE
+
+template <typename X, typename C>
+static void rope_tokens(const RopeArgs& a, const C* cos, int64_t scb, int64_t scs, int64_t scd, const C* sin,
+                        int64_t ssb, int64_t sss, int64_t ssd, int64_t S, int64_t D, int64_t RD, int64_t t0,
+                        int64_t t1) {
+  const X* x = static_cast<const X*>(a.x);
+  X* o = static_cast<X*>(a.o);
+  const int64_t half = RD / 2;
+  float c[512], s[512];  // RD <= 512, checked by the caller
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / S, p = t % S;
+    const C* cr = cos + b * scb + p * scs;
+    const C* sr = sin + b * ssb + p * sss;
+    for (int64_t i = 0; i < RD; ++i) {
+      c[i] = ld(cr + i * scd);
+      s[i] = ld(sr + i * ssd);
+    }
+    for (int64_t h = 0; h < a.H; ++h) {
+      const X* xr = x + b * a.sxb + h * a.sxh + p * a.sxs;
+      X* orow = o + b * a.sob + h * a.soh + p * a.sos;
+      if (a.sxd == 1 && a.sod == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          float x1 = ld(xr + i), x2 = ld(xr + half + i);
+          st(orow + i, x1 * c[i] - x2 * s[i]);
+          st(orow + half + i, x2 * c[half + i] + x1 * s[half + i]);
+        }
+        for (int64_t i = RD; i < D; ++i) orow[i] = xr[i];
+      } else {
+        for (int64_t i = 0; i < half; ++i) {
+          float x1 = ld(xr + i * a.sxd), x2 = ld(xr + (half + i) * a.sxd);
+          st(orow + i * a.sod, x1 * c[i] - x2 * s[i]);
+          st(orow + (half + i) * a.sod, x2 * c[half + i] + x1 * s[half + i]);
+        }
+        for (int64_t i = RD; i < D; ++i) orow[i * a.sod] = xr[i * a.sxd];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU
+
+template <typename T>
+static void silu_and_mul_rows(const T* g, int64_t sgm, int64_t sgi, const T* u, int64_t sum_, int64_t sui, T* o,
+                              int64_t som, int64_t soi, int64_t m0, int64_t m1, int64_t I) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* gr = g + m * sgm;
+    const T* ur = u + m * sum_;
+    T* orow = o + m * som;
+    if (sgi == 1 && sui == 1 && soi == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        float gv = ld(gr + i);
+        st(orow + i, rnd<T>(gv / (1.f + vexp(-gv))) * ld(ur + i));
+      }
+    } else {
+      for (int64_t i = 0; i < I; ++i) {
+        float gv = ld(gr + i * sgi);
+        st(orow + i * soi, rnd<T>(gv / (1.f + vexp(-gv))) * ld(ur + i * sui));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// KV cache write
+
+template <typename T>
+static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_t skd, const T* value, int64_t svt,
+                                  int64_t svh, int64_t svd, T* kc, T* vc, const int64_t* slots, int64_t t0,
+                                  int64_t t1, int64_t Hkv, int64_t D, int64_t NB, int64_t BS) {
+  int status = kOk;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    if (slot >= NB * BS) {
+      status = kBadSlot;
+      continue;
+    }
+    T* kd = kc + slot * Hkv * D;  // int64 offsets: NB * BS * Hkv * D may pass 2^31
+    T* vd = vc + slot * Hkv * D;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const T* kr = key + t * skt + h * skh;
+      const T* vr = value + t * svt + h * svh;
+      for (int64_t d = 0; d < D; ++d) {
+        kd[h * D + d] = kr[d * skd];
+        vd[h * D + d] = vr[d * svd];
+      }
+    }
+  }
+  return status;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Paged decode attention (flash-decoding on CPU)
+
+template <typename T>
+static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
+  constexpr int64_t CH = 32;  // tokens scored per chunk: one exp/rescale per chunk, rows stay in L1
+  const int64_t G = a.Hq / a.Hkv, D = a.D;
+  const T* q = static_cast<const T*>(a.q);
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G);
+  const T* krows[CH];
+  const T* vrows[CH];
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t sp = item % a.num_splits;
+    const int64_t h = (item / a.num_splits) % a.Hkv;
+    const int64_t b = item / (a.num_splits * a.Hkv);
+    const int64_t L = a.seq_lens[b];
+    const int64_t first = a.window > 0 ? (L - a.window > 0 ? L - a.window : 0) : 0;
+    int64_t t0 = sp * a.split_len, t1 = (sp + 1) * a.split_len;
+    if (t0 < first) t0 = first;
+    if (t1 > L) t1 = L;
+    float* pout = a.part_out + ((b * a.Hq + h * G) * a.num_splits + sp) * D;  // row g at + g * num_splits * D
+    float* plse = a.part_lse + (b * a.Hq + h * G) * a.num_splits + sp;       // row g at + g * num_splits
+    if (t0 >= t1) {
+      for (int64_t g = 0; g < G; ++g) {
+        plse[g * a.num_splits] = -std::numeric_limits<float>::infinity();
+        for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = 0.f;
+      }
+      continue;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qr = q + b * a.sqb + (h * G + g) * a.sqh;
+      for (int64_t d = 0; d < D; ++d) qf[g * D + d] = ld(qr + d * a.sqd) * a.scale;
+      mx[g] = -std::numeric_limits<float>::infinity();
+      den[g] = 0.f;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    const int32_t* table = a.block_tables + b * a.sbt;
+    for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+      const int64_t n = (t1 - c0) < CH ? (t1 - c0) : CH;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t tok = c0 + j;
+        const int64_t slot = static_cast<int64_t>(table[tok / a.BS]) * a.BS + tok % a.BS;
+        krows[j] = kc + (slot * a.Hkv + h) * D;
+        vrows[j] = vc + (slot * a.Hkv + h) * D;
+      }
+      // Scores: each K row is read once and dotted with all G query rows while it is in L1.
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kr = krows[j];
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = &qf[g * D];
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qg[d] * ld(kr + d);
+          if (a.softcap > 0.f) dot = a.softcap * std::tanh(dot / a.softcap);
+          sc[g * CH + j] = dot;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float m_new = mx[g];
+        for (int64_t j = 0; j < n; ++j) m_new = sc[g * CH + j] > m_new ? sc[g * CH + j] : m_new;
+        const float alpha = vexp(mx[g] - m_new);  // mx = -inf on the first chunk: alpha = 0
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          const float p = vexp(sc[g * CH + j] - m_new);
+          sc[g * CH + j] = p;
+          sum += p;
+        }
+        den[g] = den[g] * alpha + sum;
+        mx[g] = m_new;
+        float* ag = &acc[g * D];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
+      }
+      // Values: each V row once, accumulated into all G rows.
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vr = vrows[j];
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = sc[g * CH + j];
+          float* ag = &acc[g * D];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * ld(vr + d);
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = 1.f / den[g];
+      for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = acc[g * D + d] * inv;
+      plse[g * a.num_splits] = mx[g] + std::log(den[g]);
+    }
+  }
+}
+
+template <typename T>
+static void decode_reduce(const DecodeArgs& a, T* out, int64_t sob, int64_t soh, int64_t sod, int64_t i0,
+                          int64_t i1) {
+  const int64_t S = a.num_splits, D = a.D;
+  std::vector<float> o(D);
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t b = item / a.Hq, hq = item % a.Hq;
+    const float* lse = a.part_lse + (b * a.Hq + hq) * S;
+    const float* po = a.part_out + (b * a.Hq + hq) * S * D;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; ++s) m = lse[s] > m ? lse[s] : m;
+    std::fill(o.begin(), o.end(), 0.f);
+    float wsum = 0.f;
+    if (m != -std::numeric_limits<float>::infinity()) {
+      for (int64_t s = 0; s < S; ++s) {
+        if (lse[s] == -std::numeric_limits<float>::infinity()) continue;  // empty split: weight 0, never NaN
+        const float w = std::exp(lse[s] - m);
+        wsum += w;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * po[s * D + d];
+      }
+    }
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    T* orow = out + b * sob + hq * soh;
+    for (int64_t d = 0; d < D; ++d) st(orow + d * sod, o[d] * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dtype dispatch (the exported entry points of this ISA)
+
+#define LLMKERN_CASE3(XT, WT, YT, CALL)                               \
+  if (xt == XT##_id && wt == WT##_id && yt == YT##_id) {              \
+    using X = XT##_t;                                                  \
+    using W = WT##_t;                                                  \
+    using Y = YT##_t;                                                  \
+    CALL;                                                              \
+    return kOk;                                                        \
+  }
+
+constexpr DType f32_id = kF32, f16_id = kF16, bf16_id = kBF16;
+using f32_t = float;
+using f16_t = f16;
+using bf16_t = bf16;
+
+int rms_norm(const void* x, int64_t sxm, int64_t sxn, const void* w, int64_t sw, void* y, int64_t sym,
+             int64_t syn, int64_t m0, int64_t m1, int64_t N, float eps, float offset, DType xt, DType wt,
+             DType yt) {
+#define CALL rms_norm_rows<X, W, Y>((const X*)x, sxm, sxn, (const W*)w, sw, (Y*)y, sym, syn, m0, m1, N, eps, offset)
+  LLMKERN_CASE3(f32, f32, f32, CALL)
+  LLMKERN_CASE3(f16, f16, f16, CALL)
+  LLMKERN_CASE3(bf16, bf16, bf16, CALL)
+  LLMKERN_CASE3(f16, f32, f32, CALL)
+  LLMKERN_CASE3(bf16, f32, f32, CALL)
+  LLMKERN_CASE3(f16, f32, f16, CALL)   // Gemma-style offset: output in x's dtype
+  LLMKERN_CASE3(bf16, f32, bf16, CALL)
+  LLMKERN_CASE3(f32, f16, f32, CALL)
+  LLMKERN_CASE3(f32, bf16, f32, CALL)
+  LLMKERN_CASE3(f16, bf16, f32, CALL)
+  LLMKERN_CASE3(bf16, f16, f32, CALL)
+  LLMKERN_CASE3(f16, bf16, f16, CALL)
+  LLMKERN_CASE3(bf16, f16, bf16, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+int fused_add_rms_norm(const void* x, int64_t sxm, int64_t sxn, const void* r, int64_t srm, int64_t srn,
+                       const void* w, int64_t sw, void* y, int64_t sym, int64_t syn, void* ro, int64_t srom,
+                       int64_t sron, int64_t m0, int64_t m1, int64_t N, float eps, DType xt, DType wt, DType yt) {
+#define CALL                                                                                                 \
+  fused_add_rms_norm_rows<X, W, Y>((const X*)x, sxm, sxn, (const X*)r, srm, srn, (const W*)w, sw, (Y*)y, sym, \
+                                   syn, (X*)ro, srom, sron, m0, m1, N, eps)
+  LLMKERN_CASE3(f32, f32, f32, CALL)
+  LLMKERN_CASE3(f16, f16, f16, CALL)
+  LLMKERN_CASE3(bf16, bf16, bf16, CALL)
+  LLMKERN_CASE3(f16, f32, f32, CALL)
+  LLMKERN_CASE3(bf16, f32, f32, CALL)
+  LLMKERN_CASE3(f32, f16, f32, CALL)
+  LLMKERN_CASE3(f32, bf16, f32, CALL)
+  LLMKERN_CASE3(f16, bf16, f32, CALL)
+  LLMKERN_CASE3(bf16, f16, f32, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+#define LLMKERN_CASE1(TT, CALL) \
+  if (t == TT##_id) {           \
+    using T = TT##_t;           \
+    CALL;                       \
+  }
+
+int rope(const RopeArgs& a, const void* cos, int64_t scb, int64_t scs, int64_t scd, const void* sin, int64_t ssb,
+         int64_t sss, int64_t ssd, int64_t S, int64_t D, int64_t RD, int64_t t0, int64_t t1, DType xt, DType ct) {
+  if (RD > 512) return kBadShape;
+#define CALL3(XT, CT)                                                                                   \
+  if (xt == XT##_id && ct == CT##_id) {                                                                \
+    rope_tokens<XT##_t, CT##_t>(a, (const CT##_t*)cos, scb, scs, scd, (const CT##_t*)sin, ssb, sss, ssd, \
+                                S, D, RD, t0, t1);                                                      \
+    return kOk;                                                                                         \
+  }
+  CALL3(f32, f32) CALL3(f16, f16) CALL3(bf16, bf16) CALL3(f16, f32) CALL3(bf16, f32) CALL3(f32, f16)
+  CALL3(f32, bf16) CALL3(f16, bf16) CALL3(bf16, f16)
+#undef CALL3
+  return kBadDType;
+}
+
+int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t sum_, int64_t sui, void* o,
+                 int64_t som, int64_t soi, int64_t m0, int64_t m1, int64_t I, DType t) {
+#define CALL \
+  silu_and_mul_rows<T>((const T*)g, sgm, sgi, (const T*)u, sum_, sui, (T*)o, som, soi, m0, m1, I); return kOk
+  LLMKERN_CASE1(f32, CALL)
+  LLMKERN_CASE1(f16, CALL)
+  LLMKERN_CASE1(bf16, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
+                      int64_t svh, int64_t svd, void* k_cache, void* v_cache, const int64_t* slots, int64_t t0,
+                      int64_t t1, int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t) {
+#define CALL                                                                                                  \
+  return reshape_and_cache_rows<T>((const T*)key, skt, skh, skd, (const T*)value, svt, svh, svd, (T*)k_cache, \
+                                   (T*)v_cache, slots, t0, t1, Hkv, D, NB, BS)
+  LLMKERN_CASE1(f32, CALL)
+  LLMKERN_CASE1(f16, CALL)
+  LLMKERN_CASE1(bf16, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
+  const DType t = a.t;
+#define CALL decode_stage1<T>(a, i0, i1); return kOk
+  LLMKERN_CASE1(f32, CALL)
+  LLMKERN_CASE1(f16, CALL)
+  LLMKERN_CASE1(bf16, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t i0,
+                        int64_t i1) {
+  const DType t = a.t;
+#define CALL decode_reduce<T>(a, (T*)out, sob, soh, sod, i0, i1); return kOk
+  LLMKERN_CASE1(f32, CALL)
+  LLMKERN_CASE1(f16, CALL)
+  LLMKERN_CASE1(bf16, CALL)
+#undef CALL
+  return kBadDType;
+}
+
+#undef LLMKERN_CASE1
+#undef LLMKERN_CASE3
+
+}  // namespace LLMKERN_ISA
+}  // namespace cpu
+}  // namespace llmkern

@@ -1,0 +1,322 @@
+// The one file of the extension that includes torch: input checks (TORCH_CHECK with a message that names the
+// argument), dtype mapping, threading with at::parallel_for, and registration of every op in the `llmkern_C`
+// library with schemas (`Tensor(a!)` marks what is mutated) and per-device implementations.
+//
+// The public `llmkern::` ops (llmkern/ops.py) choose a backend per call and call these for backend "cpp" (CPU
+// tensors) and "cuda" (CUDA tensors); that keeps backend choice observable and lets tests force any backend.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+
+#include "cpu/kernels.h"
+#ifdef LLMKERN_WITH_CUDA
+#include "cuda/launch.h"
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace {
+
+namespace kc = llmkern::cpu;
+
+kc::DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kc::kF32;
+    case at::kHalf: return kc::kF16;
+    case at::kBFloat16: return kc::kBF16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void ok(int status, const char* op) {
+  TORCH_CHECK(status == kc::kOk, "llmkern ", op, ": ", kc::status_string(status));
+}
+
+void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on one device, got ", a.device(), " and ",
+              b.device());
+}
+
+void check_nonempty(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() > 0, name, " must not be empty, got shape ", t.sizes());
+}
+
+// Leading dims collapsed into rows: a view whenever the strides allow it (always for HF activations).
+at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// Rows per parallel_for chunk so that tiny (decode) problems stay on the calling thread.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+at::ScalarType norm_out_dtype(const at::Tensor& x, const at::Tensor& w, double offset) {
+  return offset == 0.0 ? at::promote_types(x.scalar_type(), w.scalar_type()) : x.scalar_type();
+}
+
+void check_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_nonempty(x, "x");
+  check_same_device(x, "x", w, "weight");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(-1), "weight must have shape (", x.size(-1),
+              ",) to match the last dim of x, got ", w.sizes());
+  TORCH_CHECK(eps > 0.0, "eps must be positive, got ", eps);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// CPU implementations
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
+  check_norm(x, w, eps);
+  auto xt = dtype_of(x, "x"), wt = dtype_of(w, "weight");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(norm_out_dtype(x, w, offset)));
+  auto yt = dtype_of(out, "out");
+  at::Tensor x2 = rows_of(x), y2 = rows_of(out);
+  const int64_t M = x2.size(0), N = x2.size(1);
+  at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
+    ok(kc::rms_norm(x2.data_ptr(), x2.stride(0), x2.stride(1), w.data_ptr(), w.stride(0), y2.data_ptr(),
+                    y2.stride(0), y2.stride(1), b, e, N, static_cast<float>(eps), static_cast<float>(offset), xt, wt,
+                    yt),
+       "rms_norm");
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                          const at::Tensor& w, double eps) {
+  check_norm(x, w, eps);
+  check_same_device(x, "x", residual, "residual");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual must have one shape, got ", x.sizes(), " and ",
+              residual.sizes());
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type(), "x and residual must have one dtype, got ",
+              x.scalar_type(), " and ", residual.scalar_type());
+  auto xt = dtype_of(x, "x"), wt = dtype_of(w, "weight");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(norm_out_dtype(x, w, 0.0)));
+  at::Tensor res_out = at::empty(x.sizes(), x.options());
+  auto yt = dtype_of(out, "out");
+  at::Tensor x2 = rows_of(x), r2 = rows_of(residual), y2 = rows_of(out), ro2 = rows_of(res_out);
+  const int64_t M = x2.size(0), N = x2.size(1);
+  at::parallel_for(0, M, row_grain(N), [&](int64_t b, int64_t e) {
+    ok(kc::fused_add_rms_norm(x2.data_ptr(), x2.stride(0), x2.stride(1), r2.data_ptr(), r2.stride(0), r2.stride(1),
+                              w.data_ptr(), w.stride(0), y2.data_ptr(), y2.stride(0), y2.stride(1), ro2.data_ptr(),
+                              ro2.stride(0), ro2.stride(1), b, e, N, static_cast<float>(eps), xt, wt, yt),
+       "fused_add_rms_norm");
+  });
+  return {out, res_out};
+}
+
+void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  check_nonempty(q, "q");
+  check_nonempty(k, "k");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", cos, "cos");
+  check_same_device(q, "q", sin, "sin");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q and k must be 4-D [batch, heads, seq, head_dim], got ", q.sizes(),
+              " and ", k.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
+              "k must match q in batch, seq and head_dim: q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have one dtype, got ", q.scalar_type(), " and ",
+              k.scalar_type());
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == 1 || cos.size(0) == q.size(0)) &&
+                  cos.size(1) == q.size(2),
+              "cos and sin must have shape [1 or batch, seq, rotary_dim], got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.size(2) % 2 == 0 && cos.size(2) <= q.size(3) && cos.size(2) <= 512,
+              "rotary_dim (cos.size(-1)) must be even and at most head_dim (and 512), got ", cos.size(2));
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have one dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                  const at::Tensor& sin) {
+  check_rope(q, k, cos, sin);
+  auto xt = dtype_of(q, "q"), ct = dtype_of(cos, "cos");
+  at::Tensor qo = at::empty_like(q), ko = at::empty_like(k);
+  const int64_t B = q.size(0), S = q.size(2), D = q.size(3), RD = cos.size(2);
+  const int64_t scb = cos.size(0) > 1 ? cos.stride(0) : 0, ssb = sin.size(0) > 1 ? sin.stride(0) : 0;
+  for (auto [x, o] : {std::pair<const at::Tensor&, at::Tensor&>{q, qo}, {k, ko}}) {
+    kc::RopeArgs a{x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                   o.data_ptr(), o.stride(0), o.stride(1), o.stride(2), o.stride(3), x.size(1)};
+    at::parallel_for(0, B * S, row_grain(x.size(1) * D), [&](int64_t b, int64_t e) {
+      ok(kc::rope(a, cos.data_ptr(), scb, cos.stride(1), cos.stride(2), sin.data_ptr(), ssb, sin.stride(1),
+                  sin.stride(2), S, D, RD, b, e, xt, ct),
+         "apply_rope");
+    });
+  }
+  return {qo, ko};
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  check_nonempty(gate, "gate");
+  check_same_device(gate, "gate", up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up must have one shape, got ", gate.sizes(), " and ", up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "gate and up must have one dtype, got ", gate.scalar_type(),
+              " and ", up.scalar_type());
+  auto t = dtype_of(gate, "gate");
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  at::Tensor g2 = rows_of(gate), u2 = rows_of(up), o2 = rows_of(out);
+  const int64_t M = g2.size(0), I = g2.size(1);
+  at::parallel_for(0, M, row_grain(I), [&](int64_t b, int64_t e) {
+    ok(kc::silu_and_mul(g2.data_ptr(), g2.stride(0), g2.stride(1), u2.data_ptr(), u2.stride(0), u2.stride(1),
+                        o2.data_ptr(), o2.stride(0), o2.stride(1), b, e, I, t),
+       "silu_and_mul");
+  });
+  return out;
+}
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim] of one shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
+  check_same_device(k_cache, "k_cache", v_cache, "v_cache");
+}
+
+void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                           const at::Tensor& slot_mapping) {
+  check_cache(k_cache, v_cache);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.size(1) == Hkv && key.size(2) == D,
+              "key and value must have shape [num_tokens, ", Hkv, ", ", D, "], got ", key.sizes(), " and ",
+              value.sizes());
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type(),
+              "key/value dtype must match the cache dtype ", k_cache.scalar_type());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == key.size(0) && slot_mapping.is_contiguous(),
+              "slot_mapping must be a contiguous int64 tensor of shape [", key.size(0), "], got ",
+              slot_mapping.scalar_type(), " ", slot_mapping.sizes());
+  check_same_device(key, "key", k_cache, "k_cache");
+  check_same_device(slot_mapping, "slot_mapping", k_cache, "k_cache");
+  const int64_t T = key.size(0);
+  // Validate every slot before writing any, so a bad slot leaves the cache untouched.
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slots[t] < NB * BS, "slot_mapping[", t, "] = ", slots[t], " is past the cache's ", NB * BS, " slots");
+  auto dt = dtype_of(key, "key");
+  at::parallel_for(0, T, row_grain(Hkv * D), [&](int64_t b, int64_t e) {
+    ok(kc::reshape_and_cache(key.data_ptr(), key.stride(0), key.stride(1), key.stride(2), value.data_ptr(),
+                             value.stride(0), value.stride(1), value.stride(2), k_cache.data_ptr(),
+                             v_cache.data_ptr(), slots, b, e, Hkv, D, NB, BS, dt),
+       "reshape_and_cache");
+  });
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                      int64_t sliding_window, double softcap, int64_t num_splits) {
+  check_cache(k_cache, v_cache);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D, "q must have shape [batch, num_heads, ", D, "], got ", q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1);
+  TORCH_CHECK(Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv, ")");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
+              k_cache.scalar_type());
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.stride(1) == 1,
+              "block_tables must be int32 [", B, ", max_blocks] with unit last stride, got ",
+              block_tables.scalar_type(), " ", block_tables.sizes());
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == B &&
+                  seq_lens.is_contiguous(),
+              "seq_lens must be a contiguous int32 tensor of shape [", B, "], got ", seq_lens.scalar_type(), " ",
+              seq_lens.sizes());
+  check_same_device(q, "q", k_cache, "k_cache");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
+                " must be in [1, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
+                " blocks of ", BS, ")");
+    max_len = std::max<int64_t>(max_len, lens[b]);
+  }
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
+      TORCH_CHECK(tables[b * block_tables.stride(0) + i] >= 0 && tables[b * block_tables.stride(0) + i] < NB,
+                  "block_tables[", b, ", ", i, "] = ", tables[b * block_tables.stride(0) + i],
+                  " is not a block of the cache (", NB, " blocks)");
+  // Splits: enough work items to keep every thread busy (4 per thread), never shorter than 256 tokens.
+  int64_t ns = num_splits;
+  if (ns <= 0) {
+    const int64_t want = 4 * at::get_num_threads();
+    ns = std::max<int64_t>(1, (want + B * Hkv - 1) / (B * Hkv));
+    ns = std::min<int64_t>(ns, std::max<int64_t>(1, (max_len + 255) / 256));
+  }
+  int64_t split_len = (max_len + ns - 1) / ns;
+  split_len = (split_len + BS - 1) / BS * BS;
+  auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor part_out = at::empty({B, Hq, ns, D}, fopts), part_lse = at::empty({B, Hq, ns}, fopts);
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  kc::DecodeArgs a{q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
+                   tables, block_tables.stride(0), lens, B, Hq, Hkv, D, BS, NB, ns, split_len,
+                   static_cast<float>(scale), static_cast<float>(softcap), sliding_window,
+                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), dtype_of(q, "q")};
+  at::parallel_for(0, B * Hkv * ns, 1, [&](int64_t b, int64_t e) { ok(kc::paged_decode_stage1(a, b, e), "decode"); });
+  at::parallel_for(0, B * Hq, 64, [&](int64_t b, int64_t e) {
+    ok(kc::paged_decode_reduce(a, out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), b, e), "decode");
+  });
+  return out;
+}
+
+void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src, const at::Tensor& dst) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.dim() == 1 &&
+                  src.sizes() == dst.sizes(),
+              "src and dst must be int64 tensors of one shape [n], got ", src.sizes(), " and ", dst.sizes());
+  const int64_t NB = k_cache.size(0);
+  at::Tensor s = src.to(at::kCPU), d = dst.to(at::kCPU);
+  for (int64_t i = 0; i < s.size(0); ++i) {
+    const int64_t a = s[i].item<int64_t>(), b = d[i].item<int64_t>();
+    TORCH_CHECK(a >= 0 && a < NB && b >= 0 && b < NB, "copy_blocks: block ", a, " -> ", b, " outside [0, ", NB, ")");
+  }
+  // index_copy_ is one kernel per cache on any device; the copy is whole pages, so there is nothing to fuse.
+  at::Tensor di = dst.to(k_cache.device()), si = src.to(k_cache.device());
+  k_cache.index_copy_(0, di, k_cache.index_select(0, si));
+  v_cache.index_copy_(0, di, v_cache.index_select(0, si));
+}
+
+std::string isa() { return kc::isa_name(); }
+
+bool has_cuda() {
+#ifdef LLMKERN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkern_C, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("copy_blocks(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst) -> ()");
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "float scale, int sliding_window, float softcap, int num_splits) -> Tensor");
+  m.def("cpu_isa() -> str", &isa);
+  m.def("has_cuda() -> bool", &has_cuda);
+}
+
+TORCH_LIBRARY_IMPL(llmkern_C, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
+  m.impl("apply_rope", &apply_rope_cpu);
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("reshape_and_cache", &reshape_and_cache_cpu);
+  m.impl("copy_blocks", &copy_blocks_impl);
+  m.impl("paged_decode_attention", &paged_decode_attention_cpu);
+}
+
+#ifdef LLMKERN_WITH_CUDA
+#include "cuda_bindings.inc"
+#endif
+
+// `import llmkern._C` loads this library (and so registers the ops above) without pybind11.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "llmkern's C++/CUDA ops (torch.ops.llmkern_C)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}

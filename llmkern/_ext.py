@@ -1,0 +1,65 @@
+"""Loading the C++/CUDA extension ``llmkern._C`` (ops under ``torch.ops.llmkern_C``).
+
+Built ahead of time by ``pip install --no-build-isolation -e .`` (what ``make`` runs). When it is missing, llmkern
+still works on its Triton and reference paths; ``LLMKERN_JIT=1`` builds it on first use with
+``torch.utils.cpp_extension.load`` (cached under ~/.cache/torch_extensions, a few minutes the first time).
+"""
+
+from __future__ import annotations
+
+import os
+
+_state: dict = {}
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = os.path.join(root, "csrc")
+    if not os.path.isdir(csrc):
+        raise RuntimeError(f"cannot JIT-build the llmkern extension: sources not found at {csrc}")
+    sources = [os.path.join(csrc, p) for p in ("torch_bindings.cpp", "cpu/dispatch.cpp", "cpu/kernels_avx512.cpp",
+                                               "cpu/kernels_avx2.cpp", "cpu/kernels_generic.cpp")]
+    load("llmkern_C_jit", sources, extra_include_paths=[csrc], is_python_module=False,
+         extra_cflags=["-O3", "-std=c++20", "-fopenmp-simd", "-ffp-contract=off"])
+
+
+def load() -> bool:
+    """Load the extension once; True when its ops are registered. The reason it is not is in ``why_not()``."""
+    if "ok" in _state:
+        return _state["ok"]
+    try:
+        from llmkern import _C  # noqa: F401  (registers torch.ops.llmkern_C.*)
+
+        _state.update(ok=True, why="")
+    except ImportError as e:
+        if os.environ.get("LLMKERN_JIT") == "1":
+            try:
+                _jit_build()
+                _state.update(ok=True, why="")
+            except Exception as jit_error:  # a compiler error is a reason to report, not to crash import
+                _state.update(ok=False, why=f"JIT build failed: {jit_error}")
+        else:
+            _state.update(ok=False, why=f"the C++ extension is not built ({e}); run `pip install "
+                                        f"--no-build-isolation -e .` (or `make install`), or set LLMKERN_JIT=1")
+    return _state["ok"]
+
+
+def why_not() -> str:
+    load()
+    return _state["why"]
+
+
+def has_cuda() -> bool:
+    if not load():
+        return False
+    import torch
+
+    return bool(torch.ops.llmkern_C.has_cuda())
+
+
+def cpu_isa() -> str:
+    import torch
+
+    return torch.ops.llmkern_C.cpu_isa() if load() else "none"
