@@ -1,9 +1,11 @@
 """Public ops: validation, torch custom-op registration, and dispatch to a backend.
 
-Each op is one name in the ``llmkern`` torch library (``torch.ops.llmkern.rms_norm`` ...) with a schema and a fake
-implementation, so ``torch.compile`` traces through it without graph breaks, and ``torch.library.opcheck`` holds.
+Each op is one name in the ``llmkern`` torch library (``torch.ops.llmkern.rms_norm`` ...; see ``llmkern._library``)
+with a schema and a fake implementation, so ``torch.compile`` traces through it without graph breaks, and
+``torch.library.opcheck`` holds.
 The real implementation picks a backend per call (``llmkern.backends.select``): Triton for CUDA tensors, Triton in
-the interpreter for CPU tensors under ``TRITON_INTERPRET=1``, else the pure-torch reference.
+the interpreter for CPU tensors under ``TRITON_INTERPRET=1``, else the C++ extension's CPU kernels, else the
+pure-torch reference.
 
 Inputs are validated in one function per op, called by both the fake and the real implementation, so bad input
 raises the same ``TypeError``/``ValueError`` in eager mode and while ``torch.compile`` traces.
@@ -16,9 +18,12 @@ from numbers import Real
 
 import torch
 
-from llmkern import backends, reference
+from llmkern import _library, backends, reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Backends served by the C++/CUDA extension: same schemas under torch.ops.llmkern_C.
+_NATIVE = ("cpp", "cuda")
 
 # Widest row one normalisation tile holds (kernels/rms_norm.py MAX_N); kept here so validation does not import triton.
 _MAX_NORM_N = 65536
@@ -34,6 +39,8 @@ def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dim, got a 0-d tensor")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
@@ -61,6 +68,15 @@ def _check_eps(eps) -> float:
     return eps
 
 
+def _check_offset(offset) -> float:
+    if isinstance(offset, bool) or not isinstance(offset, Real):
+        raise TypeError(f"offset must be a float, got {type(offset).__name__}")
+    offset = float(offset)
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite float, got {offset}")
+    return offset
+
+
 def _check_norm_weight(x, weight) -> None:
     _check_tensor(weight, "weight")
     _check_same_device(x=x, weight=weight)
@@ -71,10 +87,11 @@ def _check_norm_weight(x, weight) -> None:
         raise ValueError(f"x's last dim must be at most {_MAX_NORM_N}, got {x.shape[-1]}")
 
 
-def _check_rms_norm(x, weight, eps) -> None:
+def _check_rms_norm(x, weight, eps, offset=0.0) -> None:
     _check_tensor(x, "x")
     _check_norm_weight(x, weight)
     _check_eps(eps)
+    _check_offset(offset)
 
 
 def _check_fused_add_rms_norm(x, residual, weight, eps) -> None:
@@ -130,10 +147,12 @@ def _norm_out_dtype(x, weight, offset: float) -> torch.dtype:
 # rms_norm
 
 
-@torch.library.custom_op("llmkern::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    _check_rms_norm(x, weight, eps)
-    if backends.select("rms_norm", x.device) == "reference":
+    _check_rms_norm(x, weight, eps, offset)
+    backend = backends.select("rms_norm", x.device)
+    if backend in _NATIVE:
+        return torch.ops.llmkern_C.rms_norm(x, weight, eps, offset)
+    if backend == "reference":
         return reference.rms_norm(x, weight, eps, offset)
     from llmkern.kernels import rms_norm as K
 
@@ -142,10 +161,12 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: floa
     return out
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps, offset):
-    _check_rms_norm(x, weight, eps)
+def _rms_norm_fake(x, weight, eps, offset):
+    _check_rms_norm(x, weight, eps, offset)
     return x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, offset))
+
+
+_library.define("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor", _rms_norm_op, _rms_norm_fake)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0) -> torch.Tensor:
@@ -165,20 +186,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         >>> y = llmkern.ops.rms_norm(x, w, 1e-6)
     """
     _check_eps(eps)
-    if isinstance(offset, bool) or not isinstance(offset, Real):
-        raise TypeError(f"offset must be a float, got {type(offset).__name__}")
-    return torch.ops.llmkern.rms_norm(x, weight, float(eps), float(offset))
+    return torch.ops.llmkern.rms_norm(x, weight, float(eps), _check_offset(offset))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # fused_add_rms_norm
 
 
-@torch.library.custom_op("llmkern::fused_add_rms_norm", mutates_args=())
 def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_fused_add_rms_norm(x, residual, weight, eps)
-    if backends.select("fused_add_rms_norm", x.device) == "reference":
+    backend = backends.select("fused_add_rms_norm", x.device)
+    if backend in _NATIVE:
+        return torch.ops.llmkern_C.fused_add_rms_norm(x, residual, weight, eps)
+    if backend == "reference":
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     from llmkern.kernels import rms_norm as K
 
@@ -188,10 +209,13 @@ def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return out, res_out
 
 
-@_fused_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps):
+def _fused_add_rms_norm_fake(x, residual, weight, eps):
     _check_fused_add_rms_norm(x, residual, weight, eps)
     return x.new_empty(x.shape, dtype=_norm_out_dtype(x, weight, 0.0)), x.new_empty(x.shape)
+
+
+_library.define("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+                _fused_add_rms_norm_op, _fused_add_rms_norm_fake)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -217,11 +241,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 # apply_rope
 
 
-@torch.library.custom_op("llmkern::apply_rope", mutates_args=())
 def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_rope(q, k, cos, sin)
-    if backends.select("apply_rope", q.device) == "reference":
+    backend = backends.select("apply_rope", q.device)
+    if backend in _NATIVE:
+        return torch.ops.llmkern_C.apply_rope(q, k, cos, sin)
+    if backend == "reference":
         q_out, k_out = reference.apply_rope(q, k, cos, sin)
         # Keep the layout the fake implementation promises (empty_like of the inputs).
         return torch.empty_like(q).copy_(q_out), torch.empty_like(k).copy_(k_out)
@@ -232,10 +258,13 @@ def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q_out, k_out
 
 
-@_apply_rope_op.register_fake
-def _(q, k, cos, sin):
+def _apply_rope_fake(q, k, cos, sin):
     _check_rope(q, k, cos, sin)
     return torch.empty_like(q), torch.empty_like(k)
+
+
+_library.define("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)",
+                _apply_rope_op, _apply_rope_fake)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -263,10 +292,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # silu_and_mul
 
 
-@torch.library.custom_op("llmkern::silu_and_mul", mutates_args=())
 def _silu_and_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_silu_and_mul(gate, up)
-    if backends.select("silu_and_mul", gate.device) == "reference":
+    backend = backends.select("silu_and_mul", gate.device)
+    if backend in _NATIVE:
+        return torch.ops.llmkern_C.silu_and_mul(gate, up)
+    if backend == "reference":
         return reference.silu_and_mul(gate, up)
     from llmkern.kernels import swiglu as K
 
@@ -275,10 +306,12 @@ def _silu_and_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_silu_and_mul_op.register_fake
-def _(gate, up):
+def _silu_and_mul_fake(gate, up):
     _check_silu_and_mul(gate, up)
     return gate.new_empty(gate.shape)
+
+
+_library.define("silu_and_mul(Tensor gate, Tensor up) -> Tensor", _silu_and_mul_op, _silu_and_mul_fake)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
