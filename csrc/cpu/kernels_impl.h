@@ -86,6 +86,7 @@ static void rms_norm_rows(const X* x, int64_t sxm, int64_t sxn, const W* w, int6
         ss += v * v;
       }
     } else {
+#pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < N; ++i) {
         float v = ld(xr + i * sxn);
         ss += v * v;
@@ -124,6 +125,7 @@ static void fused_add_rms_norm_rows(const X* x, int64_t sxm, int64_t sxn, const 
         ss += s * s;
       }
     } else {
+#pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < N; ++i) {
         float s = rnd<X>(ld(xr + i * sxn) + ld(rr + i * srn));
         st(ror + i * sron, s);

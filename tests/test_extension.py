@@ -1,0 +1,165 @@
+"""The C++/CUDA extension (torch.ops.llmkern_C): CPU kernels against the references, bad input through the C++ path,
+and the built CUDA code's resource usage (no spills) read from the library with cuobjdump."""
+
+import glob
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import _ext, reference
+from llmkern.testing import assert_no_worse_than_eager
+
+if not _ext.load():
+    if os.environ.get("LLMKERN_NO_EXT") == "1":
+        pytest.skip(f"LLMKERN_NO_EXT=1: {_ext.why_not()}", allow_module_level=True)
+    raise RuntimeError(f"the llmkern extension must be built for these tests: {_ext.why_not()}")
+
+C = torch.ops.llmkern_C
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_isa_is_detected_at_run_time():
+    assert _ext.cpu_isa() in ("avx512", "avx2", "generic")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paged decode attention on the C++ backend
+
+
+def _paged_problem(lens, Hq, Hkv, D, bs, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    max_blocks = max(-(-n // bs) for n in lens)
+    num_blocks = B * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)[: B * max_blocks]  # pages scattered through the pool
+    tables = perm.view(B, max_blocks).to(torch.int32)
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).to(dtype)
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,Hq,Hkv,D,bs", [
+    ([1, 17, 300], 14, 2, 64, 16),  # Qwen2.5-0.5B heads (group 7), ragged
+    ([129], 32, 8, 128, 16),  # Llama-3-8B heads
+    ([5, 64], 4, 4, 80, 1),  # MHA, head_dim 80, page size 1
+    ([48, 33], 16, 2, 96, 32),  # group 8, head_dim 96, seq_len a multiple of the page size
+    ([700], 9, 3, 64, 256),  # SmolLM2 heads, one big page
+])
+@pytest.mark.parametrize("num_splits", [0, 1, 7])
+def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits):
+    q, kc, vc, tables, seq_lens = _paged_problem(lens, Hq, Hkv, D, bs, dtype)
+    scale = D ** -0.5
+    with llmkern.use_backend("cpp"), llmkern.track() as ran:
+        out = llmkern.paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, scale,
+                                                       num_splits=num_splits or None)
+    assert ran.backends("paged_decode_attention") == {"cpp"}
+    eager = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, scale)
+    oracle = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, seq_lens, scale)
+    assert_no_worse_than_eager(out, eager, oracle, what=f"decode {dtype}")
+
+
+@pytest.mark.parametrize("window,softcap", [(7, None), (40, None), (None, 30.0), (20, 5.0)])
+def test_cpp_decode_attention_window_softcap(window, softcap):
+    q, kc, vc, tables, seq_lens = _paged_problem([1, 50, 301], 14, 2, 64, 16, torch.float32)
+    with llmkern.use_backend("cpp"):
+        out = llmkern.paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, sliding_window=window,
+                                                       softcap=softcap, num_splits=5)
+    eager = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, window, softcap)
+    oracle = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, seq_lens, 0.125, window,
+                                              softcap)
+    assert_no_worse_than_eager(out, eager, oracle, what="decode window/softcap")
+
+
+def test_cpp_decode_empty_splits_are_not_nan():
+    # 16 splits over a batch whose first sequence holds one token: most of its splits are empty.
+    q, kc, vc, tables, seq_lens = _paged_problem([1, 400], 8, 2, 64, 16, torch.float32)
+    out = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, 0, 0.0, 16)
+    assert torch.isfinite(out).all()
+    ref = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input through the C++ path: a Python exception with a message, never a crash
+
+
+def test_cpp_bad_input_raises():
+    x, w = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        C.rms_norm(x, torch.randn(7), 1e-6, 0.0)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        C.rms_norm(x.to(torch.int32), w, 1e-6, 0.0)
+    with pytest.raises(RuntimeError, match="eps must be positive"):
+        C.rms_norm(x, w, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="x must not be empty"):
+        C.rms_norm(torch.randn(0, 8), w, 1e-6, 0.0)
+    with pytest.raises(RuntimeError, match="x and residual must have one shape"):
+        C.fused_add_rms_norm(x, torch.randn(3, 8), w, 1e-6)
+    q, k = torch.randn(1, 4, 3, 64), torch.randn(1, 2, 3, 64)
+    with pytest.raises(RuntimeError, match="k must match q"):
+        C.apply_rope(q, torch.randn(1, 2, 4, 64), torch.randn(1, 3, 64), torch.randn(1, 3, 64))
+    with pytest.raises(RuntimeError, match="rotary_dim"):
+        C.apply_rope(q, k, torch.randn(1, 3, 65), torch.randn(1, 3, 65))
+    with pytest.raises(RuntimeError, match="gate and up must have one shape"):
+        C.silu_and_mul(torch.randn(2, 8), torch.randn(2, 9))
+
+
+def test_cpp_cache_write_bad_slot_leaves_cache_untouched():
+    kc, vc = torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)
+    key, value = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = 64 is past the cache's 64 slots"):
+        C.reshape_and_cache(key, value, kc, vc, torch.tensor([0, 5, 64]))
+    assert not kc.any() and not vc.any()
+    C.reshape_and_cache(key, value, kc, vc, torch.tensor([0, -1, 63]))
+    assert torch.equal(kc[0, 0], key[0]) and torch.equal(vc[3, 15], value[2]) and not kc[0, 1:].any()
+
+
+def test_cpp_decode_bad_input_raises():
+    q, kc, vc, tables, lens = _paged_problem([5, 9], 4, 2, 64, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="block_tables must be int32"):
+        C.paged_decode_attention(q, kc, vc, tables.long(), lens, 0.125, 0, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 99 must be in \[1, 16\]"):
+        C.paged_decode_attention(q, kc, vc, tables, torch.tensor([5, 99], dtype=torch.int32), 0.125, 0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="must be a multiple of the cache's KV heads"):
+        C.paged_decode_attention(torch.randn(2, 3, 64), kc, vc, tables, lens, 0.125, 0, 0.0, 0)
+    bad = tables.clone()
+    bad[0, 0] = 1000
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 0\] = 1000 is not a block"):
+        C.paged_decode_attention(q, kc, vc, bad, lens, 0.125, 0, 0.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CUDA code in the built library: compiled for sm_80 and sm_90, no register spills
+
+
+def _cuobjdump():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def test_built_cuda_kernels_do_not_spill():
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA kernels (no CUDA toolkit at build time)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump is not available")
+    lib = glob.glob(os.path.join(os.path.dirname(llmkern.__file__), "_C*.so"))
+    assert lib, "built extension library not found next to llmkern/__init__.py"
+    out = subprocess.run([tool, "--dump-resource-usage", lib[0]], capture_output=True, text=True, check=True).stdout
+    archs = set(re.findall(r"arch = (sm_\d+)", out))
+    assert {"sm_80", "sm_90"} <= archs, archs
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    kernels = {name for name, *_ in usage}
+    for needle in ("rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "reshape_and_cache", "copy_blocks"):
+        assert any(needle in k for k in kernels), f"no {needle} kernel in the library"
+    spills = [(name, stack, local) for name, _reg, stack, _smem, local in usage if int(local) or int(stack)]
+    assert not spills, f"kernels using local memory (spills or stack frames): {spills}"
+    assert all(int(reg) <= 255 for _n, reg, *_ in usage)
