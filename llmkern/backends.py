@@ -108,11 +108,17 @@ def _automatic(op: str, device: torch.device) -> str:
     return "reference"
 
 
+_auto_cache: dict = {}
+
+
 def select(op: str, device: torch.device) -> str:
     """The backend ``op`` runs on for tensors on ``device``; records the choice."""
     forced = getattr(_local, "forced", None) or _ENV_BACKEND
     if forced is None:
-        backend = _automatic(op, device)
+        key = (op, device.type)
+        backend = _auto_cache.get(key)
+        if backend is None:
+            backend = _auto_cache[key] = _automatic(op, device)
     elif forced == "reference" or (forced != "triton" and op not in IMPLEMENTS.get(forced, ())):
         backend = forced if forced == "reference" else _automatic(op, device)
     else:

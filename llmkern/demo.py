@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         p.error("--max-new-tokens must be at least 2")
 
     import llmkern
+    import llmkern._ext
 
     model, tok, label = _load(args)
     model = model.to(args.device)
@@ -108,9 +109,11 @@ def main(argv=None) -> int:
     for op in sorted(ran.ops()):
         calls = {b: n for (o, b), n in ran.items() if o == op}
         print(f"  {op:<20} " + ", ".join(f"{b} x{n}" for b, n in calls.items()))
-    if args.device == "cpu" and not llmkern.backends.triton_interpret():
-        print("\nOn CPU the Triton kernels cannot run natively; the patched model used the pure-torch reference path "
-              "(set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter — correct but slow).")
+    ran_on = {b for (_o, b) in ran}
+    if args.device == "cpu" and "reference" in ran_on:
+        print("\nSome ops ran on the pure-torch reference: on CPU the Triton kernels only run in the interpreter "
+              "(TRITON_INTERPRET=1, correct but slow) and the C++ kernels need the built extension "
+              f"({llmkern._ext.why_not() or 'built'}).")
     return 0 if same or args.dtype != "fp32" else 1
 
 

@@ -30,7 +30,25 @@ _MAX_NORM_N = 65536
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Validation helpers: each names the argument, what was expected and what came.
+# Validation helpers: each names the argument, what was expected and what came. Each op's check starts with a
+# one-expression fast test of the common valid case (a decode step makes ~150 op calls; the detailed checks cost
+# more than the C++ kernels they guard) and falls through to the detailed checks, which raise, otherwise.
+
+_FLOATS = frozenset(FLOAT_DTYPES)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _require_tensors(**named) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _direct(t) -> bool:
+    """Eager call on a plain tensor: the public function may call the implementation without the dispatcher round
+    trip (a few µs per call). Under torch.compile, or for tensor subclasses (FakeTensor, ...), go through
+    ``torch.ops.llmkern`` so tracing sees the op and its fake implementation."""
+    return type(t) in _PLAIN and not torch.compiler.is_compiling()
 
 
 def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
@@ -88,6 +106,12 @@ def _check_norm_weight(x, weight) -> None:
 
 
 def _check_rms_norm(x, weight, eps, offset=0.0) -> None:
+    if (type(eps) is float and 0.0 < eps < math.inf and type(offset) is float and math.isfinite(offset)
+            and type(x) in _PLAIN and type(weight) in _PLAIN
+            and x.dtype in _FLOATS and weight.dtype in _FLOATS and weight.dim() == 1 and x.dim() > 0
+            and x.shape[-1] == weight.shape[0] and 0 < x.shape[-1] <= _MAX_NORM_N and x.device == weight.device
+            and x.numel() > 0):
+        return
     _check_tensor(x, "x")
     _check_norm_weight(x, weight)
     _check_eps(eps)
@@ -95,6 +119,12 @@ def _check_rms_norm(x, weight, eps, offset=0.0) -> None:
 
 
 def _check_fused_add_rms_norm(x, residual, weight, eps) -> None:
+    if (type(eps) is float and 0.0 < eps < math.inf and type(x) in _PLAIN and type(residual) in _PLAIN
+            and type(weight) in _PLAIN and x.dtype in _FLOATS and residual.dtype == x.dtype
+            and weight.dtype in _FLOATS and weight.dim() == 1 and x.dim() > 0 and x.shape == residual.shape
+            and x.shape[-1] == weight.shape[0] and 0 < x.shape[-1] <= _MAX_NORM_N and x.device == weight.device
+            and residual.device == x.device and x.numel() > 0):
+        return
     _check_tensor(x, "x")
     _check_tensor(residual, "residual")
     _check_same_device(x=x, residual=residual)
@@ -105,6 +135,14 @@ def _check_fused_add_rms_norm(x, residual, weight, eps) -> None:
 
 
 def _check_rope(q, k, cos, sin) -> None:
+    if (type(q) in _PLAIN and type(k) in _PLAIN and type(cos) in _PLAIN and type(sin) in _PLAIN
+            and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and q.dtype in _FLOATS and k.dtype == q.dtype
+            and cos.dtype in _FLOATS and sin.dtype in _FLOATS and cos.shape == sin.shape and q.numel() > 0
+            and k.numel() > 0 and cos.numel() > 0 and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]
+            and cos.shape[0] in (1, q.shape[0]) and cos.shape[1] == q.shape[2] and cos.shape[2] % 2 == 0
+            and cos.shape[2] <= q.shape[3] and k.device == q.device and cos.device == q.device
+            and sin.device == q.device):
+        return
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         _check_tensor(t, name)
     _check_same_device(q=q, k=k, cos=cos, sin=sin)
@@ -125,6 +163,9 @@ def _check_rope(q, k, cos, sin) -> None:
 
 
 def _check_silu_and_mul(gate, up) -> None:
+    if (type(gate) in _PLAIN and type(up) in _PLAIN and gate.dtype in _FLOATS and up.dtype == gate.dtype
+            and gate.shape == up.shape and gate.dim() > 0 and gate.device == up.device and gate.numel() > 0):
+        return
     _check_tensor(gate, "gate")
     _check_tensor(up, "up")
     _check_same_device(gate=gate, up=up)
@@ -185,6 +226,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         >>> x = torch.randn(2, 5, 896); w = torch.ones(896)
         >>> y = llmkern.ops.rms_norm(x, w, 1e-6)
     """
+    if _direct(x) and type(eps) is float and type(offset) is float:
+        return _rms_norm_op(x, weight, eps, offset)
+    _require_tensors(x=x, weight=weight)
     _check_eps(eps)
     return torch.ops.llmkern.rms_norm(x, weight, float(eps), _check_offset(offset))
 
@@ -233,6 +277,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     Returns:
         ``(normed, residual_out)``, both ``[..., N]`` contiguous; ``normed`` has dtype ``promote(x, weight)``.
     """
+    if _direct(x) and type(eps) is float:
+        return _fused_add_rms_norm_op(x, residual, weight, eps)
+    _require_tensors(x=x, residual=residual, weight=weight)
     _check_eps(eps)
     return torch.ops.llmkern.fused_add_rms_norm(x, residual, weight, float(eps))
 
@@ -285,6 +332,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         >>> cos, sin = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
         >>> q2, k2 = llmkern.ops.apply_rope(q, k, cos, sin)
     """
+    if _direct(q):
+        return _apply_rope_op(q, k, cos, sin)
+    _require_tensors(q=q, k=k, cos=cos, sin=sin)
     return torch.ops.llmkern.apply_rope(q, k, cos, sin)
 
 
@@ -323,6 +373,9 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., I]`` contiguous.
     """
+    if _direct(gate):
+        return _silu_and_mul_op(gate, up)
+    _require_tensors(gate=gate, up=up)
     return torch.ops.llmkern.silu_and_mul(gate, up)
 
 
