@@ -134,3 +134,55 @@ def fused_add_rms_norm_fwd(x2d, r2d, weight, out2d, res_out2d, eps: float) -> No
         *x2d.stride(), *r2d.stride(), *out2d.stride(), *res_out2d.stride(), weight.stride(0), eps,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
     )
+
+
+
+# Shapes of the supported models, for the GPU compile check (llmkern.inspect). Hidden sizes: SmolLM2 576,
+# Qwen2.5-0.5B 896, 2048, Qwen2.5-7B 3584, Llama/Mistral 4096, 5120, 8192. Qwen3's per-head q/k norm has N = 128 and
+# tokens x heads rows, with 8..40 heads.
+_SPEC_HIDDEN = (576, 896, 2048, 3584, 4096, 5120, 8192)
+_SPEC_TOKENS = (1, 2, 8, 64, 512, 4096, 16384)
+_SPEC_QK_NORM_HEADS = (8, 16, 32, 40)
+_SPEC_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def compile_specs() -> list:
+    """Every (kernel, launch config, dtype) ``rms_norm_config`` picks for the supported models' shapes, specialised
+    as a launch on contiguous rows is: unit strides (and ``M == 1``) become constants, integer arguments that are
+    multiples of 16 are listed in ``meta["divisible_by_16"]``. Weight and output share the input dtype (an HF model
+    cast to one dtype). ``OFFSET = 1.0`` (Gemma-style) is compiled in bf16 only: no supported model uses it."""
+    from ._specs import CompileSpec
+
+    shapes = [(m, n) for n in _SPEC_HIDDEN for m in _SPEC_TOKENS]
+    shapes += [(t * h, 128) for h in _SPEC_QK_NORM_HEADS for t in _SPEC_TOKENS]
+    variants = (  # (kernel, name, number of pointer args, OFFSET values by dtype)
+        (_rms_norm_kernel, "rms_norm", 3, lambda dt: (0.0, 1.0) if dt == "bf16" else (0.0,)),
+        (_fused_add_rms_norm_kernel, "fused_add_rms_norm", 5, lambda dt: (None,)),
+    )
+    specs = {}
+    for fn, kname, n_ptr, offsets in variants:
+        for dt in _SPEC_DTYPES:
+            for M, N in shapes:
+                cfg = rms_norm_config(M, N)
+                bm, bn, nw = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]
+                # Contiguous rows: row strides N, column and weight strides 1.
+                ints = {"M": M, "N": N}
+                strides = [a for a in fn.arg_names if a.startswith("stride_")]
+                ints.update({a: 1 if a.endswith("n") or a == "stride_w" else N for a in strides})
+                div16 = tuple(a for a, v in ints.items() if v != 1 and v % 16 == 0)
+                sig = {a: "*" + dt for a in fn.arg_names[:n_ptr]}
+                sig.update({a: "i32" for a, v in ints.items() if v != 1})
+                sig["eps"] = "fp32"
+                for off in offsets(dt):
+                    cx = {a: 1 for a, v in ints.items() if v == 1}
+                    cx.update({} if off is None else {"OFFSET": off})
+                    cx.update(BLOCK_M=bm, BLOCK_N=bn)
+                    key = (kname, dt, tuple(cx.items()), nw, div16)
+                    if key not in specs:
+                        tags = [f"BLOCK_M={bm}", f"BLOCK_N={bn}", f"warps={nw}", dt] + (["OFFSET=1"] if off else [])
+                        tags += [f"{a}=1" for a, v in ints.items() if v == 1 and a[:7] != "stride_"]
+                        tags += [f"{a}%16!=0" for a, v in ints.items() if v % 16 and v != 1]
+                        specs[key] = CompileSpec(f"{kname}[{','.join(tags)}]", fn, sig, cx, nw, 3,
+                                                 {"divisible_by_16": div16, "shapes": []})
+                    specs[key].meta["shapes"].append(f"M={M},N={N}")
+    return list(specs.values())

@@ -141,3 +141,48 @@ def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
         cb, cos.stride(1), cos.stride(2), sb, sin.stride(1), sin.stride(2),
         BLOCK_H=bh, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_PASS=cfg["BLOCK_PASS"], num_warps=cfg["num_warps"],
     )
+
+
+# Head layouts of the supported models (Hq, Hkv, head_dim), for the GPU compile check (llmkern.inspect): SmolLM2
+# 9/3/64, Qwen2.5-0.5B 14/2/64, Qwen2.5-7B 28/4/128, Llama-3-8B/Mistral-7B 32/8/128, Llama-2-7B 32/32/128,
+# Qwen3-1.7B 16/8/128, Qwen3-14B 40/8/128. All rotate the full head (rotary_dim == head_dim).
+_SPEC_HEADS = ((9, 3, 64), (14, 2, 64), (28, 4, 128), (32, 8, 128), (32, 32, 128), (16, 8, 128), (40, 8, 128))
+_SPEC_TOKENS = (1, 2, 8, 64, 512, 4096, 16384)
+_SPEC_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def compile_specs() -> list:
+    """Every (launch config, dtype) ``rope_config`` picks for the supported models' head layouts, specialised as HF's
+    launch is: q/k/outs are ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``, cos/sin ``[b, s, d]`` in q's dtype
+    (batch stride 0 when b == 1). Decode (b = tokens, s = 1) and prefill (b = 1, s = tokens) are both compiled:
+    ``S == 1`` and unit strides become constants, multiples of 16 are listed in ``meta["divisible_by_16"]``."""
+    from ._specs import CompileSpec
+
+    fn = _rope_kernel
+    specs = {}
+    for dt in _SPEC_DTYPES:
+        for Hq, Hk, D in _SPEC_HEADS:
+            for tokens in _SPEC_TOKENS:
+                for B, S in {(tokens, 1), (1, tokens)}:
+                    cfg = rope_config(B * S, Hq, Hk, D, D)
+                    bh, bhalf, bpass, nw = cfg["BLOCK_H"], cfg["BLOCK_HALF"], cfg["BLOCK_PASS"], cfg["num_warps"]
+                    ints = {"S": S, "Hq": Hq, "Hk": Hk, "HALF": D // 2, "PASS": 0}
+                    for t, H in (("q", Hq), ("k", Hk), ("qo", Hq), ("ko", Hk)):
+                        ints.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D,
+                                     f"stride_{t}d": 1})
+                    for t in ("c", "s"):
+                        ints.update({f"stride_{t}b": S * D if B > 1 else 0, f"stride_{t}s": D, f"stride_{t}d": 1})
+                    div16 = tuple(a for a, v in ints.items() if v != 1 and v % 16 == 0)
+                    sig = {a: "*" + dt for a in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")}
+                    sig.update({a: "i32" for a, v in ints.items() if v != 1})
+                    cx = {a: 1 for a, v in ints.items() if v == 1}
+                    cx.update(BLOCK_H=bh, BLOCK_HALF=bhalf, BLOCK_PASS=bpass)
+                    key = (dt, tuple(cx.items()), nw, div16)
+                    if key not in specs:
+                        tags = [f"BLOCK_H={bh}", f"BLOCK_HALF={bhalf}", f"warps={nw}", dt]
+                        tags += [f"{a}=1" for a, v in ints.items() if v == 1 and a[:7] != "stride_"]
+                        tags += [f"{a}%16!=0" for a, v in ints.items() if v % 16 and v != 1]
+                        specs[key] = CompileSpec(f"rope[{','.join(tags)}]", fn, sig, cx, nw, 3,
+                                                 {"divisible_by_16": div16, "shapes": []})
+                    specs[key].meta["shapes"].append(f"B={B},S={S},Hq={Hq},Hk={Hk},D={D}")
+    return list(specs.values())

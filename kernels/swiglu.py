@@ -57,3 +57,42 @@ def silu_and_mul_fwd(gate2d, up2d, out2d) -> None:
         gate2d, up2d, out2d, M, I, *gate2d.stride(), *up2d.stride(), *out2d.stride(),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"],
     )
+
+
+# Shapes of the supported models, for the GPU compile check (llmkern.inspect): intermediate sizes of SmolLM2 (1536),
+# Qwen2.5-0.5B (4864), Llama-2-7B (11008), Llama-3-8B/Mistral-7B (14336), Qwen2.5-7B (18944), Llama-3-70B (28672).
+_SPEC_INTERMEDIATE = (1536, 4864, 11008, 14336, 18944, 28672)
+_SPEC_TOKENS = (1, 2, 8, 64, 512, 4096, 16384)
+_SPEC_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def compile_specs() -> list:
+    """Every (launch config, dtype) ``silu_and_mul_config`` picks for the supported models' shapes, specialised as a
+    launch on contiguous ``[M, I]`` rows is (``M == 1`` and unit strides become constants, multiples of 16 are listed
+    in ``meta["divisible_by_16"]``). The fused ``[M, 2I]`` gate/up halves specialise identically: 2I and I are both
+    multiples of 16 for every supported I, and so is the up half's byte offset."""
+    from ._specs import CompileSpec
+
+    fn = _silu_and_mul_kernel
+    specs = {}
+    for dt in _SPEC_DTYPES:
+        for I in _SPEC_INTERMEDIATE:
+            for M in _SPEC_TOKENS:
+                cfg = silu_and_mul_config(M, I)
+                bm, bi, nw = cfg["BLOCK_M"], cfg["BLOCK_I"], cfg["num_warps"]
+                ints = {"M": M, "I": I}
+                ints.update({a: 1 if a[-1] == "i" else I for a in fn.arg_names if a[:7] == "stride_"})
+                div16 = tuple(a for a, v in ints.items() if v != 1 and v % 16 == 0)
+                sig = {a: "*" + dt for a in ("g_ptr", "u_ptr", "o_ptr")}
+                sig.update({a: "i32" for a, v in ints.items() if v != 1})
+                cx = {a: 1 for a, v in ints.items() if v == 1}
+                cx.update(BLOCK_M=bm, BLOCK_I=bi)
+                key = (dt, tuple(cx.items()), nw, div16)
+                if key not in specs:
+                    tags = [f"BLOCK_M={bm}", f"BLOCK_I={bi}", f"warps={nw}", dt]
+                    tags += [f"{a}=1" for a, v in ints.items() if v == 1 and a[:7] != "stride_"]
+                    tags += [f"{a}%16!=0" for a, v in ints.items() if v % 16 and v != 1]
+                    specs[key] = CompileSpec(f"silu_and_mul[{','.join(tags)}]", fn, sig, cx, nw, 3,
+                                             {"divisible_by_16": div16, "shapes": []})
+                specs[key].meta["shapes"].append(f"M={M},I={I}")
+    return list(specs.values())

@@ -1,0 +1,148 @@
+"""GPU compile check without a GPU (DESIGN.md "Verifying GPU code on a machine with no GPU", check 2).
+
+Every Triton kernel of ``llmkern.kernels``, in every launch config its heuristic picks for the supported models'
+shapes (the modules' ``compile_specs()``), compiles for sm_80 and sm_90 with zero spilled (LOCAL) bytes and at most
+255 registers. ``llmkern.inspect`` does the compiling; it runs in a subprocess with ``TRITON_INTERPRET`` removed,
+because this test process runs the kernels in the interpreter, where ``@triton.jit`` functions cannot be compiled.
+Results are cached (``~/.cache/llmkern/inspect``), so only changed kernels are recompiled.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmkern import inspect as ki
+
+ARCHS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    try:
+        ki.find_tools()
+    except ki.ToolsMissing as e:
+        pytest.skip(f"cannot compile for real GPUs here: {e}")
+    path = tmp_path_factory.mktemp("inspect") / "inspect.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys; from llmkern.inspect import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["--arch", ",".join(map(str, ARCHS)), "--json", str(path), "-q"]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode in (0, 1) and path.exists(), (
+        f"llmkern.inspect could not run (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    doc = json.loads(path.read_text())
+    doc["_exit"], doc["_output"] = proc.returncode, proc.stdout + proc.stderr
+    return doc
+
+
+def _spec_rows(doc):
+    return [r for r in doc["rows"] if r["spec"] is not None]
+
+
+def _describe(rows, *fields):
+    return "\n".join(f"{r['module']} {r['spec'] or r['kernel']} sm_{r['arch']}: "
+                     + ", ".join(f"{f}={r.get(f)!r}" for f in fields) for r in rows)
+
+
+def test_no_module_level_problems(report):
+    """No kernel module fails to import, lacks ``compile_specs()`` while having kernels, or has a kernel without
+    specs."""
+    problems = [r for r in report["rows"] if r["spec"] is None]
+    assert not problems, _describe(problems, "kernel", "error")
+
+
+def test_every_spec_compiles_for_every_arch(report):
+    rows = _spec_rows(report)
+    assert rows, "no CompileSpec was found in any kernel module"
+    errors = [r for r in rows if r["error"]]
+    assert not errors, _describe(errors, "error")
+    archs_by_spec = {}
+    for r in rows:
+        archs_by_spec.setdefault((r["module"], r["spec"]), set()).add(r["arch"])
+    incomplete = {k: sorted(v) for k, v in archs_by_spec.items() if v != set(ARCHS)}
+    assert not incomplete, f"specs not compiled for every arch {ARCHS}: {incomplete}"
+
+
+def test_no_spills(report):
+    """Zero spilled bytes in every cubin, the bar for every kernel and config: no LOCAL bytes, no stack frame (CUDA 13
+    ptxas spills into the stack frame with LOCAL = 0) and no spill stores or loads in ptxas's own report."""
+    fields = ("local", "stack", "spill_stores", "spill_loads")
+    spills = [r for r in _spec_rows(report) if not r["error"] and any(r[f] != 0 for f in fields)]
+    assert not spills, f"{len(spills)} spilling (spec, arch) pairs:\n" + _describe(spills, "regs", *fields, "num_warps")
+
+
+def test_registers_within_hardware_limit(report):
+    rows = [r for r in _spec_rows(report) if not r["error"]]
+    bad = [r for r in rows if not 0 < r["regs"] <= 255]
+    assert not bad, _describe(bad, "regs")
+    # Occupancy is derived from registers, shared memory and warps: every config must fit at least one block.
+    unfit = [r for r in rows if r["blocks_per_sm"] < 1]
+    assert not unfit, _describe(unfit, "regs", "shared", "num_warps", "limiter")
+
+
+def test_every_jit_kernel_has_a_compiled_spec(report):
+    """Scanned here, independently of llmkern.inspect: every ``@triton.jit`` entry kernel defined in a kernel module
+    that exists has at least one spec compiled for each arch, so a new kernel without specs fails."""
+    compiled = {(r["module"], r["kernel"], r["arch"]) for r in _spec_rows(report) if not r["error"]}
+    found, missing = 0, []
+    for m in ki.KERNEL_MODULES:
+        try:
+            mod = importlib.import_module(f"llmkern.kernels.{m}")
+        except ModuleNotFoundError as e:
+            if e.name == f"llmkern.kernels.{m}":
+                continue  # not written yet
+            raise
+        for k in ki.find_jit_kernels(mod):
+            found += 1
+            missing += [f"{m}.{k} sm_{a}" for a in ARCHS if (m, k, a) not in compiled]
+    assert found, "no @triton.jit kernel found in any kernel module"
+    assert not missing, "kernels without a compiled spec: " + ", ".join(missing)
+
+
+def test_exit_status_reports_failures(report):
+    assert report["_exit"] == (0 if report["ok"] else 1), report["_output"]
+    assert report["ok"], report["_output"]
+
+
+def test_find_jit_kernels_skips_device_helpers():
+    """``_rope_tile`` is an ``@triton.jit`` helper called by ``_rope_kernel``, not a launchable kernel."""
+    from llmkern.kernels import rope
+
+    assert ki.find_jit_kernels(rope) == ["_rope_kernel"]
+
+
+def test_parse_resource_usage():
+    text = """
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:16
+ Function _rms_norm_kernel:
+  REG:39 STACK:8 SHARED:1024 LOCAL:12 CONSTANT[0]:416 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    funcs = ki.parse_resource_usage(text)
+    assert list(funcs) == ["_rms_norm_kernel"]
+    assert funcs["_rms_norm_kernel"]["REG"] == 39
+    assert funcs["_rms_norm_kernel"]["SHARED"] == 1024
+    assert funcs["_rms_norm_kernel"]["LOCAL"] == 12
+    assert funcs["_rms_norm_kernel"]["STACK"] == 8
+
+
+@pytest.mark.parametrize(
+    "arch, regs, smem, warps, blocks, limiter",
+    [
+        (80, 32, 1024, 16, 4, "threads"),  # 64 warps of 32 registers fill the SM exactly
+        (80, 39, 1024, 16, 3, "registers"),  # 39 regs -> 1280 per warp -> 48 warps -> 3 blocks of 16
+        (90, 40, 1024, 1, 32, "blocks"),  # one-warp blocks hit the 32 blocks/SM limit: 50%
+        (80, 32, 100 * 1024, 4, 1, "shared"),  # a 100 KB block (reservation included) fits once in 164 KB
+        (90, 32, 100 * 1024, 4, 2, "shared"),  # ...and twice in 228 KB
+        (80, 255, 1024, 8, 1, "registers"),  # 255 regs -> 8192 per warp -> 8 warps
+    ],
+)
+def test_occupancy(arch, regs, smem, warps, blocks, limiter):
+    occ = ki.occupancy(arch, regs, smem, warps)
+    assert occ["blocks_per_sm"] == blocks
+    assert occ["limiter"] == limiter
+    assert occ["occupancy"] == blocks * warps / 64
