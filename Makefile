@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VPY) -m llmkern demo
 
 test: $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 inspect: $(STAMP)
 	$(VPY) -m llmkern inspect

@@ -223,8 +223,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
-                " must be in [1, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
+                " must be in [0, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
                 " blocks of ", BS, ")");
     max_len = std::max<int64_t>(max_len, lens[b]);
   }

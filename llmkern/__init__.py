@@ -5,11 +5,20 @@
     >>> model.generate(...)
 """
 
-from llmkern import ops
+from llmkern import ops, paged_ops
 from llmkern.backends import track, use_backend
 from llmkern.patching import PatchReport, is_patched, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "track", "use_backend",
-           "__version__"]
+__all__ = ["ops", "paged_ops", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "PagedKVCache",
+           "CacheExhaustedError", "track", "use_backend", "__version__"]
+
+
+def __getattr__(name):
+    # The cache imports transformers; keep `import llmkern` light until it is asked for.
+    if name in ("PagedKVCache", "CacheExhaustedError"):
+        from llmkern import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'llmkern' has no attribute {name!r}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmkern
-from llmkern import _ext, reference
+from llmkern import _ext, paged_ops, reference
 from llmkern.testing import assert_no_worse_than_eager
 
 if not _ext.load():
@@ -56,7 +56,7 @@ def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits):
     q, kc, vc, tables, seq_lens = _paged_problem(lens, Hq, Hkv, D, bs, dtype)
     scale = D ** -0.5
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
-        out = llmkern.paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, scale,
+        out = paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, scale,
                                                        num_splits=num_splits or None)
     assert ran.backends("paged_decode_attention") == {"cpp"}
     eager = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, scale)
@@ -68,7 +68,7 @@ def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits):
 def test_cpp_decode_attention_window_softcap(window, softcap):
     q, kc, vc, tables, seq_lens = _paged_problem([1, 50, 301], 14, 2, 64, 16, torch.float32)
     with llmkern.use_backend("cpp"):
-        out = llmkern.paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, sliding_window=window,
+        out = paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, sliding_window=window,
                                                        softcap=softcap, num_splits=5)
     eager = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, window, softcap)
     oracle = reference.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, seq_lens, 0.125, window,
@@ -124,7 +124,7 @@ def test_cpp_decode_bad_input_raises():
     q, kc, vc, tables, lens = _paged_problem([5, 9], 4, 2, 64, 16, torch.float32)
     with pytest.raises(RuntimeError, match="block_tables must be int32"):
         C.paged_decode_attention(q, kc, vc, tables.long(), lens, 0.125, 0, 0.0, 0)
-    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 99 must be in \[1, 16\]"):
+    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 99 must be in \[0, 16\]"):
         C.paged_decode_attention(q, kc, vc, tables, torch.tensor([5, 99], dtype=torch.int32), 0.125, 0, 0.0, 0)
     with pytest.raises(RuntimeError, match="must be a multiple of the cache's KV heads"):
         C.paged_decode_attention(torch.randn(2, 3, 64), kc, vc, tables, lens, 0.125, 0, 0.0, 0)

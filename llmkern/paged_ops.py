@@ -1,0 +1,426 @@
+"""Paged KV cache ops: writing K/V into pages, copy-on-write of pages, and attention over pages.
+
+Layout (per layer), the NHD layout of vLLM's flash backend, FlashInfer and FlashAttention:
+
+    k_cache, v_cache   [num_blocks, block_size, Hkv, D]   block_size a power of two, 1..256
+    block_tables       int32 [B, max_blocks]              page ids of sequence b, in order
+    seq_lens           int32 [B]                          tokens held by sequence b (the new ones included)
+    slot_mapping       int64 [T]                          slot = block * block_size + offset; < 0 = padding
+
+Each op is one name in the ``llmkern`` torch library with a schema and a fake implementation (so ``torch.compile``
+traces through and ``torch.library.opcheck`` holds); the real implementation dispatches per call through
+``llmkern.backends.select``: Triton (``llmkern.kernels.cache_ops`` / ``llmkern.kernels.paged_attention``) or the
+pure-torch reference (``llmkern.reference``). Validation checks shapes, dtypes and devices only: values that live on
+the device (seq_lens, block ids, slots) are never read back for checking, so the ops stay CUDA-graph capturable.
+The caller promises ``seq_lens[b] <= max_blocks * block_size``, block ids in ``[0, num_blocks)`` for every page a
+sequence uses, and ``0 <= q_lens[b] <= min(S, seq_lens[b])``.
+"""
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+from llmkern import _library, backends, reference
+from llmkern.ops import _check_same, _check_same_device, _check_tensor
+
+MAX_BLOCK_SIZE = 256
+MAX_HEAD_DIM = 256
+MAX_NUM_SPLITS = 256
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation: each check names the argument, what was expected and what came.
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _check_int_tensor(t, name: str, dtype: torch.dtype, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {_dt(dtype)}, got {_dt(t.dtype)}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _require_tensors(**named) -> None:
+    # The public functions check this much before torch.ops does, so a wrong type gets a TypeError naming the
+    # argument rather than the dispatcher's RuntimeError; the op itself validates everything else.
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_cache(k_cache, v_cache) -> None:
+    _check_tensor(k_cache, "k_cache")
+    _check_tensor(v_cache, "v_cache")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(k_cache.shape)}")
+    bs = k_cache.shape[1]
+    if bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 1..{MAX_BLOCK_SIZE}, got {bs}")
+    if k_cache.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (k_cache.shape[3]) must be at most {MAX_HEAD_DIM}, got {k_cache.shape[3]}")
+    _check_same("shape", k_cache=k_cache, v_cache=v_cache)
+    _check_same("dtype", k_cache=k_cache, v_cache=v_cache)
+    _check_same_device(k_cache=k_cache, v_cache=v_cache)
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return scale
+
+
+def _check_opt_int(v, name: str, lo: int, hi: int | None = None):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+    return v
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap > 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a positive finite float, got {softcap}")
+    return softcap
+
+
+def _scalars(scale, sliding_window, softcap):
+    """Check and normalise the scalar arguments (Python float/int, as the op schema wants them)."""
+    return _check_scale(scale), _check_opt_int(sliding_window, "sliding_window", 1), _check_softcap(softcap)
+
+
+def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, q_dim: int) -> None:
+    _check_tensor(q, "q")
+    if q.dim() != q_dim:
+        want = "[batch, num_heads, head_dim]" if q_dim == 3 else "[batch, num_heads, seq, head_dim]"
+        raise ValueError(f"q must be {q_dim}-D {want}, got shape {tuple(q.shape)}")
+    _check_cache(k_cache, v_cache)
+    _check_int_tensor(block_tables, "block_tables", torch.int32, 2)
+    _check_int_tensor(seq_lens, "seq_lens", torch.int32, 1)
+    _check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    if q.dtype != k_cache.dtype:
+        raise TypeError(f"q and k_cache must have the same dtype, got {_dt(q.dtype)} and {_dt(k_cache.dtype)}")
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv = k_cache.shape[2]
+    if D != k_cache.shape[3]:
+        raise ValueError(f"q's head_dim {D} must match k_cache's head_dim {k_cache.shape[3]} "
+                         f"(q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)})")
+    if Hq % Hkv:
+        raise ValueError(f"q's num_heads {Hq} must be a multiple of k_cache's num_kv_heads {Hkv}")
+    if block_tables.shape[0] != B or block_tables.shape[1] < 1:
+        raise ValueError(f"block_tables must have shape [{B}, max_blocks >= 1] for q {tuple(q.shape)}, "
+                         f"got {tuple(block_tables.shape)}")
+    if seq_lens.shape[0] != B:
+        raise ValueError(f"seq_lens must have shape [{B}] for q {tuple(q.shape)}, got {tuple(seq_lens.shape)}")
+    _check_scale(scale)
+    _check_opt_int(sliding_window, "sliding_window", 1)
+    _check_softcap(softcap)
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
+                  max_seq_len) -> None:
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 3)
+    _check_opt_int(num_splits, "num_splits", 1, MAX_NUM_SPLITS)
+    _check_opt_int(max_seq_len, "max_seq_len", 0)
+
+
+def _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap) -> None:
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 4)
+    _check_int_tensor(q_lens, "q_lens", torch.int32, 1)
+    _check_same_device(q=q, q_lens=q_lens)
+    if q_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"q_lens must have shape [{q.shape[0]}] for q {tuple(q.shape)}, got {tuple(q_lens.shape)}")
+
+
+def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    _check_tensor(key, "key")
+    _check_tensor(value, "value")
+    _check_cache(k_cache, v_cache)
+    _check_int_tensor(slot_mapping, "slot_mapping", torch.int64, 1)
+    _check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    _check_same("shape", key=key, value=value)
+    if key.dim() != 3 or tuple(key.shape[1:]) != tuple(k_cache.shape[2:]):
+        raise ValueError(f"key and value must have shape [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] to "
+                         f"match k_cache {tuple(k_cache.shape)}, got {tuple(key.shape)}")
+    if key.dtype != k_cache.dtype or value.dtype != k_cache.dtype:
+        raise TypeError(f"key and value must have k_cache's dtype {_dt(k_cache.dtype)}, got {_dt(key.dtype)} and "
+                        f"{_dt(value.dtype)}")
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping must have shape [{key.shape[0]}] (one slot per token of key), "
+                         f"got {tuple(slot_mapping.shape)}")
+
+
+def _check_copy_blocks(k_cache, v_cache, src, dst) -> None:
+    _check_cache(k_cache, v_cache)
+    _check_int_tensor(src, "src", torch.int64, 1)
+    _check_int_tensor(dst, "dst", torch.int64, 1)
+    _check_same_device(k_cache=k_cache, v_cache=v_cache, src=src, dst=dst)
+    _check_same("shape", src=src, dst=dst)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reshape_and_cache
+
+
+def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    if key.shape[0] == 0:
+        return
+    backend = backends.select("reshape_and_cache", key.device)
+    if backend in ("cpp", "cuda"):
+        torch.ops.llmkern_C.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    if backend == "reference":
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    from llmkern.kernels import cache_ops as K
+
+    K.reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping):
+    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+_library.define(
+    "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slot_mapping) -> ()",
+    _reshape_and_cache_op, _reshape_and_cache_fake)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write the new tokens' K and V into their pages, in place.
+
+    Args:
+        key, value: ``[T, Hkv, D]``, the cache's dtype, any strides (HF's transposed views are fine).
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
+        slot_mapping: int64 ``[T]``; token t goes to page ``slot // block_size``, row ``slot % block_size``.
+            A slot < 0 marks a padding token: it is skipped.
+
+    Example:
+        >>> kc = torch.zeros(4, 16, 2, 64); vc = torch.zeros_like(kc)
+        >>> k = torch.randn(3, 2, 64); v = torch.randn(3, 2, 64)
+        >>> llmkern.paged_ops.reshape_and_cache(k, v, kc, vc, torch.tensor([16, 17, -1]))
+    """
+    _require_tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    torch.ops.llmkern.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# copy_blocks
+
+
+def _copy_blocks_op(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    _check_copy_blocks(k_cache, v_cache, src, dst)
+    if src.shape[0] == 0:
+        return
+    backend = backends.select("copy_blocks", k_cache.device)
+    if backend in ("cpp", "cuda"):
+        torch.ops.llmkern_C.copy_blocks(k_cache, v_cache, src, dst)
+        return
+    if backend == "reference":
+        reference.copy_blocks(k_cache, v_cache, src, dst)
+        return
+    from llmkern.kernels import cache_ops as K
+
+    K.copy_blocks_fwd(k_cache, v_cache, src, dst)
+
+
+def _copy_blocks_fake(k_cache, v_cache, src, dst):
+    _check_copy_blocks(k_cache, v_cache, src, dst)
+
+
+_library.define(
+    "copy_blocks(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst) -> ()",
+    _copy_blocks_op, _copy_blocks_fake)
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write of shared pages).
+
+    Args:
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
+        src, dst: int64 ``[n]`` page ids. No ``dst`` page may also appear in ``src`` (pairs are copied in parallel).
+
+    Example:
+        >>> llmkern.paged_ops.copy_blocks(kc, vc, torch.tensor([0]), torch.tensor([3]))
+    """
+    _require_tensors(k_cache=k_cache, v_cache=v_cache, src=src, dst=dst)
+    torch.ops.llmkern.copy_blocks(k_cache, v_cache, src, dst)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# paged_decode_attention
+
+
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None, softcap: float | None,
+                     num_splits: int | None, max_seq_len: int | None) -> torch.Tensor:
+    _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
+                  max_seq_len)
+    backend = backends.select("paged_decode_attention", q.device)
+    if backend == "cpp":
+        # The C++ kernel picks its split count from the thread count; 0 = choose.
+        return torch.ops.llmkern_C.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                          sliding_window or 0, softcap or 0.0, num_splits or 0)
+    if backend == "reference":
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                                softcap)
+    from llmkern.kernels import paged_attention as PA
+
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max().item())
+        num_splits = PA.decode_num_splits(q.shape[0], k_cache.shape[2], max_seq_len, k_cache.shape[3],
+                                          sliding_window, PA.num_sms(q.device), q.shape[1] // k_cache.shape[2])
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    PA.paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sliding_window, softcap, num_splits)
+    return out
+
+
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits, max_seq_len):
+    _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
+                  max_seq_len)
+    return q.new_empty(q.shape)
+
+
+_library.define(
+    "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale, SymInt? sliding_window, float? softcap, SymInt? num_splits, "
+    "SymInt? max_seq_len) -> Tensor",
+    _paged_decode_op, _paged_decode_fake)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
+                           softcap: float | None = None, num_splits: int | None = None,
+                           max_seq_len: int | None = None) -> torch.Tensor:
+    """Decode attention (one new token per sequence) over a paged KV cache, flash-decoding style.
+
+    Args:
+        q: ``[B, Hq, D]`` fp32/fp16/bf16, rope applied, any strides. ``Hq % Hkv == 0`` (any group size).
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype. The new token's K/V are already written.
+        block_tables: int32 ``[B, max_blocks]``.
+        seq_lens: int32 ``[B]``, tokens of sequence b including the new one (0 gives a zero output row).
+        scale: softmax scale (``1/sqrt(D)`` for Llama), > 0.
+        sliding_window: only the last ``w`` tokens are visible (Mistral/Qwen2 sliding layers); None = all.
+        softcap: ``logits = c * tanh(logits / c)`` (Gemma-2 style); None = off.
+        num_splits: fixed number of KV splits per sequence (pass it when capturing CUDA graphs). None = heuristic
+            from ``B * Hkv``, ``max_seq_len`` and the device's SM count.
+        max_seq_len: host-side bound on ``seq_lens`` for the heuristic; None = one ``seq_lens.max().item()``.
+            It only steers the split count: each sequence's splits are cut from its own length on the device.
+
+    Returns:
+        ``[B, Hq, D]`` contiguous, q's dtype. Deterministic (fixed split order).
+
+    Example:
+        >>> kc = torch.randn(8, 16, 2, 64); vc = torch.randn_like(kc)
+        >>> q = torch.randn(2, 14, 64)
+        >>> bt = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+        >>> lens = torch.tensor([40, 7], dtype=torch.int32)
+        >>> out = llmkern.paged_ops.paged_decode_attention(q, kc, vc, bt, lens, 64 ** -0.5)
+    """
+    _require_tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    scale, sliding_window, softcap = _scalars(scale, sliding_window, softcap)
+    num_splits = _check_opt_int(num_splits, "num_splits", 1, MAX_NUM_SPLITS)
+    max_seq_len = _check_opt_int(max_seq_len, "max_seq_len", 0)
+    return torch.ops.llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                    sliding_window, softcap, num_splits, max_seq_len)
+
+
+def decode_num_splits(batch_size: int, num_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, *,
+                      sliding_window: int | None = None, device="cuda") -> int:
+    """The split count :func:`paged_decode_attention` would pick, for host-side planning once per decode step
+    (pass it as ``num_splits`` to every layer; a fixed value is also what CUDA-graph capture needs).
+
+    Example:
+        >>> n = llmkern.paged_ops.decode_num_splits(4, 14, 2, 64, max_seq_len=4096, device="cuda")
+    """
+    from llmkern.kernels import paged_attention as PA
+
+    for name, v in (("batch_size", batch_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                    ("head_dim", head_dim)):
+        _check_opt_int(v, name, 1)
+    _check_opt_int(max_seq_len, "max_seq_len", 0)
+    _check_opt_int(sliding_window, "sliding_window", 1)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+    return PA.decode_num_splits(batch_size, num_kv_heads, max_seq_len, head_dim, sliding_window,
+                                PA.num_sms(device), num_heads // num_kv_heads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# paged_prefill_attention
+
+
+def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                      softcap: float | None) -> torch.Tensor:
+    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
+    if backends.select("paged_prefill_attention", q.device) == "reference":
+        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
+                                                 sliding_window, softcap)
+    from llmkern.kernels import paged_attention as PA
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    PA.paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, scale, sliding_window, softcap)
+    return out
+
+
+def _paged_prefill_fake(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap):
+    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
+    return q.new_empty(q.shape)
+
+
+_library.define(
+    "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor seq_lens, Tensor q_lens, float scale, SymInt? sliding_window, float? softcap) -> Tensor",
+    _paged_prefill_op, _paged_prefill_fake)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, *,
+                            sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of a chunk of new tokens (left padded, HF style) over a paged KV cache.
+
+    Args:
+        q: ``[B, Hq, S, D]`` fp32/fp16/bf16, rope applied, any strides. For sequence b the last ``q_lens[b]`` rows
+            are real tokens at positions ``seq_lens[b] - q_lens[b] .. seq_lens[b] - 1``; the first
+            ``S - q_lens[b]`` rows are padding.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype; the new tokens' K/V already written.
+        block_tables: int32 ``[B, max_blocks]``. seq_lens, q_lens: int32 ``[B]``, ``q_lens[b] <= seq_lens[b]``.
+        scale, sliding_window, softcap: as in :func:`paged_decode_attention`; each row at position p sees cache
+            positions ``max(0, p - w + 1) .. p``.
+
+    Returns:
+        ``[B, Hq, S, D]`` contiguous, q's dtype; padding rows are zeros.
+
+    Example:
+        >>> q = torch.randn(2, 14, 5, 64)
+        >>> out = llmkern.paged_ops.paged_prefill_attention(q, kc, vc, bt, lens,
+        ...         torch.tensor([5, 3], dtype=torch.int32), 64 ** -0.5)
+    """
+    _require_tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens,
+                     q_lens=q_lens)
+    scale, sliding_window, softcap = _scalars(scale, sliding_window, softcap)
+    return torch.ops.llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
+                                                     sliding_window, softcap)

@@ -1,0 +1,432 @@
+"""Paged decode / prefill attention (llmkern.paged_ops) against Hugging Face's eager attention.
+
+Each case writes per-sequence K/V ``[B, Hkv, L, D]`` into randomly permuted pages whose unused rows are NaN (a stray
+read of an unwritten slot shows up as a non-finite output), then compares the kernel with
+``transformers.models.llama.modeling_llama.eager_attention_forward`` in the test dtype (Gemma-2's for softcap) under
+the tolerance rule of ``llmkern.testing``: an fp64 oracle, and no worse than 1.5x eager's own error plus one ulp.
+Under the Triton interpreter the kernels are slow: shapes are small except for a few targeted cases.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+import llmkern
+from llmkern import paged_ops
+from llmkern.testing import assert_no_worse_than_eager
+
+I32 = torch.int32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building paged caches and the references
+
+
+class _Attn(nn.Module):
+    """The two attributes eager_attention_forward reads from the attention module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.training = False
+
+
+def make_paged(lens, bs, Hkv, D, dtype, device, *, extra_blocks=3, seed=0):
+    """Per-sequence K/V ``[B, Hkv, L, D]`` (L = max(lens), junk past each length) scattered into permuted pages.
+    Unwritten cache rows hold NaN; unused block-table entries hold an out-of-range page id."""
+    g = torch.Generator().manual_seed(seed)
+    B, L = len(lens), max(max(lens), 1)
+    K = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    V = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    pages = [-(-n // bs) for n in lens]
+    nb = sum(pages) + extra_blocks
+    perm = torch.randperm(nb, generator=g)
+    max_blocks = max(max(pages), 1) + 1
+    bt = torch.full((B, max_blocks), 1 << 30, dtype=I32)
+    kc = torch.full((nb, bs, Hkv, D), float("nan"), dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    used = 0
+    for b, n in enumerate(lens):
+        ids = perm[used:used + pages[b]]
+        used += pages[b]
+        bt[b, :pages[b]] = ids.to(I32)
+        pos = torch.arange(n)
+        kc[ids[pos // bs], pos % bs] = K[b, :, :n].transpose(0, 1)
+        vc[ids[pos // bs], pos % bs] = V[b, :, :n].transpose(0, 1)
+    to = dict(device=device)
+    return kc.to(**to), vc.to(**to), bt.to(**to), torch.tensor(lens, dtype=I32, device=device), K, V
+
+
+def _visible(lens, q_lens, S, L, window):
+    """``[B, S, L]`` bool: query row s of sequence b (position lens[b] - S + s, real iff s >= S - q_lens[b]) sees
+    key position j."""
+    lens_t = torch.tensor(lens)[:, None, None]
+    s = torch.arange(S)[None, :, None]
+    j = torch.arange(L)[None, None, :]
+    qpos = lens_t - S + s
+    vis = (j <= qpos) & (s >= S - torch.tensor(q_lens)[:, None, None])
+    if window is not None:
+        vis &= j > qpos - window
+    return vis
+
+
+def oracle(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
+    """fp64 attention ``[B, Hq, S, D]``; rows that see nothing (padding) are zero."""
+    B, Hq, S, D = q4.shape
+    G = Hq // K.shape[1]
+    k = K.double().repeat_interleave(G, 1)
+    v = V.double().repeat_interleave(G, 1)
+    logits = q4.double() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    vis = _visible(lens, q_lens, S, K.shape[2], window)[:, None]
+    p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
+    return p @ v
+
+
+def eager(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
+    """HF eager attention in q4's dtype, ``[B, Hq, S, D]`` (padding rows: whatever eager gives)."""
+    dtype = q4.dtype
+    G = q4.shape[1] // K.shape[1]
+    vis = _visible(lens, q_lens, q4.shape[2], K.shape[2], window)[:, None]
+    mask = torch.zeros(vis.shape, dtype=dtype).masked_fill(~vis, torch.finfo(dtype).min)
+    if softcap is None:
+        out, _ = llama_eager(_Attn(G), q4, K, V, mask, scaling=scale)
+    else:
+        out, _ = gemma2_eager(_Attn(G), q4, K, V, mask, scaling=scale, softcap=softcap)
+    return out.transpose(1, 2)
+
+
+def check_decode(q, kc, vc, bt, seq_lens, K, V, lens, scale, *, what, **kw):
+    opts = {k: v for k, v in kw.items() if k in ("sliding_window", "softcap")}
+    with llmkern.track() as ran:
+        out = paged_ops.paged_decode_attention(q, kc, vc, bt, seq_lens, scale, **kw)
+    assert ran.backends("paged_decode_attention") == {"triton"}
+    assert out.shape == q.shape and out.dtype == q.dtype
+    q4 = q.cpu().unsqueeze(2)
+    ones = [1] * len(lens)
+    w, c = opts.get("sliding_window"), opts.get("softcap")
+    ref = oracle(q4, K, V, lens, ones, scale, w, c).squeeze(2)
+    eag = eager(q4, K, V, lens, ones, scale, w, c).squeeze(2)
+    live = torch.tensor(lens) > 0
+    assert_no_worse_than_eager(out.cpu()[live], eag[live], ref[live], what=what)
+    assert (out.cpu()[~live] == 0).all()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode
+
+
+LENS = [1, 17, 300]
+
+
+@pytest.mark.parametrize("bs", [1, 16, 64])
+@pytest.mark.parametrize("G", [1, 2, 4, 7, 8])
+def test_decode_block_sizes_and_groups(bs, G, device):
+    Hkv, D = 2, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, bs, Hkv, D, torch.float32, device)
+    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    check_decode(q, kc, vc, bt, sl, K, V, LENS, D ** -0.5, num_splits=3, what=f"bs={bs} G={G}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+def test_decode_head_dims_dtypes(D, dtype, device):
+    lens, Hkv, G = [5, 17, 128], 2, 7  # 128: a whole number of pages and of BLOCK_N tiles
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, dtype, device)
+    q = torch.randn(len(lens), G * Hkv, D).to(dtype)
+    check_decode(q.to(device), kc, vc, bt, sl, K, V, lens, D ** -0.5, num_splits=2, what=f"D={D} {dtype}")
+
+
+def test_decode_head_dim_256(device):
+    lens, Hkv, G, D = [3, 70], 1, 4, 256
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.bfloat16, device)
+    q = torch.randn(len(lens), G * Hkv, D).to(torch.bfloat16)
+    check_decode(q.to(device), kc, vc, bt, sl, K, V, lens, D ** -0.5, num_splits=2, what="D=256")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16, None])
+def test_decode_splits(num_splits, device):
+    # 300 tokens in pages of 64: 5 pages, 5 tiles; 16 splits leave 11 empty splits for the long sequence and all but
+    # one for the short ones (they must weigh 0 in the reduce, not NaN).
+    Hkv, G, D = 2, 7, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, 64, Hkv, D, torch.float32, device)
+    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    check_decode(q, kc, vc, bt, sl, K, V, LENS, D ** -0.5, num_splits=num_splits, what=f"splits={num_splits}")
+
+
+def test_decode_deterministic_and_split_invariant(device):
+    Hkv, G, D = 2, 4, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, 16, Hkv, D, torch.float32, device)
+    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    a = paged_ops.paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    b = paged_ops.paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    c = paged_ops.paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=1, max_seq_len=300)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bs,window,num_splits", [(16, 45, 3), (1, 45, 2), (64, 7, 4), (256, 45, 2), (16, 1, 1),
+                                                  (16, 1000, 2)])
+def test_decode_sliding_window(bs, window, num_splits, device):
+    # window 45 on 300 tokens: first visible 255 = mid-page (255 % 16 = 15) and mid-split; 1000 > every length.
+    Hkv, G, D = 2, 7, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, bs, Hkv, D, torch.float32, device)
+    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    check_decode(q, kc, vc, bt, sl, K, V, LENS, D ** -0.5, sliding_window=window, num_splits=num_splits,
+                 what=f"window={window}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_softcap(dtype, device):
+    Hkv, G, D = 2, 4, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, 16, Hkv, D, dtype, device)
+    q = (3 * torch.randn(len(LENS), G * Hkv, D)).to(dtype).to(device)  # large logits, so the cap matters
+    check_decode(q, kc, vc, bt, sl, K, V, LENS, D ** -0.5, softcap=5.0, sliding_window=100, num_splits=2,
+                 what="softcap")
+
+
+def test_decode_empty_sequence_and_strided_q(device):
+    # q as a slice of a fused qkv projection output (row stride (Hq + 2 Hkv) * D); seq_len 0 gives a zero row.
+    lens, Hkv, G, D = [0, 9, 33], 2, 2, 64
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.float32, device)
+    qkv = torch.randn(len(lens), (G * Hkv + 2 * Hkv) * D, device=device)
+    q = qkv[:, : G * Hkv * D].view(len(lens), G * Hkv, D)
+    assert not q.is_contiguous()
+    check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, num_splits=3, what="strided q")
+
+
+def test_decode_long_qwen2_layout(device):
+    # Qwen2.5-0.5B's head layout (14 / 2, head_dim 64) at 2k tokens, bf16, heuristic split count.
+    lens, Hkv, G, D = [2048, 100], 2, 7, 64
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.bfloat16, device)
+    q = torch.randn(len(lens), G * Hkv, D).to(torch.bfloat16).to(device)
+    check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, what="long")
+
+
+def test_split_heuristic():
+    from llmkern.kernels.paged_attention import MAX_NUM_SPLITS, decode_num_splits
+
+    assert decode_num_splits(1, 2, 100, 64) == 1  # short: nothing to split
+    assert decode_num_splits(64, 8, 8192, 128) == 1  # 512 programs already fill the GPU
+    many = decode_num_splits(1, 2, 32768, 64)
+    assert 1 < many <= MAX_NUM_SPLITS
+    assert decode_num_splits(1, 2, 32768, 64, sliding_window=256) < many  # the window bounds the work
+    assert decode_num_splits(1, 2, 32768, 64, sms=132) >= decode_num_splits(1, 2, 32768, 64, sms=20)
+    assert paged_ops.decode_num_splits(1, 14, 2, 64, 32768, device="cpu") == decode_num_splits(1, 2, 32768, 64, G=7)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_ops.decode_num_splits(1, 14, 4, 64, 100, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV bytes read by the decode kernel
+
+
+def test_decode_reads_each_kv_byte_once_per_kv_head(device, monkeypatch):
+    """Count the bytes the interpreter loads from the k/v cache storage: for group size 7 every K/V byte of every
+    sequence is read exactly once (one program serves the whole GQA group), and nothing else of the cache is."""
+    if device != "cpu":
+        pytest.skip("counts loads inside the Triton interpreter")
+    from triton.runtime import interpreter
+
+    lens, bs, Hkv, G, D = [5, 17, 100], 16, 2, 7, 64
+    kc, vc, bt, sl, K, V = make_paged(lens, bs, Hkv, D, torch.float16, device)
+    q = torch.randn(len(lens), G * Hkv, D).to(torch.float16)
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in (kc, vc)]
+    seen = []
+    builder = interpreter.interpreter_builder
+    orig = builder.create_masked_load
+
+    def counting_load(ptrs, mask, *args, **kwargs):
+        addr = np.asarray(ptrs.data).astype(np.uint64).ravel()
+        m = np.broadcast_to(np.asarray(mask.data), np.asarray(ptrs.data).shape).ravel()
+        addr = addr[m]
+        for lo, hi in ranges:
+            seen.append(addr[(addr >= lo) & (addr < hi)])
+        return orig(ptrs, mask, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "create_masked_load", counting_load)
+    for splits in (1, 3):
+        seen.clear()
+        paged_ops.paged_decode_attention(q, kc, vc, bt, sl, D ** -0.5, num_splits=splits)
+        addrs = np.concatenate(seen)
+        loaded = addrs.size * kc.element_size()
+        held = 2 * sum(lens) * Hkv * D * kc.element_size()
+        assert loaded == held, f"splits={splits}: loaded {loaded} bytes of K/V, the sequences hold {held}"
+        assert np.unique(addrs).size == addrs.size, f"splits={splits}: some K/V element was loaded twice"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int64 page offsets
+
+
+def test_decode_and_prefill_int64_page_offsets(device):
+    """A cache with more than 2^31 elements (a sparse memory-mapped file: only the pages used are ever touched),
+    sequences living in its last pages: int32 offsets would wrap."""
+    if device != "cpu":
+        pytest.skip("builds the big cache as a sparse CPU file mapping")
+    bs, Hkv, D = 16, 8, 128
+    per_block = bs * Hkv * D
+    nb = (1 << 31) // per_block + 8
+    fd, path = tempfile.mkstemp(dir="/tmp", suffix=".kvcache")
+    os.close(fd)
+    try:
+        with open(path, "wb") as f:
+            f.truncate(2 * nb * per_block * 2)
+        storage = torch.from_file(path, shared=True, size=2 * nb * per_block, dtype=torch.float16)
+        kc = storage[: nb * per_block].view(nb, bs, Hkv, D)
+        vc = storage[nb * per_block:].view(nb, bs, Hkv, D)
+        lens, G = [20, 3], 2
+        g = torch.Generator().manual_seed(0)
+        K = torch.randn(2, Hkv, 20, D, generator=g).half()
+        V = torch.randn(2, Hkv, 20, D, generator=g).half()
+        bt = torch.tensor([[nb - 1, nb - 3], [nb - 2, 0]], dtype=I32)
+        slots = torch.tensor([(nb - 1) * bs + i for i in range(16)] + [(nb - 3) * bs + i for i in range(4)]
+                             + [(nb - 2) * bs + i for i in range(3)])
+        key = torch.cat([K[0, :, :20].transpose(0, 1), K[1, :, :3].transpose(0, 1)])
+        val = torch.cat([V[0, :, :20].transpose(0, 1), V[1, :, :3].transpose(0, 1)])
+        with llmkern.track() as ran:
+            paged_ops.reshape_and_cache(key, val, kc, vc, slots)
+        assert ran.backends("reshape_and_cache") == {"triton"}
+        sl = torch.tensor(lens, dtype=I32)
+        q = torch.randn(2, G * Hkv, D).half()
+        check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, num_splits=2, what="int64 offsets")
+        q4 = torch.randn(2, G * Hkv, 3, D).half()
+        out = paged_ops.paged_prefill_attention(q4, kc, vc, bt, sl, torch.tensor([3, 2], dtype=I32), D ** -0.5)
+        ref = oracle(q4, K, V, lens, [3, 2], D ** -0.5)
+        eag = eager(q4, K, V, lens, [3, 2], D ** -0.5)
+        assert_no_worse_than_eager(out[0], eag[0], ref[0], what="int64 prefill")
+        del storage, kc, vc
+    finally:
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill
+
+
+def check_prefill(q4, kc, vc, bt, sl, ql, K, V, lens, q_lens, scale, *, what, **kw):
+    with llmkern.track() as ran:
+        out = paged_ops.paged_prefill_attention(q4, kc, vc, bt, sl, ql, scale, **kw)
+    assert ran.backends("paged_prefill_attention") == {"triton"}
+    assert out.shape == q4.shape and out.dtype == q4.dtype
+    out = out.cpu()
+    q4 = q4.cpu()
+    w, c = kw.get("sliding_window"), kw.get("softcap")
+    ref = oracle(q4, K, V, lens, q_lens, scale, w, c)
+    eag = eager(q4, K, V, lens, q_lens, scale, w, c)
+    S = q4.shape[2]
+    for b, n in enumerate(q_lens):
+        if n:
+            assert_no_worse_than_eager(out[b, :, S - n:], eag[b, :, S - n:], ref[b, :, S - n:], what=f"{what} b={b}")
+        assert (out[b, :, : S - n] == 0).all(), f"{what}: padding rows of sequence {b} are not zero"
+
+
+@pytest.mark.parametrize("bs,G,dtype", [(16, 7, torch.float32), (1, 1, torch.float32), (64, 2, torch.bfloat16),
+                                        (16, 4, torch.float16)])
+def test_prefill_left_padded(bs, G, dtype, device):
+    # Sequence 0: a full prompt; 1: one new token after 19 cached (left padded); 2: 4 new after 296 cached;
+    # 3: nothing new (all padding).
+    lens, q_lens, S, Hkv, D = [6, 20, 300, 5], [6, 1, 4, 0], 6, 2, 64
+    kc, vc, bt, sl, K, V = make_paged(lens, bs, Hkv, D, dtype, device)
+    q4 = torch.randn(len(lens), S, G * Hkv, D).to(dtype).transpose(1, 2)  # HF's [b, s, H, d] viewed as [b, H, s, d]
+    ql = torch.tensor(q_lens, dtype=I32, device=device)
+    check_prefill(q4.to(device), kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, what=f"bs={bs} G={G}")
+
+
+@pytest.mark.parametrize("D", [80, 128])
+def test_prefill_window_softcap(D, device):
+    lens, q_lens, S, Hkv, G = [40, 70], [40, 9], 40, 1, 7
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.float32, device)
+    q4 = torch.randn(len(lens), G * Hkv, S, D, device=device)
+    ql = torch.tensor(q_lens, dtype=I32, device=device)
+    check_prefill(q4, kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, sliding_window=13, what="window")
+    check_prefill(q4 * 3, kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, softcap=4.0, what="softcap")
+
+
+def test_prefill_one_row_equals_decode(device):
+    Hkv, G, D = 2, 7, 64
+    kc, vc, bt, sl, K, V = make_paged(LENS, 16, Hkv, D, torch.float32, device)
+    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    dec = paged_ops.paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=1)
+    pre = paged_ops.paged_prefill_attention(q.unsqueeze(2), kc, vc, bt, sl, torch.ones_like(sl), 0.125)
+    torch.testing.assert_close(pre.squeeze(2), dec, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input and opcheck
+
+
+def _decode_args(device, **over):
+    kc, vc, bt, sl, _, _ = make_paged([5, 9], 16, 2, 64, torch.float32, device)
+    args = dict(q=torch.randn(2, 4, 64, device=device), k_cache=kc, v_cache=vc, block_tables=bt, seq_lens=sl,
+                scale=0.125)
+    args.update(over)
+    return args
+
+
+BAD_DECODE = [
+    ("q", lambda a: a["q"][None], ValueError, "q must be 3-D"),
+    ("q", lambda a: a["q"].double(), TypeError, "q must have dtype"),
+    ("q", lambda a: a["q"].half(), TypeError, "same dtype"),
+    ("q", lambda a: torch.randn(2, 3, 64), ValueError, "multiple of"),
+    ("q", lambda a: torch.randn(2, 4, 32), ValueError, "head_dim"),
+    ("q", lambda a: [1.0], TypeError, "q must be a torch.Tensor"),
+    ("k_cache", lambda a: a["k_cache"][:, :12], ValueError, "block_size"),
+    ("k_cache", lambda a: a["k_cache"][0], ValueError, "k_cache must be 4-D"),
+    ("v_cache", lambda a: a["v_cache"][:, :, :1], ValueError, "v_cache"),
+    ("block_tables", lambda a: a["block_tables"].long(), TypeError, "block_tables must have dtype int32"),
+    ("block_tables", lambda a: a["block_tables"][:1], ValueError, "block_tables must have shape"),
+    ("seq_lens", lambda a: a["seq_lens"].long(), TypeError, "seq_lens must have dtype int32"),
+    ("seq_lens", lambda a: a["seq_lens"][:1], ValueError, "seq_lens must have shape"),
+    ("scale", lambda a: 0.0, ValueError, "scale"),
+    ("scale", lambda a: "x", TypeError, "scale"),
+    ("sliding_window", lambda a: 0, ValueError, "sliding_window"),
+    ("sliding_window", lambda a: 2.5, TypeError, "sliding_window"),
+    ("softcap", lambda a: -1.0, ValueError, "softcap"),
+    ("num_splits", lambda a: 0, ValueError, "num_splits"),
+    ("num_splits", lambda a: 100000, ValueError, "num_splits"),
+    ("max_seq_len", lambda a: -1, ValueError, "max_seq_len"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD_DECODE, ids=[f"{b[0]}-{b[3]}" for b in BAD_DECODE])
+def test_decode_bad_input(name, make, exc, match, device):
+    args = _decode_args(device)
+    args[name] = make(args)
+    with pytest.raises(exc, match=match):
+        paged_ops.paged_decode_attention(**args)
+
+
+def test_bad_device_and_prefill_input(device):
+    args = _decode_args(device)
+    with pytest.raises(ValueError, match="one device"):
+        paged_ops.paged_decode_attention(**{**args, "seq_lens": args["seq_lens"].to("meta")})
+    pargs = {**args, "q": torch.randn(2, 4, 3, 64, device=device), "q_lens": torch.tensor([3, 1], device=device)}
+    with pytest.raises(TypeError, match="q_lens must have dtype int32"):
+        paged_ops.paged_prefill_attention(**pargs)
+    with pytest.raises(ValueError, match="q_lens must have shape"):
+        paged_ops.paged_prefill_attention(**{**pargs, "q_lens": torch.tensor([3], dtype=I32, device=device)})
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        paged_ops.paged_prefill_attention(**{**pargs, "q": args["q"], "q_lens": pargs["q_lens"].int()})
+
+
+def test_opcheck(device):
+    a = _decode_args(device)
+    torch.library.opcheck(torch.ops.llmkern.paged_decode_attention.default,
+                          (a["q"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"], 0.125, None, None,
+                           2, None))
+    torch.library.opcheck(torch.ops.llmkern.paged_decode_attention.default,
+                          (a["q"], a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"], 0.125, 4, 3.0,
+                           None, 9))
+    q4 = torch.randn(2, 4, 3, 64, device=device)
+    ql = torch.tensor([3, 2], dtype=I32, device=device)
+    torch.library.opcheck(torch.ops.llmkern.paged_prefill_attention.default,
+                          (q4, a["k_cache"], a["v_cache"], a["block_tables"], a["seq_lens"], ql, 0.125, None, None))
