@@ -188,7 +188,9 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
 
-def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True) -> PatchReport:
+def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+          attention: bool = True, block_size: int = 16, num_blocks: int | None = None,
+          max_memory_bytes: int | None = None) -> PatchReport:
     """Run llmkern's fused kernels in ``model`` (this instance only). Returns a ``PatchReport``.
 
     Args:
@@ -198,6 +200,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             ``ops.fused_add_rms_norm``.
         rope: the attention's ``apply_rotary_pos_emb`` → ``ops.apply_rope``.
         swiglu: the MLP's ``silu(gate) * up`` → ``ops.silu_and_mul``.
+        attention: attention runs llmkern's paged attention (``llmkern.attention``): ``model.generate()`` without a
+            ``past_key_values`` argument then decodes over a ``PagedKVCache`` of ``block_size``-token pages, sized
+            by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, exactly for each generate call.
 
     Patching twice with the same options returns the first report; with other options it re-patches.
     ``unpatch(model)`` restores the original behaviour bit for bit.
@@ -209,7 +214,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         >>> llmkern.unpatch(model)
     """
     _check_supported(model)
-    options = {"rms_norm": bool(rms_norm), "rope": bool(rope), "swiglu": bool(swiglu)}
+    options = {"rms_norm": bool(rms_norm), "rope": bool(rope), "swiglu": bool(swiglu), "attention": bool(attention),
+               "block_size": block_size, "num_blocks": num_blocks, "max_memory_bytes": max_memory_bytes}
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:
         if state.report.options == options:
@@ -261,6 +267,13 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                     continue
                 _swap(state, mlp, _patched_class(type(mlp), "swiglu", _mlp_forward, "silu_and_mul"))
                 report.entries.append((names[mlp], "silu_and_mul"))
+        if attention:
+            from llmkern import attention as paged
+
+            paged.install(model, block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes)
+            state.extra_undo.append(lambda: paged.uninstall(model))
+            for layer in layers:
+                report.entries.append((names[layer.self_attn], "paged_attention"))
     except BaseException:
         _undo(state)
         raise

@@ -1,0 +1,282 @@
+"""Attention over the paged KV cache, as a transformers attention implementation, and ``install``/``uninstall`` that
+put ONE model instance on it.
+
+The pieces, in the order a forward meets them:
+
+* ``paged_mask`` — registered with ``AttentionMaskInterface`` under ``NAME``. ``create_causal_mask`` (and
+  ``create_sliding_window_causal_mask``) call it with the 2-D padding mask HF carries through ``generate``
+  (``[B, past + S]``, or None when there is no padding). It builds no 4-D mask: it returns a ``PagedMask`` that keeps
+  that 2-D mask, which the model then passes unchanged to every attention call as ``attention_mask``. This is where
+  the padding information is captured: it is the only place transformers 5.23 shows it to custom attention.
+* ``PagedKVCache.update`` returns a ``PagedKV`` handle instead of tensors (see ``llmkern.cache``); it arrives here as
+  ``key``.
+* ``paged_attention_forward`` — registered with ``AttentionInterface`` under ``NAME``. With a handle it asks the cache
+  for the step's plan (computed at the first layer from the ``PagedMask``, reused by the others), writes the layer's
+  K/V (``reshape_and_cache``; left padding gets slot -1 and is not stored) and runs ``paged_decode_attention`` (one
+  new token per sequence) or ``paged_prefill_attention`` (a chunk). With plain tensors (no cache, or an HF cache
+  such as ``DynamicCache``) it falls back to transformers' SDPA with the 4-D mask HF would have built, so a model
+  with llmkern attention installed still runs any forward correctly.
+
+``install(model)`` switches the instance's attention implementation (its config only) and makes ``generate`` create a
+``PagedKVCache`` when the caller passes none; ``uninstall(model)`` restores both exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import torch
+
+from llmkern import paged_ops
+from llmkern.cache import PagedKV, PagedKVCache
+
+NAME = "llmkern_paged"  # no "flash", "sdpa", "flex" or "/": transformers special-cases those
+_STATE_ATTR = "_llmkern_paged_state"
+
+__all__ = ["NAME", "PagedMask", "install", "is_installed", "paged_attention_forward", "paged_mask", "register",
+           "uninstall"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mask function
+
+
+@dataclasses.dataclass
+class PagedMask:
+    """What the model passes to ``paged_attention_forward`` as ``attention_mask``: the 2-D padding mask (None = no
+    padding) and what is needed to build HF's dense mask for the non-paged fallback."""
+
+    attention_mask: torch.Tensor | None  # bool [B, kv_length or shorter], True = real token
+    batch_size: int
+    q_length: int
+    kv_length: int
+    custom: bool  # the model overlaid its own mask function (or/and masks): only the dense fallback honours it
+    _dense_kwargs: dict
+
+    def dense(self) -> torch.Tensor | None:
+        """The mask ``create_causal_mask`` would have given SDPA (None = use ``is_causal``)."""
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(**self._dense_kwargs)
+
+
+def paged_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+               mask_function=None, attention_mask: torch.Tensor | None = None, allow_is_causal_skip: bool = True,
+               local_size: int | None = None, use_vmap: bool = False, device="cpu", **_ignored) -> PagedMask:
+    """``AttentionMaskInterface`` function for ``NAME``: keep the 2-D padding mask, build nothing."""
+    from transformers.masking_utils import causal_mask_function
+
+    dense_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function or causal_mask_function,
+                        attention_mask=attention_mask, allow_is_causal_skip=allow_is_causal_skip,
+                        local_size=local_size, use_vmap=use_vmap, device=device)
+    return PagedMask(attention_mask=attention_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     custom=use_vmap, _dense_kwargs=dense_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention function
+
+
+def _sliding_window(module, kwargs) -> int | None:
+    # Mistral passes config.sliding_window, Qwen2/Qwen3 pass module.sliding_window (None on full layers).
+    if "sliding_window" in kwargs:
+        return kwargs["sliding_window"]
+    return getattr(module, "sliding_window", None)
+
+
+def _softcap(module, kwargs) -> float | None:
+    if kwargs.get("softcap") is not None:
+        return kwargs["softcap"]
+    return getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
+                            scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """``AttentionInterface`` function for ``NAME``.
+
+    Args:
+        query: ``[B, Hq, S, D]`` (rope applied). key/value: a ``PagedKV`` handle from ``PagedKVCache.update``, or
+            ``[B, Hkv, L, D]`` tensors (then SDPA runs, see the module docstring).
+        attention_mask: the ``PagedMask`` from ``paged_mask`` (or a user-given 4-D mask on the fallback path).
+
+    Returns:
+        ``(out [B, S, Hq, D], None)``.
+    """
+    if not isinstance(key, PagedKV):
+        return _dense_fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if module.training and dropout:
+        raise ValueError("llmkern paged attention is for inference: attention dropout is not supported")
+    if isinstance(attention_mask, PagedMask):
+        if attention_mask.custom:
+            raise ValueError("this model overlays its own mask function on the causal mask; the paged attention "
+                             "path supports plain causal (and sliding-window) masks with padding only")
+        mask2d = attention_mask.attention_mask
+    elif attention_mask is None:
+        mask2d = None
+    else:
+        raise ValueError(f"llmkern paged attention takes HF's 2-D padding mask (via its mask function), not a "
+                         f"precomputed {attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}")
+
+    handle: PagedKV = key
+    cache: PagedKVCache = handle.cache
+    plan = cache.plan(handle, mask2d)
+    cache.write(handle, plan)
+    k_pages, v_pages = cache.pages(handle.layer_idx)
+
+    B, Hq, S, D = query.shape
+    scale = scaling if scaling is not None else getattr(module, "scaling", None) or D ** -0.5
+    window = _sliding_window(module, kwargs)
+    softcap = _softcap(module, kwargs)
+
+    if plan.decode:
+        if window not in plan.num_splits:
+            plan.num_splits[window] = _decode_num_splits(query, k_pages, plan.max_seq_len, window)
+        out = paged_ops.paged_decode_attention(query[:, :, 0], k_pages, v_pages, plan.block_tables, plan.seq_lens,
+                                               scale, sliding_window=window, softcap=softcap,
+                                               num_splits=plan.num_splits[window], max_seq_len=plan.max_seq_len)
+        return out.unsqueeze(1), None  # [B, 1, Hq, D]
+
+    q = query
+    if plan.q_index is not None:  # real tokens not all at the end of their row: gather them there
+        q = torch.gather(query, 2, plan.q_index[:, None, :, None].expand(B, Hq, S, D))
+    out = paged_ops.paged_prefill_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, plan.q_lens,
+                                            scale, sliding_window=window, softcap=softcap)
+    if plan.q_index is not None:
+        out = torch.empty_like(out).scatter_(2, plan.q_index[:, None, :, None].expand(B, Hq, S, D), out)
+    return out.transpose(1, 2), None  # [B, S, Hq, D]
+
+
+def _decode_num_splits(query, k_pages, max_seq_len: int, window) -> int | None:
+    """The decode kernel's split count for this step, computed once per (forward, window) instead of per layer.
+    None lets the op decide (the reference backend ignores it)."""
+    try:
+        return paged_ops.decode_num_splits(query.shape[0], query.shape[1], k_pages.shape[2], k_pages.shape[3],
+                                           max_seq_len, sliding_window=window, device=query.device)
+    except ImportError:  # no triton: the reference backend runs and needs no split count
+        return None
+
+
+def _dense_fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = attention_mask.dense() if isinstance(attention_mask, PagedMask) else attention_mask
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registration and install / uninstall
+
+
+def register() -> None:
+    """Register ``NAME`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent).
+    Registering a new name changes no existing model: only configs set to ``NAME`` use it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, paged_attention_forward)
+    AttentionMaskInterface.register(NAME, paged_mask)
+
+
+@dataclasses.dataclass
+class _InstallState:
+    attn: list  # (config, previous config._attn_implementation_internal)
+    had_prepare_attr: bool
+    prev_prepare_attr: object
+    options: dict
+
+
+def is_installed(model) -> bool:
+    return _STATE_ATTR in vars(model)
+
+
+def _configs(model) -> list:
+    """Every distinct config of ``model`` and its PreTrainedModel submodules (set_attn_implementation's reach)."""
+    from transformers import PreTrainedModel
+
+    seen, out = set(), []
+    for m in [model, *model.modules()]:
+        if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
+            seen.add(id(m.config))
+            out.append(m.config)
+    return out
+
+
+def _pages_for_generate(block_size: int, rows: int, max_cache_length: int) -> int:
+    # Each row holds at most max_cache_length real tokens. Pages shared by beams are counted once and a
+    # copy-on-write only replaces a page its row no longer references, so rows * pages-per-row always suffices.
+    return max(1, rows * math.ceil(max(max_cache_length, 1) / block_size))
+
+
+def install(model, *, block_size: int = 16, num_blocks: int | None = None,
+            max_memory_bytes: int | None = None) -> None:
+    """Run ``model`` (this instance only) on llmkern paged attention.
+
+    * ``model.set_attn_implementation(NAME)``: sets ``_attn_implementation`` on this model's config(s) only (a
+      second model of the same class has its own config and is untouched).
+    * ``model.generate(...)`` without ``past_key_values`` creates a ``PagedKVCache``: ``num_blocks`` /
+      ``max_memory_bytes`` pages if given, else exactly enough for the call (batch x beams x max_length).
+
+    Calling it again replaces the options. ``uninstall(model)`` undoes everything.
+    """
+    if num_blocks is not None and max_memory_bytes is not None:
+        raise ValueError(f"give num_blocks or max_memory_bytes, not both (got {num_blocks} and {max_memory_bytes})")
+    PagedKVCache(model.config, block_size=block_size, num_blocks=1)  # validates block_size and the config's dims
+    if is_installed(model):
+        uninstall(model)
+    register()
+
+    configs = _configs(model)
+    prev = [(c, c._attn_implementation_internal) for c in configs]
+    model.set_attn_implementation(NAME)
+
+    # Hook: `generate` asks `self._prepare_cache_for_generation(...)` for a cache (generation/utils.py, step 7).
+    # An instance attribute shadows the class method for this object only, sees generate's batch size, beam count
+    # and max length (so the auto cache is sized exactly), and leaves every path it does not handle — a cache the
+    # caller passed, use_cache=False, a static/quantized cache_implementation — to the original method. The
+    # alternatives are worse: generation_config.cache_implementation only accepts transformers' own names (and
+    # rejects being combined with an explicit past_key_values), and `_get_cache` no longer exists in 5.23.
+    d = vars(model)
+    had_attr = "_prepare_cache_for_generation" in d
+    prev_attr = d.get("_prepare_cache_for_generation")
+    options = dict(block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes)
+    original = type(model)._prepare_cache_for_generation if not had_attr else prev_attr
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        wants_default = (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                         and generation_config.cache_implementation in (None, "dynamic")
+                         and not self.config.is_encoder_decoder and self._supports_default_dynamic_cache())
+        if not wants_default:
+            call = original if had_attr else types.MethodType(original, self)
+            return call(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        n = options["num_blocks"]
+        if n is None and options["max_memory_bytes"] is None:
+            n = _pages_for_generate(options["block_size"], rows, max_cache_length)
+        model_kwargs["past_key_values"] = PagedKVCache(
+            self.config, block_size=options["block_size"], num_blocks=n,
+            max_memory_bytes=options["max_memory_bytes"], dtype=self.dtype, device=self.device)
+        return None
+
+    d["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
+    d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
+                                   options=options)
+
+
+def uninstall(model) -> None:
+    """Undo ``install``: the previous attention implementation of each config and ``generate``'s own cache choice.
+    A no-op on a model that is not installed."""
+    state: _InstallState | None = vars(model).get(_STATE_ATTR)
+    if state is None:
+        return
+    for config, impl in state.attn:
+        config._attn_implementation_internal = impl
+    d = vars(model)
+    if state.had_prepare_attr:
+        d["_prepare_cache_for_generation"] = state.prev_prepare_attr
+    else:
+        d.pop("_prepare_cache_for_generation", None)
+    del d[_STATE_ATTR]

@@ -1,0 +1,685 @@
+"""A paged KV cache for Hugging Face decoders: a block allocator and ``PagedKVCache``, a ``transformers.Cache``.
+
+Storage (per layer, DESIGN.md "Paged KV cache"): K and V pages ``[num_blocks, block_size, Hkv, D]``. A sequence
+(one batch row) owns a list of pages, its *block table*; token ``p`` of the sequence lives in page
+``table[p // block_size]`` at row ``p % block_size``. Only real tokens are stored: HF left padding
+(``attention_mask == 0``) gets slot -1 and is skipped, so position ``p`` in the cache is the token's real position,
+the one HF's ``position_ids`` (``cumsum(mask) - 1``) gave it RoPE with.
+
+How a forward runs through it (``llmkern.attention`` holds the other half):
+
+1. The model's mask creation calls the registered mask function, which hands the 2-D padding mask on, unchanged,
+   as the ``attention_mask`` every attention call receives.
+2. Each layer calls ``update(k, v, layer_idx)``. Nothing is written yet: ``update`` returns a ``PagedKV`` handle
+   (the new K/V plus a reference to this cache) in place of the ``(keys, values)`` tensors. transformers passes no
+   cache arguments to the attention function, so the handle is how the cache reaches it.
+3. The first attention call of the forward calls ``plan(handle, mask)``: from the padding mask it checks the whole
+   step's block demand against the free list (and raises ``CacheExhaustedError`` before touching anything), copies
+   shared partial pages (copy-on-write), allocates pages, and builds the step's slot mapping, block tables, seq_lens
+   and q_lens on the device — once; every later layer of the forward reuses the plan (STYLE.md 12, FlashInfer's
+   plan/run). Each layer then writes its K/V (``write``) and runs the paged attention op on ``pages(layer_idx)``.
+
+The write is deferred from ``update`` to the attention call because the slot mapping depends on the padding mask,
+which only the attention call has; both run back to back in the same layer, so nothing can observe the difference.
+
+Beam search: ``reorder_cache(beam_idx)`` reorders block tables and reference counts, never pages. Beams that share
+a partial last page get a private copy of it when they next write to it (``copy_blocks``); full shared pages are
+never written again and stay shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from llmkern import paged_ops
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the paged ops take
+_MAX_BLOCK_SIZE = 256  # paged_ops.MAX_BLOCK_SIZE: a block is one tile of the attention kernels
+
+__all__ = ["BlockAllocator", "CacheExhaustedError", "CacheMemory", "PagedKV", "PagedKVCache", "StepPlan"]
+
+
+class CacheExhaustedError(RuntimeError):
+    """The paged KV cache has fewer free blocks than a step needs. Raised before anything is allocated or written,
+    so the cache still holds exactly what it held before the failed step."""
+
+    def __init__(self, message: str, *, capacity: int, free: int, demand: int):
+        super().__init__(message)
+        self.capacity = capacity
+        self.free = free
+        self.demand = demand
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block allocator
+
+
+class BlockAllocator:
+    """Free list and reference counts over block ids ``0 .. num_blocks - 1``.
+
+    A block is free when its count is 0. ``allocate`` hands out blocks with count 1; sharing a block between
+    sequences (beam search) is ``incref``; a sequence letting go of it is ``decref``, which returns it to the free
+    list at 0. Lowest ids are handed out first.
+
+        >>> a = BlockAllocator(4)
+        >>> a.allocate(2)
+        [0, 1]
+        >>> a.incref([1]); a.decref([0, 1]); a.num_free
+        3
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._ref = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block: int) -> int:
+        return self._ref[block]
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheExhaustedError(
+                f"block allocator: {n} blocks requested, {len(self._free)} of {self.num_blocks} free",
+                capacity=self.num_blocks, free=len(self._free), demand=n)
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._ref[b] = 1
+        return out
+
+    def incref(self, blocks) -> None:
+        for b in blocks:
+            if self._ref[b] <= 0:
+                raise RuntimeError(f"block {b} is free; it cannot be shared")
+            self._ref[b] += 1
+
+    def decref(self, blocks) -> None:
+        for b in blocks:
+            if self._ref[b] <= 0:
+                raise RuntimeError(f"block {b} is already free")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+
+    def grow(self, num_blocks: int) -> None:
+        """Add free blocks ``self.num_blocks .. num_blocks - 1``."""
+        if num_blocks < self.num_blocks:
+            raise ValueError(f"cannot shrink the allocator from {self.num_blocks} to {num_blocks} blocks")
+        self._ref.extend([0] * (num_blocks - self.num_blocks))
+        self._free.extend(range(self.num_blocks, num_blocks))
+        self._free.sort(reverse=True)  # keep handing out the lowest id first
+        self.num_blocks = num_blocks
+
+    def reset(self) -> None:
+        self.__init__(self.num_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-forward objects
+
+
+@dataclasses.dataclass
+class PagedKV:
+    """What ``PagedKVCache.update`` returns in place of the ``(keys, values)`` tensors; the attention function gets
+    it as ``key`` (and ``value``)."""
+
+    cache: "PagedKVCache"
+    layer_idx: int
+    key: torch.Tensor  # [B, Hkv, S, D], the new tokens only
+    value: torch.Tensor  # [B, Hkv, S, D]
+    step: int
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """Host-side metadata of one forward, computed once and used by every layer."""
+
+    step: int
+    batch_size: int
+    q_len: int  # S, query columns of this forward (padding included)
+    slot_mapping: torch.Tensor  # int64 [B * S], row-major over (b, s); -1 = padding
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor  # int32 [B], real tokens of each sequence, this step's included
+    q_lens: torch.Tensor  # int32 [B], real tokens of this step
+    max_seq_len: int
+    decode: bool  # every sequence adds exactly one token (S == 1): the decode kernel applies
+    q_index: torch.Tensor | None  # int64 [B, S]: gathers q rows so real rows are the last q_lens[b] (None = as is)
+    num_splits: dict = dataclasses.field(default_factory=dict)  # sliding_window -> decode split count
+
+
+@dataclasses.dataclass
+class CacheMemory:
+    """``PagedKVCache.memory()``: what the pages reserve and how much of that holds tokens."""
+
+    reserved_bytes: int  # all pages, K and V, all layers
+    per_layer_bytes: int  # K + V pages of one layer
+    used_bytes: int  # pages handed out to sequences (shared pages counted once)
+    token_bytes: int  # the slots of those pages that hold a token
+    num_blocks: int
+    used_blocks: int
+    block_size: int
+    num_tokens: int  # distinct token slots held (a prefix shared by beams counts once)
+    bytes_per_token: int  # K + V of one token over all layers
+
+    def __str__(self) -> str:
+        return (f"{_fmt_bytes(self.reserved_bytes)} reserved ({self.num_blocks} blocks x {self.block_size} tokens, "
+                f"{_fmt_bytes(self.per_layer_bytes)} per layer), {_fmt_bytes(self.used_bytes)} in "
+                f"{self.used_blocks} used blocks, {_fmt_bytes(self.token_bytes)} holding {self.num_tokens} tokens")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The HF Cache
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's pages. Sequence bookkeeping is shared by all layers and lives in ``PagedKVCache``; a layer only
+    holds ``keys``/``values`` = its K/V pages ``[num_blocks, block_size, Hkv, D]`` (None before the first step)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: "PagedKVCache", layer_idx: int):
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self._cache._ensure_pages(key_states.dtype, key_states.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._cache.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:  # the cache resets all layers at once
+        pass
+
+    def reorder_cache(self, beam_idx) -> None:
+        pass
+
+    def offload(self):
+        raise NotImplementedError("PagedKVCache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("PagedKVCache does not support offloading")
+
+    def __repr__(self) -> str:
+        return f"PagedLayer({self.layer_idx})"
+
+
+def _decoder_dims(config) -> tuple[int, int, int]:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_layers = cfg.num_hidden_layers
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return n_layers, n_kv, head_dim
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    dt = getattr(config, "dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+class PagedKVCache(Cache):
+    """A paged KV cache usable as ``past_key_values`` of ``generate`` and ``forward`` in transformers 5.23, for
+    models whose attention implementation is llmkern's (``llmkern.attention.install(model)``).
+
+    Args:
+        config: the model's config (layers, KV heads, head_dim are read from it).
+        block_size: tokens per page, a power of two in 1..256.
+        num_blocks: pages per layer. Fixed capacity; a step that needs more raises ``CacheExhaustedError``.
+        max_memory_bytes: alternative to ``num_blocks``: as many pages as fit, K and V of all layers included.
+        dtype, device: of the pages. Default: the first K/V written (a cache with a fixed capacity allocates at
+            construction with ``dtype`` or the config's dtype and ``device`` or CPU, and moves to the K/V's dtype and
+            device on the first write when those were not given explicitly).
+        max_batch_size: largest batch accepted. Without ``num_blocks``/``max_memory_bytes`` it also sizes the cache:
+            ``max_batch_size`` sequences of ``config.max_position_embeddings`` tokens. When none of the three is
+            given the pool grows (doubling) whenever a step needs more pages.
+
+    Example:
+        >>> cache = PagedKVCache(model.config, block_size=16, num_blocks=256)
+        >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+        >>> cache.memory().token_bytes, cache
+    """
+
+    def __init__(self, config, *, block_size: int = 16, num_blocks: int | None = None,
+                 max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, max_batch_size: int | None = None):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
+                1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
+        if num_blocks is not None and max_memory_bytes is not None:
+            raise ValueError(f"give num_blocks or max_memory_bytes, not both (got {num_blocks} and {max_memory_bytes})")
+        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
+                                       or num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+
+        self.num_layers, self.num_kv_heads, self.head_dim = _decoder_dims(config)
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self._explicit_dtype, self._explicit_device = dtype, (torch.device(device) if device is not None else None)
+        self.dtype = dtype or _config_dtype(config) or torch.float32
+        self.device = self._explicit_device or torch.device("cpu")
+
+        if max_memory_bytes is not None:
+            per_block = self._bytes_per_block(self.dtype)
+            num_blocks = int(max_memory_bytes) // per_block
+            if num_blocks < 1:
+                raise ValueError(f"max_memory_bytes={max_memory_bytes} holds no block: one block of {block_size} "
+                                 f"tokens takes {per_block} bytes (K and V, {self.num_layers} layers, "
+                                 f"{self.num_kv_heads} KV heads x {self.head_dim}, {self.dtype})")
+        elif num_blocks is None and max_batch_size is not None:
+            max_pos = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+            if max_pos is None:
+                raise ValueError("max_batch_size sizes the cache from config.max_position_embeddings, which this "
+                                 "config lacks; pass num_blocks or max_memory_bytes")
+            num_blocks = max_batch_size * math.ceil(max_pos / block_size)
+        self.growable = num_blocks is None
+
+        super().__init__(layers=[PagedLayer(self, i) for i in range(self.num_layers)])
+        self.allocator = BlockAllocator(0 if num_blocks is None else num_blocks)
+        self._k_pages: list[torch.Tensor] = []
+        self._v_pages: list[torch.Tensor] = []
+        if not self.growable:
+            self._allocate_pages(self.allocator.num_blocks, self.dtype, self.device)
+        self._clear_sequences()
+
+    # -- sizes -----------------------------------------------------------------------------------------------------
+
+    def _bytes_per_block(self, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    # -- pages -----------------------------------------------------------------------------------------------------
+
+    def _allocate_pages(self, num_blocks: int, dtype, device) -> None:
+        # Zeroed, not empty: a kernel never reads past seq_len, but garbage pages would make a bug look random.
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self._k_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self._v_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+        self.dtype, self.device = dtype, torch.device(device)
+        self._sync_layer_views()
+
+    def _sync_layer_views(self) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.keys = self._k_pages[i] if self._k_pages else None
+            layer.values = self._v_pages[i] if self._v_pages else None
+            layer.is_initialized = bool(self._k_pages)
+
+    def _ensure_pages(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Make the pages match the model's K/V (called at the first step, before anything is written)."""
+        device = torch.device(device)
+        same_dev = self._k_pages and self._k_pages[0].device == device
+        if self._k_pages and self.dtype == dtype and same_dev:
+            return
+        if self._explicit_dtype is not None and dtype != self._explicit_dtype:
+            raise TypeError(f"PagedKVCache was created with dtype={self._explicit_dtype} but the model's keys are "
+                            f"{dtype}")
+        if self._explicit_device is not None and not _same_device(device, self._explicit_device):
+            raise ValueError(f"PagedKVCache was created with device={self._explicit_device} but the model's keys "
+                             f"are on {device}")
+        if self.allocator.num_used:
+            raise RuntimeError(f"PagedKVCache holds tokens as {self.dtype} on {self.device}; it cannot take "
+                               f"{dtype} keys on {device} (reset() it first)")
+        self._allocate_pages(self.allocator.num_blocks, dtype, device)
+
+    def _grow(self, min_blocks: int) -> None:
+        new = max(min_blocks, 2 * self.allocator.num_blocks, 1)
+        extra = new - self.allocator.num_blocks
+        shape = (extra, self.block_size, self.num_kv_heads, self.head_dim)
+        z = dict(dtype=self.dtype, device=self.device)
+        self._k_pages = [torch.cat([k, torch.zeros(shape, **z)]) for k in self._k_pages]
+        self._v_pages = [torch.cat([v, torch.zeros(shape, **z)]) for v in self._v_pages]
+        self.allocator.grow(new)
+        self._sync_layer_views()
+
+    def pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_pages, v_pages)`` of a layer, each ``[num_blocks, block_size, Hkv, D]``."""
+        return self._k_pages[layer_idx], self._v_pages[layer_idx]
+
+    # -- sequences -------------------------------------------------------------------------------------------------
+
+    def _clear_sequences(self) -> None:
+        self._tables: list[list[int]] = []  # per batch row: its pages, in order
+        self._lens: list[int] = []  # per batch row: real tokens held
+        self._history: list[torch.Tensor] = []  # per step: bool [B, S] on CPU, which columns were real tokens
+        self._seen = 0  # columns processed (padding included): what HF calls the cache's sequence length
+        self._bt_host = torch.zeros((0, 0), dtype=torch.int32)  # mirror of _tables, padded with 0
+        self._step = 0
+        self._step_layers: set[int] = set()
+        self._plan: StepPlan | None = None
+
+    def _new_step(self) -> None:
+        self._step += 1
+        self._step_layers = set()
+        self._plan = None
+
+    def _rebuild_bt_host(self) -> None:
+        width = max([len(t) for t in self._tables], default=0)
+        bt = torch.zeros((len(self._tables), max(width, 1)), dtype=torch.int32)
+        for b, t in enumerate(self._tables):
+            if t:
+                bt[b, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        self._bt_host = bt
+
+    def _set_bt(self, b: int, j: int, block: int) -> None:
+        if j >= self._bt_host.shape[1]:
+            grown = torch.zeros((self._bt_host.shape[0], max(2 * self._bt_host.shape[1], j + 1)), dtype=torch.int32)
+            grown[:, :self._bt_host.shape[1]] = self._bt_host
+            self._bt_host = grown
+        self._bt_host[b, j] = block
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._lens)
+
+    def seq_lens(self) -> list[int]:
+        """Real tokens held per batch row."""
+        return list(self._lens)
+
+    def block_tables(self) -> list[list[int]]:
+        """Pages of each batch row (copies)."""
+        return [list(t) for t in self._tables]
+
+    # -- HF Cache API ----------------------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Return a ``PagedKV`` handle (twice, for ``key`` and ``value``). The write happens in the attention call
+        (``write``), once the step's slot mapping is planned from the padding mask."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer_idx must be in 0..{self.num_layers - 1}, got {layer_idx}")
+        if key_states.dim() != 4 or key_states.shape[1] != self.num_kv_heads or key_states.shape[3] != self.head_dim:
+            raise ValueError(f"key_states must be [batch, {self.num_kv_heads}, seq, {self.head_dim}], got "
+                             f"{tuple(key_states.shape)}")
+        if layer_idx in self._step_layers:  # layers run in order: seeing one again means a new forward
+            self._new_step()
+        self._step_layers.add(layer_idx)
+        handle = PagedKV(self, layer_idx, key_states, value_states, self._step)
+        return handle, handle
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns processed so far, padding included (HF's notion: ``input_ids[:, get_seq_length():]`` is new)."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        # Every layer stores all its tokens; sliding windows are applied by the attention kernel.
+        return [False] * self.num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._lens) if self._lens else -1
+
+    def reset(self) -> None:
+        """Release every block; pages stay allocated (and are not cleared)."""
+        self.allocator.reset()
+        self._clear_sequences()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` columns (HF convention: the argument is <= 0)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of columns to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0:
+            return
+        if n > self._seen:
+            raise ValueError(f"cannot crop {n} columns from a cache holding {self._seen}")
+        removed = [0] * len(self._lens)
+        while n:
+            last = self._history[-1]
+            take = min(n, last.shape[1])
+            for b, c in enumerate(last[:, last.shape[1] - take:].sum(1).tolist()):
+                removed[b] += c
+            if take == last.shape[1]:
+                self._history.pop()
+            else:
+                self._history[-1] = last[:, :last.shape[1] - take]
+            n -= take
+        for b, r in enumerate(removed):
+            self._lens[b] -= r
+            keep = -(-self._lens[b] // self.block_size)
+            self.allocator.decref(self._tables[b][keep:])
+            del self._tables[b][keep:]
+        self._seen += tokens_to_remove
+        self._rebuild_bt_host()
+        self._new_step()
+
+    def _remap_rows(self, rows: list[int]) -> None:
+        """Batch row i becomes old row ``rows[i]``; pages are shared by reference count, never copied here."""
+        if any(not 0 <= r < len(self._lens) for r in rows):
+            raise IndexError(f"row indices must be in 0..{len(self._lens) - 1}, got {rows}")
+        new_tables = [list(self._tables[r]) for r in rows]
+        for t in new_tables:
+            self.allocator.incref(t)
+        for t in self._tables:
+            self.allocator.decref(t)
+        self._tables = new_tables
+        self._lens = [self._lens[r] for r in rows]
+        idx = torch.tensor(rows, dtype=torch.long)
+        self._history = [h.index_select(0, idx) for h in self._history]
+        self._rebuild_bt_host()
+        self._new_step()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues beam ``beam_idx[i]``. Block tables are reordered, pages are shared."""
+        if self._lens:
+            self._remap_rows(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._lens:
+            self._remap_rows([b for b in range(len(self._lens)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._lens:
+            self._remap_rows(torch.as_tensor(indices).flatten().tolist())
+
+    # -- planning and writing --------------------------------------------------------------------------------------
+
+    def plan(self, handle: PagedKV, attention_mask: torch.Tensor | None) -> StepPlan:
+        """The step's metadata, computed at the first call of a forward and returned as is to the later layers.
+
+        ``attention_mask``: HF's 2-D padding mask ``[B, >= S]`` (1/True = real token), its last S columns being this
+        step's; None = no padding. Checks the whole step's demand first: on ``CacheExhaustedError`` nothing changed.
+        """
+        if self._plan is not None and self._plan.step == handle.step:
+            return self._plan
+        if handle.step != self._step:
+            raise RuntimeError("stale PagedKV handle: the cache moved on to another step")
+        key = handle.key
+        B, S = key.shape[0], key.shape[2]
+        self._ensure_pages(key.dtype, key.device)
+        if self.max_batch_size is not None and B > self.max_batch_size:
+            raise ValueError(f"batch of {B} sequences exceeds the cache's max_batch_size={self.max_batch_size}")
+        if self._lens and B != len(self._lens):
+            raise ValueError(f"the cache holds {len(self._lens)} sequences but this forward has a batch of {B}; "
+                             f"reset() the cache to start a new batch")
+
+        # Which of this step's columns are real tokens (one device->host copy of [B, S] bools).
+        if attention_mask is None:
+            real = torch.ones((B, S), dtype=torch.bool)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
+                raise ValueError(f"attention_mask must be 2-D [{B}, >= {S}] for a step of {S} columns, got "
+                                 f"{tuple(attention_mask.shape)}")
+            real = attention_mask[:, -S:].to(device="cpu", dtype=torch.bool)
+            if S > 1 and self._lens and attention_mask.shape[1] == self._seen + S:
+                # Prefill on top of a filled cache (multi-turn): the mask's past must describe what is stored.
+                held = attention_mask[:, :self._seen].to("cpu").long().sum(1).tolist()
+                if held != self._lens:
+                    raise ValueError(f"the attention mask's past columns count {held} real tokens per sequence but "
+                                     f"the cache holds {self._lens}")
+        lens = self._lens if self._lens else [0] * B
+        tables = self._tables if self._tables else [[] for _ in range(B)]
+        n_new = real.sum(1).tolist()
+        bs = self.block_size
+
+        # 1. Demand, before touching anything: new pages, plus private copies of shared partial last pages.
+        new_blocks = [max(0, -(-(lens[b] + n_new[b]) // bs) - len(tables[b])) for b in range(B)]
+        writers: dict[int, int] = {}
+        for b in range(B):
+            if n_new[b] and lens[b] % bs:
+                last = tables[b][lens[b] // bs]
+                if self.allocator.refcount(last) > 1:
+                    writers[last] = writers.get(last, 0) + 1
+        # A shared page written by w of its r holders: w copies if someone keeps the original, else w - 1.
+        cow = sum(w if w < self.allocator.refcount(blk) else w - 1 for blk, w in writers.items())
+        demand = sum(new_blocks) + cow
+        if demand > self.allocator.num_free:
+            if self.growable:
+                self._grow(self.allocator.num_used + demand)
+            else:
+                raise CacheExhaustedError(
+                    f"PagedKVCache is out of blocks: this step needs {demand} more blocks of {bs} tokens "
+                    f"({sum(new_blocks)} for {sum(n_new)} new tokens, {cow} for copy-on-write) but only "
+                    f"{self.allocator.num_free} of its {self.allocator.num_blocks} blocks are free "
+                    f"(sequence lengths {lens}). Nothing was written. Create the cache with a larger num_blocks or "
+                    f"max_memory_bytes, or reset() it.",
+                    capacity=self.allocator.num_blocks, free=self.allocator.num_free, demand=demand)
+
+        # 2. Commit: copy-on-write, then new pages.
+        if not self._tables:
+            self._tables, self._lens = tables, list(lens)
+            self._bt_host = torch.zeros((B, 1), dtype=torch.int32)
+        src, dst = [], []
+        for b in range(B):
+            if n_new[b] and lens[b] % bs:
+                j = lens[b] // bs
+                last = self._tables[b][j]
+                if self.allocator.refcount(last) > 1:
+                    (fresh,) = self.allocator.allocate(1)
+                    self.allocator.decref([last])
+                    self._tables[b][j] = fresh
+                    self._set_bt(b, j, fresh)
+                    src.append(last)
+                    dst.append(fresh)
+        if src:
+            s = torch.tensor(src, dtype=torch.int64, device=self.device)
+            d = torch.tensor(dst, dtype=torch.int64, device=self.device)
+            for k, v in zip(self._k_pages, self._v_pages):
+                paged_ops.copy_blocks(k, v, s, d)
+        for b in range(B):
+            if new_blocks[b]:
+                for blk in self.allocator.allocate(new_blocks[b]):
+                    self._set_bt(b, len(self._tables[b]), blk)
+                    self._tables[b].append(blk)
+
+        # 3. Slot mapping: real token t of row b goes to position lens[b] + (its rank among the row's real tokens).
+        old = torch.tensor(lens, dtype=torch.long)
+        pos = old[:, None] + real.long().cumsum(1) - 1  # [B, S]
+        pos = torch.where(real, pos, torch.zeros((), dtype=torch.long))
+        width = max(len(t) for t in self._tables)
+        bt_host = self._bt_host[:, :max(width, 1)]
+        blk = torch.gather(bt_host.long(), 1, pos // bs)
+        slots = torch.where(real, blk * bs + pos % bs, torch.full((), -1, dtype=torch.long))
+
+        for b in range(B):
+            self._lens[b] += n_new[b]
+        self._history.append(real)
+        self._seen += S
+
+        # 4. Rows of q to gather so that each row's real tokens are its last q_lens[b] (HF left padding already is).
+        q_index = None
+        is_suffix = real.long().cummax(1).values.bool().eq(real).all().item()  # no real token before a padding one
+        if not is_suffix:
+            order = torch.argsort(real.long(), dim=1, stable=True)  # padding columns first, then real in order
+            q_index = order.to(self.device)
+
+        dev = self.device
+        self._plan = StepPlan(
+            step=self._step, batch_size=B, q_len=S,
+            slot_mapping=slots.reshape(-1).to(dev),
+            block_tables=bt_host.contiguous().to(dev),
+            seq_lens=torch.tensor(self._lens, dtype=torch.int32).to(dev),
+            q_lens=torch.tensor(n_new, dtype=torch.int32).to(dev),
+            max_seq_len=max(self._lens),
+            decode=S == 1 and all(n == 1 for n in n_new),
+            q_index=q_index,
+        )
+        return self._plan
+
+    def write(self, handle: PagedKV, plan: StepPlan) -> None:
+        """Write a layer's new K/V into its pages at the plan's slots (padding skipped)."""
+        k, v = handle.key, handle.value
+        B, H, S, D = k.shape
+        kc, vc = self.pages(handle.layer_idx)
+        # [B, Hkv, S, D] -> [B*S, Hkv, D]: a view for S == 1 (decode), one copy for a prefill chunk.
+        paged_ops.reshape_and_cache(k.transpose(1, 2).reshape(B * S, H, D), v.transpose(1, 2).reshape(B * S, H, D),
+                                    kc, vc, plan.slot_mapping)
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+
+    def memory(self) -> CacheMemory:
+        """Bytes reserved by the pages vs bytes holding tokens (see ``CacheMemory``)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        per_block = per_token * self.block_size
+        reserved = per_block * self.allocator.num_blocks if self._k_pages or not self.growable else 0
+        filled: dict[int, int] = {}
+        for t, n in zip(self._tables, self._lens):
+            for j, blk in enumerate(t):
+                filled[blk] = max(filled.get(blk, 0), min(self.block_size, n - j * self.block_size))
+        tokens = sum(filled.values())
+        return CacheMemory(
+            reserved_bytes=reserved, per_layer_bytes=reserved // max(self.num_layers, 1),
+            used_bytes=per_block * self.allocator.num_used, token_bytes=per_token * tokens,
+            num_blocks=self.allocator.num_blocks, used_blocks=self.allocator.num_used, block_size=self.block_size,
+            num_tokens=tokens, bytes_per_token=per_token)
+
+    def __repr__(self) -> str:
+        m = self.memory()
+        kind = "growable" if self.growable else "fixed"
+        return (f"PagedKVCache({self.num_layers} layers, {self.num_kv_heads} KV heads x {self.head_dim}, "
+                f"{str(self.dtype).replace('torch.', '')}, {kind}; {len(self._lens)} sequences, lengths "
+                f"{self._lens}; {m})")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

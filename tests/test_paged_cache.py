@@ -1,0 +1,200 @@
+"""PagedKVCache and its block allocator, driven directly (no model): allocation, padding, sharing, copy-on-write,
+exhaustion, crop, memory report. Pages are written by the real ops (Triton under the interpreter on CPU)."""
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import testing
+from llmkern.cache import BlockAllocator, CacheExhaustedError, PagedKVCache
+
+CFG = testing.tiny_config("llama-tiny")  # 2 layers, 2 KV heads, head_dim 32
+L, HKV, D = 2, 2, 32
+
+
+def _step(cache, mask, seed=0, layers=L, S=None):
+    """One forward's worth of cache traffic: update every layer, plan at the first, write each. ``mask`` is HF's
+    2-D padding mask ``[B, past + S]``; S defaults to the new columns ``mask.shape[1] - get_seq_length()``.
+    Returns the new keys/values per layer ([B, Hkv, S, D])."""
+    g = torch.Generator().manual_seed(seed)
+    B = mask.shape[0]
+    S = S or mask.shape[1] - cache.get_seq_length()
+    mask = mask.to(cache.device)
+    new = []
+    for layer in range(layers):
+        k = torch.randn(B, HKV, S, D, generator=g).to(cache.device)
+        v = torch.randn(B, HKV, S, D, generator=g).to(cache.device)
+        h, _ = cache.update(k, v, layer)
+        plan = cache.plan(h, mask)
+        cache.write(h, plan)
+        new.append((k, v))
+    return new
+
+
+def _stored(cache, layer, b):
+    """Sequence b's K and V as [n, Hkv, D], read back through its block table."""
+    kc, vc = cache.pages(layer)
+    n, bs = cache.seq_lens()[b], cache.block_size
+    t = torch.tensor(cache.block_tables()[b], dtype=torch.long)
+    pos = torch.arange(n)
+    return kc.cpu()[t[pos // bs], pos % bs], vc.cpu()[t[pos // bs], pos % bs]
+
+
+def _consistent(cache):
+    """Reference counts equal the number of tables holding each block; free + used = capacity."""
+    a = cache.allocator
+    held = {}
+    for t, n in zip(cache.block_tables(), cache.seq_lens()):
+        assert len(t) == -(-n // cache.block_size)
+        for blk in t:
+            held[blk] = held.get(blk, 0) + 1
+    for blk in range(a.num_blocks):
+        assert a.refcount(blk) == held.get(blk, 0), (blk, a.refcount(blk), held.get(blk, 0))
+    assert a.num_free + len(held) == a.num_blocks
+
+
+def test_allocator_free_list_refcounts_grow():
+    a = BlockAllocator(4)
+    assert a.allocate(2) == [0, 1] and a.num_free == 2
+    a.incref([1])
+    a.decref([0, 1])
+    assert a.num_free == 3 and a.refcount(1) == 1
+    a.decref([1])
+    assert a.num_free == 4
+    with pytest.raises(CacheExhaustedError) as e:
+        a.allocate(5)
+    assert (e.value.capacity, e.value.free, e.value.demand) == (4, 4, 5)
+    assert isinstance(e.value, RuntimeError)
+    a.grow(6)
+    assert a.allocate(6) == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError, match="already free"):
+        BlockAllocator(2).decref([0])
+
+
+def test_memory_report_and_repr(device):
+    cache = PagedKVCache(CFG, block_size=16, num_blocks=10, device=device)
+    m = cache.memory()
+    assert m.reserved_bytes == 2 * L * 10 * 16 * HKV * D * 4
+    assert m.per_layer_bytes == m.reserved_bytes // L
+    assert m.used_bytes == 0 and m.token_bytes == 0
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0  # 20 and 13 real tokens: 2 + 1 blocks
+    _step(cache, mask)
+    m = cache.memory()
+    per_token = 2 * L * HKV * D * 4
+    assert m.used_blocks == 3 and m.used_bytes == 3 * 16 * per_token
+    assert m.num_tokens == 33 and m.token_bytes == 33 * per_token
+    assert m.reserved_bytes == sum(t.numel() * t.element_size() for i in range(L) for t in cache.pages(i))
+    r = repr(cache)
+    assert "reserved" in r and "holding 33 tokens" in r and "3 used blocks" in r
+
+    # max_memory_bytes: as many whole blocks as fit; bf16 halves the block size.
+    per_block = 2 * L * 16 * HKV * D * 2
+    c2 = PagedKVCache(CFG, block_size=16, max_memory_bytes=5 * per_block + per_block // 2, dtype=torch.bfloat16,
+                      device=device)
+    assert c2.allocator.num_blocks == 5 and c2.memory().reserved_bytes == 5 * per_block
+    with pytest.raises(ValueError, match="holds no block"):
+        PagedKVCache(CFG, max_memory_bytes=100, device=device)
+    with pytest.raises(ValueError, match="power of two"):
+        PagedKVCache(CFG, block_size=12, device=device)
+    with pytest.raises(ValueError, match="not both"):
+        PagedKVCache(CFG, num_blocks=4, max_memory_bytes=1 << 20, device=device)
+
+
+def test_padding_not_stored_and_tokens_land_in_order(device):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=16, device=device)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 1, 1]])  # row 2: a hole mid-prompt
+    with llmkern.track() as ran:
+        new = _step(cache, mask)
+    assert ran.backends("reshape_and_cache") == {"triton"}
+    assert cache.get_seq_length() == 6 and cache.seq_lens() == [6, 3, 4]
+    for layer, (k, v) in enumerate(new):
+        for b in range(3):
+            cols = mask[b].nonzero().flatten()
+            sk, sv = _stored(cache, layer, b)
+            assert torch.equal(sk, k[b, :, cols].transpose(0, 1))
+            assert torch.equal(sv, v[b, :, cols].transpose(0, 1))
+    # Decode: one column, all real; the plan is made once and shared by the layers.
+    new2 = _step(cache, torch.ones(3, 7, dtype=torch.long), seed=1)
+    plan = cache._plan
+    assert plan.decode and plan.seq_lens.tolist() == [7, 4, 5] and plan.max_seq_len == 7
+    for layer, (k, _v) in enumerate(new2):
+        for b in range(3):
+            assert torch.equal(_stored(cache, layer, b)[0][-1], k[b, :, 0])
+    _consistent(cache)
+
+
+def test_reorder_shares_blocks_and_copies_partial_block_on_write(device):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=16, device=device)
+    _step(cache, torch.ones(3, 6, dtype=torch.long))  # 6 tokens: one full block + a partial one per row
+    before = [[_stored(cache, layer, b) for b in range(3)] for layer in range(L)]
+    tables = cache.block_tables()
+    cache.reorder_cache(torch.tensor([1, 1, 0]))  # rows 0 and 1 continue beam 1; row 2 continues beam 0
+    assert cache.block_tables() == [tables[1], tables[1], tables[0]]
+    assert cache.allocator.refcount(tables[1][0]) == 2 and cache.allocator.refcount(tables[2][0]) == 0
+    _consistent(cache)
+    with llmkern.track() as ran:
+        new = _step(cache, torch.ones(3, 7, dtype=torch.long), seed=3)
+    assert "copy_blocks" in ran.ops()
+    after = cache.block_tables()
+    # The full first block stays shared; the shared partial block was copied for one row, written in place by
+    # the other (its last holder).
+    assert after[0][0] == after[1][0] == tables[1][0]
+    assert after[0][1] != after[1][1] and tables[1][1] in (after[0][1], after[1][1])
+    _consistent(cache)
+    for layer, (k, _v) in enumerate(new):
+        for b, src in enumerate([1, 1, 0]):
+            sk, _ = _stored(cache, layer, b)
+            assert torch.equal(sk[:6], before[layer][src][0])  # the prefix each beam inherited
+            assert torch.equal(sk[6], k[b, :, 0])
+
+
+def test_exhaustion_checks_whole_step_first_and_changes_nothing(device):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=5, device=device)
+    _step(cache, torch.ones(2, 7, dtype=torch.long))  # 2 blocks per row, 1 free
+    snap_pages = [t.clone() for i in range(L) for t in cache.pages(i)]
+    snap = (cache.block_tables(), cache.seq_lens(), cache.get_seq_length(), cache.allocator.num_free)
+    # Row 0 needs its free slot only; row 1's prefill of 6 more tokens needs 2 blocks: 2 > 1 free.
+    mask = torch.ones(2, 7 + 6, dtype=torch.long)
+    mask[0, 7:12] = 0
+    with pytest.raises(CacheExhaustedError, match=r"needs 2 more blocks .* only 1 of its 5 blocks are free") as e:
+        _step(cache, mask)
+    assert (e.value.capacity, e.value.free, e.value.demand) == (5, 1, 2)
+    assert (cache.block_tables(), cache.seq_lens(), cache.get_seq_length(), cache.allocator.num_free) == snap
+    assert all(torch.equal(a, b) for a, b in zip(snap_pages, [t for i in range(L) for t in cache.pages(i)]))
+    _consistent(cache)
+    # A step that fits still works after the failure, and reset frees everything.
+    _step(cache, torch.ones(2, 8, dtype=torch.long))
+    assert cache.seq_lens() == [8, 8]
+    cache.reset()
+    assert cache.allocator.num_free == 5 and cache.get_seq_length() == 0 and cache.seq_lens() == []
+    _step(cache, torch.ones(1, 20, dtype=torch.long))
+    assert cache.seq_lens() == [20]
+    _consistent(cache)
+
+
+def test_crop_and_growable_pool(device):
+    cache = PagedKVCache(CFG, block_size=4, device=device)  # no capacity given: the pool grows
+    assert cache.growable and cache.memory().reserved_bytes == 0
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    _step(cache, mask)
+    for i in range(5):
+        _step(cache, torch.ones(2, 10 + i, dtype=torch.long), seed=i + 1)
+    assert cache.seq_lens() == [14, 11] and cache.get_seq_length() == 14
+    assert cache.allocator.num_blocks >= 7
+    _consistent(cache)
+    k_before = _stored(cache, 0, 1)[0]
+    cache.crop(-7)  # the 5 decode columns and 2 prompt columns
+    assert cache.get_seq_length() == 7 and cache.seq_lens() == [7, 4]
+    assert torch.equal(_stored(cache, 0, 1)[0], k_before[:4])
+    _consistent(cache)
+    with pytest.raises(ValueError):
+        cache.crop(3)
+
+
+def test_batch_change_needs_reset(device):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=8, device=device)
+    _step(cache, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="reset"):
+        _step(cache, torch.ones(3, 4, dtype=torch.long))
