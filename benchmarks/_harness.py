@@ -660,6 +660,16 @@ def plot(rows: list[Row], args, pk: float | None, out_dir: str, *, y: str = "gbp
     return paths
 
 
+def script_main(doc: str, title: str, providers, cases, argv=None) -> int:
+    """The whole ``main`` of an op-family script: parse the common flags, pick providers, run, exit code."""
+    p = parser(doc)
+    args = finish_args(p, p.parse_args(argv))
+    provs, notes = providers(args)
+    provs = select_providers(provs, None if args.providers == "list" else args.providers, notes)
+    run(title, args, cases(args), provs, notes)
+    return main_exit(args)
+
+
 def main_exit(args) -> int:
     return getattr(args, "exit_code", 0)
 

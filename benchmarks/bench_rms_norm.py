@@ -126,12 +126,7 @@ def providers(args) -> tuple[list[H.Provider], list[str]]:
 
 
 def main(argv=None) -> int:
-    p = H.parser(__doc__)
-    args = H.finish_args(p, p.parse_args(argv))
-    provs, notes = providers(args)
-    provs = H.select_providers(provs, None if args.providers == "list" else args.providers, notes)
-    H.run("rms_norm / fused_add_rms_norm", args, cases(args), provs, notes)
-    return H.main_exit(args)
+    return H.script_main(__doc__, "rms_norm / fused_add_rms_norm", providers, cases, argv)
 
 
 if __name__ == "__main__":

@@ -123,12 +123,7 @@ def providers(args):
 
 
 def main(argv=None) -> int:
-    p = H.parser(__doc__)
-    args = H.finish_args(p, p.parse_args(argv))
-    provs, notes = providers(args)
-    provs = H.select_providers(provs, None if args.providers == "list" else args.providers, notes)
-    H.run("apply_rope", args, cases(args), provs, notes)
-    return H.main_exit(args)
+    return H.script_main(__doc__, "apply_rope", providers, cases, argv)
 
 
 if __name__ == "__main__":
