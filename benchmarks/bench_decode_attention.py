@@ -80,7 +80,7 @@ def to_pages(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block: int):
     def pages(x):
         x = F.pad(x.transpose(1, 2), (0, 0, 0, 0, 0, pad))  # [B, nb*block, Hkv, D]
         x = x.reshape(B * nb, block, Hkv, D)
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # NHD pages, contiguous like a real pool
         out[perm.to(x.device)] = x
         return out
     bt = perm.view(B, nb).to(torch.int32).to(k.device)

@@ -109,11 +109,11 @@ def main(argv=None) -> int:
     for op in sorted(ran.ops()):
         calls = {b: n for (o, b), n in ran.items() if o == op}
         print(f"  {op:<20} " + ", ".join(f"{b} x{n}" for b, n in calls.items()))
-    ran_on = {b for (_o, b) in ran}
-    if args.device == "cpu" and "reference" in ran_on:
-        print("\nSome ops ran on the pure-torch reference: on CPU the Triton kernels only run in the interpreter "
-              "(TRITON_INTERPRET=1, correct but slow) and the C++ kernels need the built extension "
-              f"({llmkern._ext.why_not() or 'built'}).")
+    on_reference = sorted(op for (op, b) in ran if b == "reference")
+    if args.device == "cpu" and on_reference:
+        print(f"\nRan on the pure-torch reference: {', '.join(on_reference)} — no native CPU kernel for it here "
+              f"(Triton runs on CPU only in the interpreter, TRITON_INTERPRET=1; the C++ extension: "
+              f"{llmkern._ext.why_not() or 'built, but it has no kernel for this op'}).")
     return 0 if same or args.dtype != "fp32" else 1
 
 

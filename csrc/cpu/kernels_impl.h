@@ -53,7 +53,9 @@ static inline float rnd(float f) {
 static inline float vexp(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.7f ? 88.7f : x;
-  float n = std::nearbyint(x * 1.44269504088896341f);
+  // Round to nearest with the 1.5 * 2^23 trick (|x * log2 e| < 2^22 here): std::nearbyint is a libm call that
+  // would stop the loop around it from vectorising.
+  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500E-4f;
@@ -243,14 +245,17 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
 
 template <typename T>
 static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  constexpr int64_t CH = 32;  // tokens scored per chunk: one exp/rescale per chunk, rows stay in L1
+  // Tokens are scored CH at a time as a small GEMM: the chunk's K rows are converted to fp32 and transposed once
+  // into kt[D][CH], then S[g][0:CH] += q[g][d] * kt[d][0:CH] runs vectorised over tokens with no horizontal
+  // reductions. Each K and V row is read (and converted) once, whatever the group size.
+  constexpr int64_t CH = 32;
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const T* q = static_cast<const T*>(a.q);
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G);
-  const T* krows[CH];
+  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G), kt(D * CH), vf(D);
   const T* vrows[CH];
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t sp = item % a.num_splits;
     const int64_t h = (item / a.num_splits) % a.Hkv;
@@ -264,7 +269,7 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
     float* plse = a.part_lse + (b * a.Hq + h * G) * a.num_splits + sp;       // row g at + g * num_splits
     if (t0 >= t1) {
       for (int64_t g = 0; g < G; ++g) {
-        plse[g * a.num_splits] = -std::numeric_limits<float>::infinity();
+        plse[g * a.num_splits] = neg_inf;
         for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = 0.f;
       }
       continue;
@@ -272,7 +277,7 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
     for (int64_t g = 0; g < G; ++g) {
       const T* qr = q + b * a.sqb + (h * G + g) * a.sqh;
       for (int64_t d = 0; d < D; ++d) qf[g * D + d] = ld(qr + d * a.sqd) * a.scale;
-      mx[g] = -std::numeric_limits<float>::infinity();
+      mx[g] = neg_inf;
       den[g] = 0.f;
     }
     std::fill(acc.begin(), acc.end(), 0.f);
@@ -281,46 +286,55 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
       const int64_t n = (t1 - c0) < CH ? (t1 - c0) : CH;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t tok = c0 + j;
-        const int64_t slot = static_cast<int64_t>(table[tok / a.BS]) * a.BS + tok % a.BS;
-        krows[j] = kc + (slot * a.Hkv + h) * D;
+        const int64_t slot = static_cast<int64_t>(table[tok / a.BS]) * a.BS + tok % a.BS;  // int64: big pools
+        const T* kr = kc + (slot * a.Hkv + h) * D;
         vrows[j] = vc + (slot * a.Hkv + h) * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = ld(kr + d);
       }
-      // Scores: each K row is read once and dotted with all G query rows while it is in L1.
-      for (int64_t j = 0; j < n; ++j) {
-        const T* kr = krows[j];
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = &qf[g * D];
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * ld(kr + d);
-          if (a.softcap > 0.f) dot = a.softcap * std::tanh(dot / a.softcap);
-          sc[g * CH + j] = dot;
-        }
-      }
+      for (int64_t j = n; j < CH; ++j)
+        for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = 0.f;
       for (int64_t g = 0; g < G; ++g) {
+        // A fixed-size local accumulator: two zmm registers, no aliasing checks in the d loop.
+        float s_acc[CH] = {};
+        const float* __restrict__ qg = &qf[g * D];
+        const float* __restrict__ ktp = kt.data();
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = qg[d];
+#pragma omp simd
+          for (int64_t j = 0; j < CH; ++j) s_acc[j] += qd * ktp[d * CH + j];
+        }
+        float* __restrict__ s = &sc[g * CH];
+#pragma omp simd
+        for (int64_t j = 0; j < CH; ++j) s[j] = s_acc[j];
+        if (a.softcap > 0.f)
+          for (int64_t j = 0; j < n; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
         float m_new = mx[g];
-        for (int64_t j = 0; j < n; ++j) m_new = sc[g * CH + j] > m_new ? sc[g * CH + j] : m_new;
+        for (int64_t j = 0; j < n; ++j) m_new = s[j] > m_new ? s[j] : m_new;
         const float alpha = vexp(mx[g] - m_new);  // mx = -inf on the first chunk: alpha = 0
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; ++j) {
-          const float p = vexp(sc[g * CH + j] - m_new);
-          sc[g * CH + j] = p;
+          const float p = vexp(s[j] - m_new);
+          s[j] = p;
           sum += p;
         }
         den[g] = den[g] * alpha + sum;
         mx[g] = m_new;
-        float* ag = &acc[g * D];
+        float* __restrict__ ag = &acc[g * D];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
       }
-      // Values: each V row once, accumulated into all G rows.
+      // Values: each V row converted once, accumulated into all G rows.
       for (int64_t j = 0; j < n; ++j) {
-        const T* vr = vrows[j];
+        const T* __restrict__ vr = vrows[j];
+        float* __restrict__ vfp = vf.data();
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) vfp[d] = ld(vr + d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = sc[g * CH + j];
-          float* ag = &acc[g * D];
+          float* __restrict__ ag = &acc[g * D];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * ld(vr + d);
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * vfp[d];
         }
       }
     }
