@@ -128,11 +128,8 @@ class Configured:
 
         m = self.model
         if self.name.startswith("llmkern"):
-            llmkern.patch(m)
-        if self.name == "llmkern-paged":
-            from llmkern import attention
-
-            attention.install(m)
+            # "llmkern": fused row ops with transformers' attention; "llmkern-paged": plus paged attention.
+            llmkern.patch(m, attention=self.name.startswith("llmkern-paged"))
         if self.name.endswith("+compile"):
             self.forward = m.forward
             m.forward = torch.compile(m.forward, dynamic=True)
@@ -144,10 +141,6 @@ class Configured:
         m = self.model
         if self.forward is not None:
             m.forward = self.forward
-        if self.name == "llmkern-paged":
-            from llmkern import attention
-
-            attention.uninstall(m)
         if self.name.startswith("llmkern"):
             llmkern.unpatch(m)
         return False

@@ -189,7 +189,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          attention: bool = True, block_size: int = 16, num_blocks: int | None = None,
+          attention: bool | None = None, block_size: int = 16, num_blocks: int | None = None,
           max_memory_bytes: int | None = None) -> PatchReport:
     """Run llmkern's fused kernels in ``model`` (this instance only). Returns a ``PatchReport``.
 
@@ -203,6 +203,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         attention: attention runs llmkern's paged attention (``llmkern.attention``): ``model.generate()`` without a
             ``past_key_values`` argument then decodes over a ``PagedKVCache`` of ``block_size``-token pages, sized
             by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, exactly for each generate call.
+            ``None`` (default): on for a model on CUDA; off for a model on CPU, where the C++ decode kernel is
+            still slower than torch's SDPA (README, "Results measured here") — pass ``True`` to use it anyway.
 
     Patching twice with the same options returns the first report; with other options it re-patches.
     ``unpatch(model)`` restores the original behaviour bit for bit.
@@ -214,6 +216,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         >>> llmkern.unpatch(model)
     """
     _check_supported(model)
+    cpu_default_off = False
+    if attention is None:
+        param = next(model.parameters(), None)
+        attention = param is not None and param.device.type == "cuda"
+        cpu_default_off = not attention
     options = {"rms_norm": bool(rms_norm), "rope": bool(rope), "swiglu": bool(swiglu), "attention": bool(attention),
                "block_size": block_size, "num_blocks": num_blocks, "max_memory_bytes": max_memory_bytes}
     state = getattr(model, _STATE_ATTR, None)
@@ -274,6 +281,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             state.extra_undo.append(lambda: paged.uninstall(model))
             for layer in layers:
                 report.entries.append((names[layer.self_attn], "paged_attention"))
+        elif cpu_default_off:
+            report.skipped.append(("paged attention", "off by default for a model on CPU (the C++ decode kernel is "
+                                                      "slower than SDPA here); patch(model, attention=True) uses it"))
     except BaseException:
         _undo(state)
         raise

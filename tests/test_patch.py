@@ -54,7 +54,7 @@ def test_greedy_tokens_identical_fp32(layout, device, backend):
     model = testing.tiny_model(layout, device=device)
     ids = _prompt(model).to(device)
     eager = _greedy(model, ids, 32)
-    report = llmkern.patch(model)
+    report = llmkern.patch(model, attention=True)
     with llmkern.track() as ran:
         patched = _greedy(model, ids, 32)
     assert ran.ops() == KERNELS | PAGED
@@ -82,7 +82,7 @@ def test_left_padded_batch(device, backend):
     mask[2, :9] = 0
     ids = ids.masked_fill(mask == 0, 0)
     eager = _greedy(model, ids, 16, mask)
-    llmkern.patch(model)
+    llmkern.patch(model, attention=True)
     with llmkern.track() as ran:
         patched = _greedy(model, ids, 16, mask)
     assert ran.backends("fused_add_rms_norm") == {backend}
@@ -149,10 +149,18 @@ def test_instance_level_and_reversible():
     assert torch.equal(_logits(model, ids), before)  # bit for bit
 
 
+def test_attention_default_follows_the_device():
+    model = testing.tiny_model("llama-tiny")
+    report = llmkern.patch(model)
+    assert "paged_attention" not in report.counts()
+    assert any("paged attention" in what for what, _why in report.skipped)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_patch_is_idempotent():
     model = testing.tiny_model("llama-tiny")
-    r1 = llmkern.patch(model)
-    r2 = llmkern.patch(model)
+    r1 = llmkern.patch(model, attention=True)
+    r2 = llmkern.patch(model, attention=True)
     assert r2 is r1
     assert type(model.model.norm).__mro__[1].__name__ == "LlamaRMSNorm"  # not wrapped twice
     r3 = llmkern.patch(model, swiglu=False, attention=False)
