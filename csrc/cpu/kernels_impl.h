@@ -245,10 +245,10 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
 
 template <typename T>
 static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  // Tokens are scored CH at a time as a small GEMM: the chunk's K rows are converted to fp32 and transposed once
+  // Tokens are scored CH = 128 at a time (8 independent zmm accumulators: FMA throughput, not latency) as a small GEMM: the chunk's K rows are converted to fp32 and transposed once
   // into kt[D][CH], then S[g][0:CH] += q[g][d] * kt[d][0:CH] runs vectorised over tokens with no horizontal
   // reductions. Each K and V row is read (and converted) once, whatever the group size.
-  constexpr int64_t CH = 32;
+  constexpr int64_t CH = 128;
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const T* q = static_cast<const T*>(a.q);
   const T* kc = static_cast<const T*>(a.k_cache);
