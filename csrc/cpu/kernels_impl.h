@@ -245,15 +245,20 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
 
 template <typename T>
 static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  // Tokens are scored CH = 128 at a time (8 independent zmm accumulators: FMA throughput, not latency) as a small GEMM: the chunk's K rows are converted to fp32 and transposed once
-  // into kt[D][CH], then S[g][0:CH] += q[g][d] * kt[d][0:CH] runs vectorised over tokens with no horizontal
-  // reductions. Each K and V row is read (and converted) once, whatever the group size.
-  constexpr int64_t CH = 128;
+  // Scores for a chunk of CH tokens land in sc[g][j]. Group sizes up to GP = 16 (every supported model): each K
+  // element is broadcast and multiplied into a 16-wide vector of the transposed, pre-scaled queries qT[d][0:16],
+  // TB = 8 tokens at a time (eight independent accumulators, no transpose of K, no horizontal sums). Larger groups:
+  // the chunk's K is transposed to fp32 kt[D][CH] and each query row is dotted against it, vectorised over tokens.
+  // Each K and V row is read (and converted) once, whatever the group size.
+  constexpr int64_t CH = 128, GP = 16, TB = 8;
   const int64_t G = a.Hq / a.Hkv, D = a.D;
+  const bool small_group = G <= GP;
   const T* q = static_cast<const T*>(a.q);
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G), kt(D * CH), vf(D);
+  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G), vf(D);
+  std::vector<float> kt(small_group ? 0 : D * CH), qT(small_group ? D * GP : 0);
+  const T* krows[CH];
   const T* vrows[CH];
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t item = i0; item < i1; ++item) {
@@ -280,32 +285,62 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
       mx[g] = neg_inf;
       den[g] = 0.f;
     }
+    if (small_group) {
+      std::fill(qT.begin(), qT.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qT[d * GP + g] = qf[g * D + d];
+    }
     std::fill(acc.begin(), acc.end(), 0.f);
     const int32_t* table = a.block_tables + b * a.sbt;
     for (int64_t c0 = t0; c0 < t1; c0 += CH) {
       const int64_t n = (t1 - c0) < CH ? (t1 - c0) : CH;
+      // Walk the pages incrementally: a 64-bit division per token costs more than the token's arithmetic.
+      int64_t page = c0 / a.BS, off = c0 % a.BS;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t tok = c0 + j;
-        const int64_t slot = static_cast<int64_t>(table[tok / a.BS]) * a.BS + tok % a.BS;  // int64: big pools
-        const T* kr = kc + (slot * a.Hkv + h) * D;
+        const int64_t slot = static_cast<int64_t>(table[page]) * a.BS + off;  // int64: big pools
+        krows[j] = kc + (slot * a.Hkv + h) * D;
         vrows[j] = vc + (slot * a.Hkv + h) * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = ld(kr + d);
-      }
-      for (int64_t j = n; j < CH; ++j)
-        for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        // A fixed-size local accumulator: two zmm registers, no aliasing checks in the d loop.
-        float s_acc[CH] = {};
-        const float* __restrict__ qg = &qf[g * D];
-        const float* __restrict__ ktp = kt.data();
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = qg[d];
-#pragma omp simd
-          for (int64_t j = 0; j < CH; ++j) s_acc[j] += qd * ktp[d * CH + j];
+        if (++off == a.BS) {
+          off = 0;
+          ++page;
         }
-        float* __restrict__ s = &sc[g * CH];
+      }
+      if (small_group) {
+        const float* __restrict__ qTp = qT.data();
+        for (int64_t j0 = 0; j0 < n; j0 += TB) {
+          const T* kr[TB];
+          for (int64_t t = 0; t < TB; ++t) kr[t] = krows[j0 + t < n ? j0 + t : j0];  // tail: recompute row j0
+          float s_acc[TB][GP] = {};
+          for (int64_t d = 0; d < D; ++d) {
+            const float* __restrict__ qd = qTp + d * GP;
+            for (int64_t t = 0; t < TB; ++t) {
+              const float kv = ld(kr[t] + d);
 #pragma omp simd
-        for (int64_t j = 0; j < CH; ++j) s[j] = s_acc[j];
+              for (int64_t g = 0; g < GP; ++g) s_acc[t][g] += kv * qd[g];
+            }
+          }
+          for (int64_t t = 0; t < TB && j0 + t < n; ++t)
+            for (int64_t g = 0; g < G; ++g) sc[g * CH + j0 + t] = s_acc[t][g];
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = ld(krows[j] + d);
+        for (int64_t j = n; j < CH; ++j)
+          for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          float s_acc[CH] = {};  // fixed size: registers, no aliasing checks in the d loop
+          const float* __restrict__ qg = &qf[g * D];
+          const float* __restrict__ ktp = kt.data();
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qg[d];
+#pragma omp simd
+            for (int64_t j = 0; j < CH; ++j) s_acc[j] += qd * ktp[d * CH + j];
+          }
+          for (int64_t j = 0; j < CH; ++j) sc[g * CH + j] = s_acc[j];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* __restrict__ s = &sc[g * CH];
         if (a.softcap > 0.f)
           for (int64_t j = 0; j < n; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
         float m_new = mx[g];
