@@ -20,7 +20,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/torch_bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_avx512.cpp",
                "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_generic.cpp"]
 CUDA_SOURCES = ["csrc/cuda/row_ops.cu", "csrc/cuda/cache_ops.cu"]
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd", "-ffp-contract=off", "-Wall", "-Wno-unused-function"]
+# -fopenmp at compile time only: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers (serial
+# without the flag). Not at link time: the GOMP symbols then resolve to the OpenMP runtime torch itself loads, so the
+# extension shares torch's thread pool and torch.set_num_threads instead of bringing a second runtime.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unused-function"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
 
 
