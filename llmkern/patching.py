@@ -203,8 +203,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         attention: attention runs llmkern's paged attention (``llmkern.attention``): ``model.generate()`` without a
             ``past_key_values`` argument then decodes over a ``PagedKVCache`` of ``block_size``-token pages, sized
             by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, exactly for each generate call.
-            ``None`` (default): on for a model on CUDA; off for a model on CPU, where the C++ decode kernel is
-            still slower than torch's SDPA (README, "Results measured here") — pass ``True`` to use it anyway.
+            ``None`` (default): on for a model on CUDA; off for a model on CPU, where the paged path is not yet
+            faster end to end at batch 1 (README, "Results measured here") — pass ``True`` to use it anyway.
 
     Patching twice with the same options returns the first report; with other options it re-patches.
     ``unpatch(model)`` restores the original behaviour bit for bit.
@@ -282,8 +282,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             for layer in layers:
                 report.entries.append((names[layer.self_attn], "paged_attention"))
         elif cpu_default_off:
-            report.skipped.append(("paged attention", "off by default for a model on CPU (the C++ decode kernel is "
-                                                      "slower than SDPA here); patch(model, attention=True) uses it"))
+            report.skipped.append(("paged attention", "off by default for a model on CPU (not yet faster end to end "
+                                                      "there); patch(model, attention=True) uses it"))
     except BaseException:
         _undo(state)
         raise
