@@ -79,6 +79,52 @@ def _page_offsets(
 
 
 @triton.jit
+def _online_softmax_pv(
+    s,  # [R, BLOCK_N] fp32 base-2 logits of this tile, -inf where not visible
+    m_i,  # [R] running max
+    l_i,  # [R] running sum of exp2
+    acc,  # [R, BLOCK_D] fp32 running P @ V
+    vc_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] value pages
+    k_off,  # [BLOCK_N] int64 offsets of the tile's rows in the key pages
+    kvh64,  # int64 KV head
+    bt_row,  # [max_blocks] int32 block table row
+    stride_btn,
+    pos,  # [BLOCK_N] token positions
+    tile_start,
+    valid,  # [BLOCK_N] positions that exist
+    d,  # [BLOCK_D] head-dim lanes
+    kv_mask,  # [BLOCK_N, BLOCK_D]
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    """Fold one tile into the online softmax and accumulate P @ V; shared by the decode and prefill kernels. A row
+    that has seen only -inf keeps m = -inf and shifts by 0, so it never produces NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_off = k_off
+    if (stride_vb != stride_kb) | (stride_vs != stride_ks):
+        v_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_vb, stride_vs, BLOCK_SIZE,
+                              BLOCK_N)
+    v = tl.load(vc_ptr + (v_off + kvh64 * stride_vh)[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if F32_DOT:
+        p_in = p.to(vc_ptr.dtype.element_ty).to(tl.float32)  # rounded as the native path rounds it
+        acc = acc * alpha[:, None] + tl.dot(p_in, v.to(tl.float32), input_precision="tf32x3")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_split_kernel(
     q_ptr,  # [B, Hq, D] strided
     kc_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] strided
@@ -167,22 +213,9 @@ def _paged_decode_split_kernel(
         else:
             s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = k_off
-        if (stride_vb != stride_kb) | (stride_vs != stride_ks):
-            v_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_vb, stride_vs, BLOCK_SIZE,
-                                  BLOCK_N)
-        v = tl.load(vc_ptr + (v_off + kvh64 * stride_vh)[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if F32_DOT:
-            p_in = p.to(vc_ptr.dtype.element_ty).to(tl.float32)  # rounded as the native path rounds it
-            acc = acc * alpha[:, None] + tl.dot(p_in, v.to(tl.float32), input_precision="tf32x3")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_pv(s, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+                                           tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
+                                           stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
@@ -321,22 +354,9 @@ def _paged_prefill_kernel(
         if USE_WINDOW:
             vis = vis & (pos[None, :] > qpos[:, None] - window)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = k_off
-        if (stride_vb != stride_kb) | (stride_vs != stride_ks):
-            v_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_vb, stride_vs, BLOCK_SIZE,
-                                  BLOCK_N)
-        v = tl.load(vc_ptr + (v_off + kvh64 * stride_vh)[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if F32_DOT:
-            p_in = p.to(vc_ptr.dtype.element_ty).to(tl.float32)  # rounded as the native path rounds it
-            acc = acc * alpha[:, None] + tl.dot(p_in, v.to(tl.float32), input_precision="tf32x3")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_pv(s, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+                                           tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
+                                           stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
