@@ -635,6 +635,7 @@ class PagedKVCache(Cache):
         self._plan = StepPlan(
             step=self._step, batch_size=B, q_len=S,
             slot_mapping=slots.reshape(-1).to(dev),
+            # A copy on purpose (B x blocks int32, once per step): the slice aliases the mutable host mirror.
             block_tables=bt_host.contiguous().to(dev),
             seq_lens=torch.tensor(self._lens, dtype=torch.int32).to(dev),
             q_lens=torch.tensor(n_new, dtype=torch.int32).to(dev),
