@@ -77,13 +77,20 @@ def _check_same(attr: str, **tensors) -> None:
         raise ValueError(f"expected equal {attr}s, got {desc}")
 
 
+def _check_positive_float(value, name: str, *, optional: bool = False) -> float | None:
+    """``value`` as a float after checking it is a real, positive, finite number (``None`` allowed if optional)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float{' or None' if optional else ''}, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float, got {value}")
+    return value
+
+
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps > 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
-    return eps
+    return _check_positive_float(eps, "eps")
 
 
 def _check_offset(offset) -> float:

@@ -16,13 +16,12 @@ The caller promises ``seq_lens[b] <= max_blocks * block_size``, block ids in ``[
 sequence uses, and ``0 <= q_lens[b] <= min(S, seq_lens[b])``.
 """
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
 from llmkern import _library, backends, reference
-from llmkern.ops import _check_same, _check_same_device, _check_tensor
+from llmkern.ops import _check_positive_float, _check_same, _check_same_device, _check_tensor
 
 MAX_BLOCK_SIZE = 256
 MAX_HEAD_DIM = 256
@@ -70,12 +69,7 @@ def _check_cache(k_cache, v_cache) -> None:
 
 
 def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (scale > 0.0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return scale
+    return _check_positive_float(scale, "scale")
 
 
 def _check_opt_int(v, name: str, lo: int, hi: int | None = None):
@@ -91,14 +85,7 @@ def _check_opt_int(v, name: str, lo: int, hi: int | None = None):
 
 
 def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, Real):
-        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not (softcap > 0.0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a positive finite float, got {softcap}")
-    return softcap
+    return _check_positive_float(softcap, "softcap", optional=True)
 
 
 def _scalars(scale, sliding_window, softcap):
