@@ -257,6 +257,67 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   return out;
 }
 
+at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                       const at::Tensor& q_lens, double scale, int64_t sliding_window,
+                                       double softcap) {
+  check_cache(k_cache, v_cache);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 4 && q.size(3) == D, "q must have shape [batch, num_heads, seq, ", D, "], got ", q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2);
+  TORCH_CHECK(Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv, ")");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
+              k_cache.scalar_type());
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.stride(1) == 1,
+              "block_tables must be int32 [", B, ", max_blocks] with unit last stride, got ",
+              block_tables.scalar_type(), " ", block_tables.sizes());
+  for (const auto& [t, name] : {std::pair{&seq_lens, "seq_lens"}, std::pair{&q_lens, "q_lens"}})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == B && t->is_contiguous(), name,
+                " must be a contiguous int32 tensor of shape [", B, "], got ", t->scalar_type(), " ", t->sizes());
+  check_same_device(q, "q", k_cache, "k_cache");
+  const auto dt = dtype_of(q, "q");
+  TORCH_CHECK(kc::fast_attention_supported(dt, D), "llmkern paged_prefill_attention: no C++ kernel for head_dim ", D,
+              " on this CPU (", kc::isa_name(), ")");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* qls = q_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
+                " must be in [0, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
+                " blocks of ", BS, ")");
+    TORCH_CHECK(qls[b] >= 0 && qls[b] <= S && qls[b] <= lens[b], "q_lens[", b, "] = ", qls[b], " must be in [0, ",
+                std::min<int64_t>(S, lens[b]), "] (q has ", S, " rows, seq_lens[", b, "] = ", lens[b], ")");
+    for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
+      TORCH_CHECK(tables[b * block_tables.stride(0) + i] >= 0 && tables[b * block_tables.stride(0) + i] < NB,
+                  "block_tables[", b, ", ", i, "] = ", tables[b * block_tables.stride(0) + i],
+                  " is not a block of the cache (", NB, " blocks)");
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (out.numel() == 0) return out;
+  // Query rows per work item: about 64 rows of the [tile * G, D] block, so a 64-token K/V chunk read from memory
+  // serves many rows from L1.
+  const int64_t G = Hq / Hkv, tile = std::max<int64_t>(1, std::min<int64_t>(S, 64 / G));
+  kc::PrefillArgs a{q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.stride(3), k_cache.data_ptr(),
+                    v_cache.data_ptr(), tables, block_tables.stride(0), lens, qls, B, Hq, Hkv, S, D, BS, NB,
+                    static_cast<float>(scale), static_cast<float>(softcap), sliding_window, out.data_ptr(),
+                    out.stride(0), out.stride(1), out.stride(2), out.stride(3), tile, dt};
+  const int64_t items = B * Hkv * ((S + tile - 1) / tile);
+  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { ok(kc::paged_prefill(a, b, e), "paged_prefill_attention"); });
+  return out;
+}
+
+bool cpu_fast_attention(at::ScalarType dtype, int64_t head_dim) {
+  switch (dtype) {
+    case at::kFloat: return kc::fast_attention_supported(kc::kF32, head_dim);
+    case at::kHalf: return kc::fast_attention_supported(kc::kF16, head_dim);
+    case at::kBFloat16: return kc::fast_attention_supported(kc::kBF16, head_dim);
+    default: return false;
+  }
+}
+
+bool set_cpu_fast_attention(bool on) { return kc::set_fast_attention(on); }
+
 void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src, const at::Tensor& dst) {
   check_cache(k_cache, v_cache);
   TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.dim() == 1 &&
@@ -296,7 +357,13 @@ TORCH_LIBRARY(llmkern_C, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "float scale, int sliding_window, float softcap, int num_splits) -> Tensor");
+  m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "Tensor q_lens, float scale, int sliding_window, float softcap) -> Tensor");
   m.def("cpu_isa() -> str", &isa);
+  // Whether the AVX-512 attention kernels serve (dtype, head_dim) here; the setter (tests) returns the old value.
+  m.def("cpu_fast_attention(ScalarType dtype, int head_dim) -> bool", &cpu_fast_attention);
+  m.def("set_cpu_fast_attention(bool on) -> bool", &set_cpu_fast_attention);
   m.def("has_cuda() -> bool", &has_cuda);
 }
 
@@ -308,6 +375,7 @@ TORCH_LIBRARY_IMPL(llmkern_C, CPU, m) {
   m.impl("reshape_and_cache", &reshape_and_cache_cpu);
   m.impl("copy_blocks", &copy_blocks_impl);
   m.impl("paged_decode_attention", &paged_decode_attention_cpu);
+  m.impl("paged_prefill_attention", &paged_prefill_attention_cpu);
 }
 
 #ifdef LLMKERN_WITH_CUDA

@@ -28,7 +28,7 @@ BACKENDS = ("triton", "cpp", "cuda", "reference")
 # Ops each native backend implements; the reference implements every op.
 _ROW_OPS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "reshape_and_cache", "copy_blocks"}
 IMPLEMENTS = {
-    "cpp": _ROW_OPS | {"paged_decode_attention"},
+    "cpp": _ROW_OPS | {"paged_decode_attention", "paged_prefill_attention"},
     "cuda": _ROW_OPS,
 }
 
@@ -111,8 +111,10 @@ def _automatic(op: str, device: torch.device) -> str:
 _auto_cache: dict = {}
 
 
-def select(op: str, device: torch.device) -> str:
-    """The backend ``op`` runs on for tensors on ``device``; records the choice."""
+def select(op: str, device: torch.device, cpp: bool = True) -> str:
+    """The backend ``op`` runs on for tensors on ``device``; records the choice. ``cpp=False``: the C++ kernel
+    cannot serve this call (e.g. no kernel for this head_dim on this CPU), so where cpp would run, the reference
+    runs (and is what is recorded)."""
     forced = getattr(_local, "forced", None) or _ENV_BACKEND
     if forced is None:
         key = (op, device.type)
@@ -126,6 +128,8 @@ def select(op: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"llmkern backend {forced!r} was requested for {op} but cannot run: {why}")
         backend = forced
+    if backend == "cpp" and not cpp:
+        backend = "reference"
     key = (op, backend)
     _counts[key] += 1
     for t in _trackers:

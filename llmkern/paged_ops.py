@@ -359,11 +359,23 @@ def decode_num_splits(batch_size: int, num_heads: int, num_kv_heads: int, head_d
 # paged_prefill_attention
 
 
+def _cpp_prefill_ok(dtype: torch.dtype, head_dim: int) -> bool:
+    from llmkern import _ext
+
+    return _ext.load() and torch.ops.llmkern_C.cpu_fast_attention(dtype, head_dim)
+
+
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, sliding_window: int | None,
                       softcap: float | None) -> torch.Tensor:
     _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
-    if backends.select("paged_prefill_attention", q.device) == "reference":
+    # The C++ prefill kernel is the AVX-512 one; elsewhere (another CPU, or a head_dim it lacks) the reference runs.
+    cpp_ok = q.device.type != "cpu" or _cpp_prefill_ok(q.dtype, q.shape[-1])
+    backend = backends.select("paged_prefill_attention", q.device, cpp=cpp_ok)
+    if backend == "cpp":
+        return torch.ops.llmkern_C.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
+                                                           sliding_window or 0, softcap or 0.0)
+    if backend == "reference":
         return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
                                                  sliding_window, softcap)
     from llmkern.kernels import paged_attention as PA

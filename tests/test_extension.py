@@ -43,6 +43,17 @@ def _paged_problem(lens, Hq, Hkv, D, bs, dtype, seed=0):
     return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def cpu_attention(request):
+    """Run the C++ attention tests on both CPU kernels: the AVX-512 (+BF16) one (attention_avx512.cpp) where this
+    machine has it, and the portable one (kernels_impl.h) every x86-64 machine runs otherwise."""
+    if request.param == "avx512" and not C.cpu_fast_attention(torch.float32, 64):
+        pytest.skip("this CPU lacks AVX-512 BF16: the AVX-512 attention kernel cannot run here")
+    prev = C.set_cpu_fast_attention(request.param == "avx512")
+    yield request.param
+    C.set_cpu_fast_attention(prev)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lens,Hq,Hkv,D,bs", [
     ([1, 17, 300], 14, 2, 64, 16),  # Qwen2.5-0.5B heads (group 7), ragged
@@ -50,9 +61,10 @@ def _paged_problem(lens, Hq, Hkv, D, bs, dtype, seed=0):
     ([5, 64], 4, 4, 80, 1),  # MHA, head_dim 80, page size 1
     ([48, 33], 16, 2, 96, 32),  # group 8, head_dim 96, seq_len a multiple of the page size
     ([700], 9, 3, 64, 256),  # SmolLM2 heads, one big page
+    ([2, 15, 16, 17, 65, 200], 8, 2, 256, 16),  # Gemma head_dim 256; lengths around the 16/64-token blocks
 ])
 @pytest.mark.parametrize("num_splits", [0, 1, 7])
-def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits):
+def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits, cpu_attention):
     q, kc, vc, tables, seq_lens = _paged_problem(lens, Hq, Hkv, D, bs, dtype)
     scale = D ** -0.5
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
@@ -65,7 +77,7 @@ def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits):
 
 
 @pytest.mark.parametrize("window,softcap", [(7, None), (40, None), (None, 30.0), (20, 5.0)])
-def test_cpp_decode_attention_window_softcap(window, softcap):
+def test_cpp_decode_attention_window_softcap(window, softcap, cpu_attention):
     q, kc, vc, tables, seq_lens = _paged_problem([1, 50, 301], 14, 2, 64, 16, torch.float32)
     with llmkern.use_backend("cpp"):
         out = paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, sliding_window=window,
@@ -76,13 +88,99 @@ def test_cpp_decode_attention_window_softcap(window, softcap):
     assert_no_worse_than_eager(out, eager, oracle, what="decode window/softcap")
 
 
-def test_cpp_decode_empty_splits_are_not_nan():
+def test_cpp_decode_empty_splits_are_not_nan(cpu_attention):
     # 16 splits over a batch whose first sequence holds one token: most of its splits are empty.
     q, kc, vc, tables, seq_lens = _paged_problem([1, 400], 8, 2, 64, 16, torch.float32)
     out = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125, 0, 0.0, 16)
     assert torch.isfinite(out).all()
     ref = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cpp_decode_kernels_agree():
+    """The two CPU kernels are twins: on one problem they agree to fp32 rounding (different summation order)."""
+    if not C.cpu_fast_attention(torch.float32, 128):
+        pytest.skip("this CPU lacks AVX-512 BF16: only the portable kernel runs here")
+    q, kc, vc, tables, seq_lens = _paged_problem([1, 63, 64, 65, 1000], 32, 8, 128, 16, torch.float32)
+    prev = C.set_cpu_fast_attention(True)
+    try:
+        fast = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.1, 0, 0.0, 0)
+        C.set_cpu_fast_attention(False)
+        portable = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.1, 0, 0.0, 0)
+    finally:
+        C.set_cpu_fast_attention(prev)
+    torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paged prefill attention on the C++ backend
+
+
+def _prefill_problem(lens, q_lens, S, Hq, Hkv, D, bs, dtype, seed=0):
+    q1, kc, vc, tables, seq_lens = _paged_problem(lens, Hq, Hkv, D, bs, dtype, seed)
+    q = torch.randn(len(lens), Hq, S, D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return q, kc, vc, tables, seq_lens, torch.tensor(q_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,q_lens,S,Hq,Hkv,D,bs", [
+    ([40, 7, 100], [40, 7, 30], 40, 14, 2, 64, 16),  # Qwen2.5-0.5B heads; left padding; chunked prefill (q < seq)
+    ([130], [130], 130, 32, 8, 128, 16),  # Llama-3-8B heads, a full prompt
+    ([65, 3], [65, 0], 65, 9, 3, 64, 1),  # SmolLM2 heads, page size 1, a sequence with no query rows
+    ([17, 90], [17, 33], 33, 8, 2, 256, 32),  # head_dim 256
+])
+def test_cpp_prefill_attention(dtype, lens, q_lens, S, Hq, Hkv, D, bs):
+    if not C.cpu_fast_attention(dtype, D):
+        pytest.skip(f"no C++ prefill kernel for {dtype}, head_dim {D} on this CPU (the reference runs)")
+    q, kc, vc, tables, seq_lens, ql = _prefill_problem(lens, q_lens, S, Hq, Hkv, D, bs, dtype)
+    scale = D ** -0.5
+    with llmkern.use_backend("cpp"), llmkern.track() as ran:
+        out = paged_ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, scale)
+    assert ran.backends("paged_prefill_attention") == {"cpp"}
+    eager = reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, scale)
+    oracle = reference.paged_prefill_attention(q.double(), kc.double(), vc.double(), tables, seq_lens, ql, scale)
+    assert_no_worse_than_eager(out, eager, oracle, what=f"prefill {dtype}")
+    pad = torch.arange(S)[None, :] < (S - ql)[:, None]  # left-padding rows are zeros
+    assert (out.permute(0, 2, 1, 3)[pad] == 0).all()
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (None, 20.0), (24, 3.0)])
+def test_cpp_prefill_window_softcap(window, softcap):
+    if not C.cpu_fast_attention(torch.float32, 64):
+        pytest.skip("no C++ prefill kernel on this CPU (the reference runs)")
+    q, kc, vc, tables, seq_lens, ql = _prefill_problem([70, 33], [70, 20], 70, 14, 2, 64, 16, torch.float32)
+    with llmkern.use_backend("cpp"):
+        out = paged_ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.125, sliding_window=window,
+                                                softcap=softcap)
+    eager = reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.125, window, softcap)
+    oracle = reference.paged_prefill_attention(q.double(), kc.double(), vc.double(), tables, seq_lens, ql, 0.125,
+                                               window, softcap)
+    assert_no_worse_than_eager(out, eager, oracle, what="prefill window/softcap")
+
+
+def test_cpp_prefill_unsupported_head_dim_uses_reference():
+    """head_dim 80 has no AVX-512 kernel: the op runs (and records) the reference, it does not fail."""
+    q, kc, vc, tables, seq_lens, ql = _prefill_problem([20], [20], 20, 4, 4, 80, 16, torch.float32)
+    with llmkern.use_backend("cpp"), llmkern.track() as ran:
+        out = paged_ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1)
+    assert ran.backends("paged_prefill_attention") == {"reference"}
+    torch.testing.assert_close(out, reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1))
+    with pytest.raises(RuntimeError, match=r"no C\+\+ kernel for head_dim 80"):
+        C.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1, 0, 0.0)
+
+
+def test_cpp_prefill_bad_input_raises():
+    if not C.cpu_fast_attention(torch.float32, 64):
+        pytest.skip("no C++ prefill kernel on this CPU")
+    q, kc, vc, tables, seq_lens, ql = _prefill_problem([20, 9], [20, 9], 20, 4, 2, 64, 16, torch.float32)
+    with pytest.raises(RuntimeError, match=r"q_lens\[1\] = 10 must be in \[0, 9\]"):
+        C.paged_prefill_attention(q, kc, vc, tables, seq_lens, torch.tensor([20, 10], dtype=torch.int32), 0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="q_lens must be a contiguous int32"):
+        C.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql.long(), 0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="is not a block of the cache"):
+        C.paged_prefill_attention(q, kc, vc, tables + 1000, seq_lens, ql, 0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="q must have shape"):
+        C.paged_prefill_attention(q[0], kc, vc, tables, seq_lens, ql, 0.1, 0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

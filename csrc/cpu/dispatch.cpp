@@ -96,8 +96,32 @@ int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, co
                    D, NB, BS, t)
 }
 
+namespace avx512_attn {
+bool supported(DType t, int64_t D);
+int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
+int paged_prefill(const PrefillArgs&, int64_t, int64_t);
+}  // namespace avx512_attn
+
+namespace {
+bool fast_attention_on = true;
+}
+
+bool fast_attention_supported(DType t, int64_t D) { return fast_attention_on && avx512_attn::supported(t, D); }
+
+bool set_fast_attention(bool on) {
+  const bool was = fast_attention_on;
+  fast_attention_on = on;
+  return was;
+}
+
 int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
+  if (fast_attention_supported(a.t, a.D)) return avx512_attn::paged_decode_stage1(a, i0, i1);
   LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
+}
+
+int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
+  if (fast_attention_supported(a.t, a.D)) return avx512_attn::paged_prefill(a, i0, i1);
+  return kNoKernel;
 }
 
 int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t i0,

@@ -87,6 +87,36 @@ struct DecodeArgs {
 };
 int paged_decode_stage1(const DecodeArgs& a, int64_t item_begin, int64_t item_end);
 
+// Paged prefill attention: q [B, Hq, S, D] (strides sqb, sqh, sqs, sqd); row s of sequence b sits at position
+// seq_lens[b] - S + s and sees cache keys max(0, pos - window + 1) .. pos; rows s < S - q_lens[b] are left padding
+// and get zeros. One work item = (b, KV head h, tile of `tile` query rows): items = B * Hkv * ceil(S / tile).
+struct PrefillArgs {
+  const void* q;
+  int64_t sqb, sqh, sqs, sqd;
+  const void* k_cache;  // [NB, BS, Hkv, D] contiguous
+  const void* v_cache;
+  const int32_t* block_tables;
+  int64_t sbt;
+  const int32_t* seq_lens;  // [B]
+  const int32_t* q_lens;    // [B]
+  int64_t B, Hq, Hkv, S, D, BS, NB;
+  float scale;
+  float softcap;   // 0 = off
+  int64_t window;  // 0 = off
+  void* out;       // [B, Hq, S, D], q's dtype
+  int64_t sob, soh, sos, sod;
+  int64_t tile;
+  DType t;
+};
+
+// The AVX-512 (+BF16) attention kernels of attention_avx512.cpp, when this machine has them and D is one of 64, 96,
+// 128, 256; paged_decode_stage1 falls back to the portable kernel otherwise. paged_prefill returns kNoKernel when
+// they are not available (the caller then uses the pure-torch reference). set_fast_attention(false) forces the
+// portable decode kernel (tests compare both); it returns the previous setting.
+bool fast_attention_supported(DType t, int64_t D);
+bool set_fast_attention(bool on);
+int paged_prefill(const PrefillArgs& a, int64_t item_begin, int64_t item_end);
+
 // Stage 2: out[b, hq, :] = sum_s exp(lse_s - lse) * part_out_s for items (b, hq) in [begin, end).
 int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t item_begin,
                         int64_t item_end);
