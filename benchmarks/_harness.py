@@ -660,9 +660,12 @@ def plot(rows: list[Row], args, pk: float | None, out_dir: str, *, y: str = "gbp
     return paths
 
 
-def script_main(doc: str, title: str, providers, cases, argv=None) -> int:
-    """The whole ``main`` of an op-family script: parse the common flags, pick providers, run, exit code."""
+def script_main(doc: str, title: str, providers, cases, argv=None, add_args=None) -> int:
+    """The whole ``main`` of an op-family script: parse the common flags (plus the script's own, added by
+    ``add_args(parser)``), pick providers, run, exit code."""
     p = parser(doc)
+    if add_args is not None:
+        add_args(p)
     args = finish_args(p, p.parse_args(argv))
     provs, notes = providers(args)
     provs = select_providers(provs, None if args.providers == "list" else args.providers, notes)

@@ -11,10 +11,12 @@ Sweep (full): contexts 1k..128k x batch 1..64 x the head layouts of Qwen2.5-0.5B
 Llama-3-8B; cases whose caches do not fit in memory are skipped with a note.
 
     python benchmarks/bench_decode_attention.py --quick
+    python benchmarks/bench_decode_attention.py --contexts 8k,32k --batches 1,8 --layouts qwen2.5-0.5b,llama-3-8b
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -47,6 +49,9 @@ def paged_ops_module():
 
 def cases(args):
     contexts, batches, layouts = DRY if args.dry_run else QUICK if args.quick else (CONTEXTS, BATCHES, list(LAYOUTS))
+    contexts = args.contexts or contexts
+    batches = args.batches or batches
+    layouts = args.layouts or layouts
     dt, dev = args.torch_dtype, args.device
     s = H.esize(dt)
     out = []
@@ -157,8 +162,30 @@ def providers(args):
     return provs, notes
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (8k = 8192), got {text!r}") from None
+
+
+def _layout_list(text: str) -> list[str]:
+    names = text.split(",")
+    bad = [n for n in names if n not in LAYOUTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown layout(s) {bad}; expected some of {list(LAYOUTS)}")
+    return names
+
+
+def add_args(p) -> None:
+    p.add_argument("--contexts", type=_int_list, default=None, help="context lengths, e.g. 8k,32k (overrides the preset)")
+    p.add_argument("--batches", type=_int_list, default=None, help="batch sizes, e.g. 1,8 (overrides the preset)")
+    p.add_argument("--layouts", type=_layout_list, default=None,
+                   help=f"head layouts, comma-separated, from {list(LAYOUTS)} (overrides the preset)")
+
+
 def main(argv=None) -> int:
-    return H.script_main(__doc__, "decode attention (paged KV)", providers, cases, argv)
+    return H.script_main(__doc__, "decode attention (paged KV)", providers, cases, argv, add_args)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,12 @@ inline __m512 load16(const void* row, int i) {
   }
 }
 
-// Scores of one query row against 16 K rows. f32/f16: q is fp32 and pre-scaled; bf16: q is raw bf16.
+// Scores of one query row against 16 packed K rows (row t at kb + t * D elements). f32/f16: q is fp32 and
+// pre-scaled; bf16: q is raw bf16. Packed rows make every K operand a constant offset from one base register
+// (16 row pointers would not fit in the general registers).
 template <int KIND, int ND>
-inline __m512 score16(const float* qf, const uint16_t* qb, const void* const* kr) {
+inline __m512 score16(const float* qf, const uint16_t* qb, const char* kb) {
+  constexpr int64_t RB = 16 * ND * (KIND == kKF32 ? 4 : 2);  // bytes per packed row
   __m512 a[16];
 #pragma GCC unroll 16
   for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
@@ -98,14 +101,14 @@ inline __m512 score16(const float* qf, const uint16_t* qb, const void* const* kr
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + 32 * i);
 #pragma GCC unroll 16
       for (int t = 0; t < 16; ++t)
-        a[t] = _mm512_dpbf16_ps(a[t], qv, (__m512bh)_mm512_loadu_si512(static_cast<const uint16_t*>(kr[t]) + 32 * i));
+        a[t] = _mm512_dpbf16_ps(a[t], qv, (__m512bh)_mm512_loadu_si512(kb + t * RB + 64 * i));
     }
   } else {
 #pragma GCC unroll 16
     for (int i = 0; i < ND; ++i) {
       const __m512 qv = _mm512_loadu_ps(qf + 16 * i);
 #pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16<KIND>(kr[t], i), a[t]);
+      for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, load16<KIND>(kb + t * RB, i), a[t]);
     }
   }
   return hsum16(a);
@@ -172,11 +175,9 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
 #pragma GCC unroll 8
       for (int64_t l = 0; l < D * ES; l += 64)
         _mm512_storeu_si512(kd + l, _mm512_loadu_si512(static_cast<const char*>(krows[j]) + l));
-      krows[j] = kd;
 #pragma GCC unroll 16
       for (int i = 0; i < ND; ++i) _mm512_storeu_ps(r.vbuf + j * D + 16 * i, load16<KIND>(vrows[j], i));
     }
-    for (int j = n; j < nblk * 16; ++j) krows[j] = krows[0];  // tail lanes: recomputed row 0, masked below
     // Prefetch the next chunk's K/V rows into L2 while this one computes. Rows of one KV head sit Hkv * D
     // elements apart (4 KiB for Llama-3-8B in fp32), so every row is on its own 4 KiB page and the hardware
     // prefetchers, which stop at page boundaries, cannot see the stream.
@@ -205,7 +206,8 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
         continue;
       }
       for (int b = 0; b < nblk; ++b) {
-        __m512 sv = score16<KIND, ND>(r.qf + m * D, r.qb + m * D, krows + 16 * b);
+        // Lanes past n read stale (or zeroed) rows of kbuf and are masked below.
+        __m512 sv = score16<KIND, ND>(r.qf + m * D, r.qb + m * D, r.kbuf + 16 * b * D * ES);
         if constexpr (KIND == kKBF16) sv = _mm512_mul_ps(sv, _mm512_set1_ps(r.qscale));
         _mm512_storeu_ps(sm + 16 * b, sv);
       }
