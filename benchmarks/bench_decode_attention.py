@@ -49,9 +49,9 @@ def paged_ops_module():
 
 def cases(args):
     contexts, batches, layouts = DRY if args.dry_run else QUICK if args.quick else (CONTEXTS, BATCHES, list(LAYOUTS))
-    contexts = args.contexts or contexts
-    batches = args.batches or batches
-    layouts = args.layouts or layouts
+    contexts = getattr(args, "contexts", None) or contexts  # the script's own flags (add_args)
+    batches = getattr(args, "batches", None) or batches
+    layouts = getattr(args, "layouts", None) or layouts
     dt, dev = args.torch_dtype, args.device
     s = H.esize(dt)
     out = []

@@ -106,6 +106,8 @@ def test_quick_and_full_sweeps_differ(script):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     p = H.parser("x")
+    if hasattr(mod, "add_args"):
+        mod.add_args(p)
     n = {flag: len(mod.cases(H.finish_args(p, p.parse_args(flag.split()))))
          for flag in ("", "--quick", "--dry-run")}
     assert n["--dry-run"] < n["--quick"] < n[""]
