@@ -14,10 +14,18 @@ back to the automatic choice, and asking for a backend that cannot run on the te
 
 Every op call records ``(op, backend)``; ``track()`` exposes the record so a test can prove the kernel it meant to
 test is the one that ran, and the demo can say which op ran where.
+
+Eager fast path: a decode step makes ~150 row-op calls of a few µs each, so ``select`` (and a ``torch.device``
+per call) is too slow for them. ``local.direct`` is, per thread, ``{op: C function}`` of the C++ CPU kernels that
+the current choice (automatic or forced) runs for CPU tensors; ``llmkern.ops`` calls them directly and records each
+call in ``_counts`` and the active trackers itself. The table fills as ``select`` picks ``cpp`` for an op (so the
+first call of each op takes the full path, and ``_counts`` holds the op's key before any direct call) and is an
+empty table while another backend is forced.
 """
 
 import collections
 import contextlib
+import functools
 import os
 import threading
 
@@ -37,8 +45,9 @@ IMPLEMENTS = {
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _ENV_BACKEND = os.environ.get("LLMKERN_BACKEND", "").strip() or None
 
-_local = threading.local()
-_counts: collections.Counter = collections.Counter()
+# (op, backend) -> calls. A plain dict: a Counter's `+= 1` costs twice as much, and the fast path pays it per call.
+# Only ever mutated in place (llmkern.ops holds references to it and to _trackers).
+_counts: dict = {}
 _trackers: list = []
 _cache: dict = {}
 
@@ -108,14 +117,45 @@ def _automatic(op: str, device: torch.device) -> str:
     return "reference"
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Per-thread choice and the eager fast path (module docstring)
+
+# Ops whose C++ CPU kernel ``llmkern.ops`` may call directly: functional, every input checked by the kernel.
+DIRECT_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"})
+_CPP_DIRECT: dict = {}  # op -> torch.ops.llmkern_C.<op>.default's C function; filled by select()
+_NO_DIRECT: dict = {}  # stays empty
+
+
+def _boxed_call(overload):
+    """``overload``'s kernel as a plain callable through the dispatcher's boxed entry point. About 0.6 µs cheaper
+    per call than calling the ``OpOverload``: no ``__torch_function__`` handling (callers take this path only for
+    plain tensors with no torch-function mode active) and no overload resolution."""
+    return functools.partial(torch._C._dispatch_call_boxed, overload._handle)
+
+
+def _direct_table(forced: str | None) -> dict:
+    """The direct-call table for a thread whose effective forced backend is ``forced``: automatic CPU choice is cpp
+    unless Triton runs in the interpreter."""
+    return _CPP_DIRECT if forced == "cpp" or (forced is None and not _INTERPRET) else _NO_DIRECT
+
+
+class _Local(threading.local):
+    forced: str | None = None  # use_backend(...) in this thread; None: the environment's choice, else automatic
+    direct: dict = _direct_table(_ENV_BACKEND)
+
+
+local = _Local()
+
+
 _auto_cache: dict = {}
+_forced_cache: dict = {}
 
 
 def select(op: str, device: torch.device, cpp: bool = True) -> str:
     """The backend ``op`` runs on for tensors on ``device``; records the choice. ``cpp=False``: the C++ kernel
     cannot serve this call (e.g. no kernel for this head_dim on this CPU), so where cpp would run, the reference
     runs (and is what is recorded)."""
-    forced = getattr(_local, "forced", None) or _ENV_BACKEND
+    forced = local.forced or _ENV_BACKEND
     if forced is None:
         key = (op, device.type)
         backend = _auto_cache.get(key)
@@ -124,30 +164,49 @@ def select(op: str, device: torch.device, cpp: bool = True) -> str:
     elif forced == "reference" or (forced != "triton" and op not in IMPLEMENTS.get(forced, ())):
         backend = forced if forced == "reference" else _automatic(op, device)
     else:
-        ok, why = available(forced, device)
-        if not ok:
+        # Availability depends on the device type only, and the extension's state is fixed once loaded.
+        key = (forced, device.type)
+        why = _forced_cache.get(key)
+        if why is None:
+            ok, why = available(forced, device)
+            why = _forced_cache[key] = "" if ok else why
+        if why:
             raise RuntimeError(f"llmkern backend {forced!r} was requested for {op} but cannot run: {why}")
         backend = forced
     if backend == "cpp" and not cpp:
         backend = "reference"
+    if backend == "cpp" and op in DIRECT_OPS and op not in _CPP_DIRECT:
+        _CPP_DIRECT[op] = _boxed_call(getattr(torch.ops.llmkern_C, op).default)
     key = (op, backend)
-    _counts[key] += 1
+    _counts[key] = _counts.get(key, 0) + 1
     for t in _trackers:
         t[key] += 1
     return backend
 
 
-@contextlib.contextmanager
-def use_backend(backend: str | None):
-    """Force llmkern ops in this thread onto ``backend`` where it implements them (``None``: automatic)."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    prev = getattr(_local, "forced", None)
-    _local.forced = backend
-    try:
-        yield
-    finally:
-        _local.forced = prev
+class use_backend(contextlib.ContextDecorator):  # noqa: N801 (a function-like name, as before)
+    """Force llmkern ops in this thread onto ``backend`` where it implements them (``None``: automatic).
+
+    ``with use_backend("cpp"): ...`` or ``@use_backend("cpp")``. A class rather than a ``contextlib.contextmanager``:
+    benchmarks enter it around every timed call, and a generator context manager costs about a µs."""
+
+    def __init__(self, backend: str | None):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        self.backend = backend
+        self._saved: list = []  # one (forced, direct) per active entry: the same object may be entered nested
+
+    def _recreate_cm(self):  # ContextDecorator: a fresh manager per decorated call (thread-safe)
+        return use_backend(self.backend)
+
+    def __enter__(self):
+        self._saved.append((local.forced, local.direct))
+        local.forced = self.backend
+        local.direct = _direct_table(self.backend or _ENV_BACKEND)
+
+    def __exit__(self, *exc):
+        local.forced, local.direct = self._saved.pop()
+        return False
 
 
 class Tracker(collections.Counter):

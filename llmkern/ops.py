@@ -10,6 +10,13 @@ pure-torch reference.
 Inputs are validated in one function per op, called by both the fake and the real implementation, so bad input
 raises the same ``TypeError``/``ValueError`` in eager mode and while ``torch.compile`` traces.
 
+Eager fast path (decode calls these ~150 times per token, at a few µs each): a public function called on plain
+tensors outside torch.compile calls the implementation without the dispatcher round trip, and the implementation
+calls the C++ CPU kernel directly when ``backends.local.direct`` says cpp is the choice. That call skips the Python
+checks: the C++ kernel checks every input too (TORCH_CHECK), and when it raises, the call is repeated on the full
+path, whose Python checks raise the error that names the argument. The few conditions the kernel does not check
+(finite eps and offset, a row at most ``_MAX_NORM_N`` wide, a non-empty ``cos``) are tested before the direct call.
+
 The ops are for inference: they register no autograd formula.
 """
 
@@ -36,19 +43,17 @@ _MAX_NORM_N = 65536
 
 _FLOATS = frozenset(FLOAT_DTYPES)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_INF = math.inf
+_is_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled  # a TorchFunctionMode must see the C++ op: full path
+_local = backends.local  # .direct: {op: C++ CPU kernel} for the direct path (module docstring)
+_counts, _trackers = backends._counts, backends._trackers  # the direct path records its calls (backends docstring)
 
 
 def _require_tensors(**named) -> None:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _direct(t) -> bool:
-    """Eager call on a plain tensor: the public function may call the implementation without the dispatcher round
-    trip (a few µs per call). Under torch.compile, or for tensor subclasses (FakeTensor, ...), go through
-    ``torch.ops.llmkern`` so tracing sees the op and its fake implementation."""
-    return type(t) in _PLAIN and not torch.compiler.is_compiling()
 
 
 def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
@@ -195,7 +200,22 @@ def _norm_out_dtype(x, weight, offset: float) -> torch.dtype:
 # rms_norm
 
 
+_K_RMS_NORM = ("rms_norm", "cpp")
+
+
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    fn = _local.direct.get("rms_norm")
+    if (fn is not None and x.is_cpu and not _function_mode() and 0.0 < eps < _INF and -_INF < offset < _INF
+            and weight.numel() <= _MAX_NORM_N):
+        try:
+            out = fn(x, weight, eps, offset)
+        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
+            pass
+        else:
+            _counts[_K_RMS_NORM] += 1
+            for t in _trackers:
+                t[_K_RMS_NORM] += 1
+            return out
     _check_rms_norm(x, weight, eps, offset)
     backend = backends.select("rms_norm", x.device)
     if backend in _NATIVE:
@@ -233,19 +253,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         >>> x = torch.randn(2, 5, 896); w = torch.ones(896)
         >>> y = llmkern.ops.rms_norm(x, w, 1e-6)
     """
-    if _direct(x) and type(eps) is float and type(offset) is float:
+    if (type(x) in _PLAIN and type(weight) in _PLAIN and type(eps) is float and type(offset) is float
+            and not _is_compiling()):
         return _rms_norm_op(x, weight, eps, offset)
+    # Under torch.compile, or for tensor subclasses (FakeTensor, ...), go through torch.ops.llmkern so tracing sees
+    # the op and its fake implementation.
     _require_tensors(x=x, weight=weight)
-    _check_eps(eps)
-    return torch.ops.llmkern.rms_norm(x, weight, float(eps), _check_offset(offset))
+    return torch.ops.llmkern.rms_norm(x, weight, _check_eps(eps), _check_offset(offset))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # fused_add_rms_norm
 
 
+_K_FUSED_ADD_RMS_NORM = ("fused_add_rms_norm", "cpp")
+
+
 def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _local.direct.get("fused_add_rms_norm")
+    if (fn is not None and x.is_cpu and not _function_mode() and 0.0 < eps < _INF
+            and weight.numel() <= _MAX_NORM_N):
+        try:
+            out = fn(x, residual, weight, eps)
+        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
+            pass
+        else:
+            _counts[_K_FUSED_ADD_RMS_NORM] += 1
+            for t in _trackers:
+                t[_K_FUSED_ADD_RMS_NORM] += 1
+            return out
     _check_fused_add_rms_norm(x, residual, weight, eps)
     backend = backends.select("fused_add_rms_norm", x.device)
     if backend in _NATIVE:
@@ -284,19 +321,33 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     Returns:
         ``(normed, residual_out)``, both ``[..., N]`` contiguous; ``normed`` has dtype ``promote(x, weight)``.
     """
-    if _direct(x) and type(eps) is float:
+    if (type(x) in _PLAIN and type(residual) in _PLAIN and type(weight) in _PLAIN and type(eps) is float
+            and not _is_compiling()):
         return _fused_add_rms_norm_op(x, residual, weight, eps)
     _require_tensors(x=x, residual=residual, weight=weight)
-    _check_eps(eps)
-    return torch.ops.llmkern.fused_add_rms_norm(x, residual, weight, float(eps))
+    return torch.ops.llmkern.fused_add_rms_norm(x, residual, weight, _check_eps(eps))
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # apply_rope
 
 
+_K_APPLY_ROPE = ("apply_rope", "cpp")
+
+
 def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _local.direct.get("apply_rope")
+    if fn is not None and q.is_cpu and not _function_mode() and cos.numel() > 0:
+        try:
+            out = fn(q, k, cos, sin)
+        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
+            pass
+        else:
+            _counts[_K_APPLY_ROPE] += 1
+            for t in _trackers:
+                t[_K_APPLY_ROPE] += 1
+            return out
     _check_rope(q, k, cos, sin)
     backend = backends.select("apply_rope", q.device)
     if backend in _NATIVE:
@@ -339,7 +390,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         >>> cos, sin = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
         >>> q2, k2 = llmkern.ops.apply_rope(q, k, cos, sin)
     """
-    if _direct(q):
+    if (type(q) in _PLAIN and type(k) in _PLAIN and type(cos) in _PLAIN and type(sin) in _PLAIN
+            and not _is_compiling()):
         return _apply_rope_op(q, k, cos, sin)
     _require_tensors(q=q, k=k, cos=cos, sin=sin)
     return torch.ops.llmkern.apply_rope(q, k, cos, sin)
@@ -349,7 +401,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # silu_and_mul
 
 
+_K_SILU_AND_MUL = ("silu_and_mul", "cpp")
+
+
 def _silu_and_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    fn = _local.direct.get("silu_and_mul")
+    if fn is not None and gate.is_cpu and not _function_mode():
+        try:
+            out = fn(gate, up)
+        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
+            pass
+        else:
+            _counts[_K_SILU_AND_MUL] += 1
+            for t in _trackers:
+                t[_K_SILU_AND_MUL] += 1
+            return out
     _check_silu_and_mul(gate, up)
     backend = backends.select("silu_and_mul", gate.device)
     if backend in _NATIVE:
@@ -380,7 +446,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., I]`` contiguous.
     """
-    if _direct(gate):
+    if type(gate) in _PLAIN and type(up) in _PLAIN and not _is_compiling():
         return _silu_and_mul_op(gate, up)
     _require_tensors(gate=gate, up=up)
     return torch.ops.llmkern.silu_and_mul(gate, up)
@@ -396,4 +462,4 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (gate then up), got {gate_up.shape[-1]}")
     gate, up = gate_up.chunk(2, dim=-1)
-    return torch.ops.llmkern.silu_and_mul(gate, up)
+    return silu_and_mul(gate, up)
