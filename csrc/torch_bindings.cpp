@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "cpu/kernels.h"
 #ifdef LLMKERN_WITH_CUDA
@@ -307,6 +308,48 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
   return out;
 }
 
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "weight must be 2-D [out_features, in_features] with unit "
+              "last stride, got shape ", weight.sizes(), " strides ", weight.strides());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x must have shape [..., ", K, "] to match weight ", weight.sizes(),
+              ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x dtype ", x.scalar_type(), " must match weight dtype ",
+              weight.scalar_type());
+  check_same_device(x, "x", weight, "weight");
+  const auto dt = dtype_of(weight, "weight");
+  TORCH_CHECK(kc::linear_supported(dt), "llmkern linear: no C++ kernel for ", weight.scalar_type(), " on this CPU (",
+              kc::isa_name(), ")");
+  TORCH_CHECK(N > 0 && K > 0, "weight must not be empty, got shape ", weight.sizes());
+  const void* bp = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous(), "bias must be a contiguous [", N, "] tensor, got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == weight.scalar_type(), "bias dtype ", b.scalar_type(), " must match weight dtype ",
+                weight.scalar_type());
+    check_same_device(b, "bias", weight, "weight");
+    bp = b.data_ptr();
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  if (y.numel() == 0) return y;
+  at::Tensor x2 = rows_of(x);
+  if (x2.stride(1) != 1) x2 = x2.contiguous();  // a few decode rows: cheap
+  const int64_t M = x2.size(0), blocks = (N + 15) / 16;
+  kc::LinearArgs a{x2.data_ptr(), x2.stride(0), weight.data_ptr(), weight.stride(0), bp, y.data_ptr(), N, M, N, K, dt};
+  // At least ~64 KiB of weights per parallel chunk: a small projection stays on one thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (16 * K * weight.element_size()));
+  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) { ok(kc::linear(a, b, e), "linear"); });
+  return y;
+}
+
+bool cpu_linear_supported(at::ScalarType dtype) {
+  return dtype == at::kFloat ? kc::linear_supported(kc::kF32)
+                             : dtype == at::kBFloat16 ? kc::linear_supported(kc::kBF16) : false;
+}
+
 bool cpu_fast_attention(at::ScalarType dtype, int64_t head_dim) {
   switch (dtype) {
     case at::kFloat: return kc::fast_attention_supported(kc::kF32, head_dim);
@@ -360,6 +403,8 @@ TORCH_LIBRARY(llmkern_C, m) {
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
       "Tensor q_lens, float scale, int sliding_window, float softcap) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("cpu_linear_supported(ScalarType dtype) -> bool", &cpu_linear_supported);
   m.def("cpu_isa() -> str", &isa);
   // Whether the AVX-512 attention kernels serve (dtype, head_dim) here; the setter (tests) returns the old value.
   m.def("cpu_fast_attention(ScalarType dtype, int head_dim) -> bool", &cpu_fast_attention);
@@ -376,6 +421,7 @@ TORCH_LIBRARY_IMPL(llmkern_C, CPU, m) {
   m.impl("copy_blocks", &copy_blocks_impl);
   m.impl("paged_decode_attention", &paged_decode_attention_cpu);
   m.impl("paged_prefill_attention", &paged_prefill_attention_cpu);
+  m.impl("linear", &linear_cpu);
 }
 
 #ifdef LLMKERN_WITH_CUDA

@@ -119,6 +119,15 @@ int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
 }
 
+namespace avx512_linear {
+bool supported(DType t);
+int linear(const LinearArgs&, int64_t, int64_t);
+}  // namespace avx512_linear
+
+bool linear_supported(DType t) { return avx512_linear::supported(t); }
+
+int linear(const LinearArgs& a, int64_t b0, int64_t b1) { return avx512_linear::linear(a, b0, b1); }
+
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
   if (fast_attention_supported(a.t, a.D)) return avx512_attn::paged_prefill(a, i0, i1);
   return kNoKernel;

@@ -117,6 +117,22 @@ bool fast_attention_supported(DType t, int64_t D);
 bool set_fast_attention(bool on);
 int paged_prefill(const PrefillArgs& a, int64_t item_begin, int64_t item_end);
 
+// y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M and output features n in 16-wide blocks [blk_begin, blk_end)
+// (linear_avx512.cpp): the decode-sized Linear. x, w, y have unit last stride; one dtype (fp32 or bf16).
+struct LinearArgs {
+  const void* x;
+  int64_t sxm;
+  const void* w;  // [N, K]
+  int64_t swn;
+  const void* bias;  // [N] contiguous, or null
+  void* y;
+  int64_t sym;
+  int64_t M, N, K;
+  DType t;
+};
+bool linear_supported(DType t);
+int linear(const LinearArgs& a, int64_t blk_begin, int64_t blk_end);
+
 // Stage 2: out[b, hq, :] = sum_s exp(lse_s - lse) * part_out_s for items (b, hq) in [begin, end).
 int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t item_begin,
                         int64_t item_end);
