@@ -261,3 +261,46 @@ def test_built_cuda_kernels_do_not_spill():
     spills = [(name, stack, local) for name, _reg, stack, _smem, local in usage if int(local) or int(stack)]
     assert not spills, f"kernels using local memory (spills or stack frames): {spills}"
     assert all(int(reg) <= 255 for _n, reg, *_ in usage)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode-sized Linear (linear_avx512.cpp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 17, 100), (2, 16, 32), (3, 33, 48), (5, 576, 576), (1, 1536, 576)])
+def test_cpp_linear_matches_eager_rule(dtype, M, N, K):
+    if not C.cpu_linear_supported(dtype):
+        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    for bias in (None, b):
+        out = C.linear(x, w, bias)
+        oracle = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert_no_worse_than_eager(out, torch.nn.functional.linear(x, w, bias), oracle, what=f"linear {dtype}")
+
+
+def test_cpp_linear_strided_x_and_leading_dims():
+    if not C.cpu_linear_supported(torch.float32):
+        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+    x = torch.randn(2, 3, 128)[..., ::2]  # [2, 3, 64], last stride 2
+    w = torch.randn(40, 64)
+    torch.testing.assert_close(C.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_linear_bad_input_raises():
+    if not C.cpu_linear_supported(torch.float32):
+        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match=r"x must have shape \[\.\.\., 64\]"):
+        C.linear(torch.randn(2, 63), w, None)
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        C.linear(x, w.t(), None)
+    with pytest.raises(RuntimeError, match="must match weight dtype"):
+        C.linear(x.double(), w, None)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous \[8\] tensor"):
+        C.linear(x, w, torch.randn(9))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ kernel for Half"):
+        C.linear(x.half(), w.half(), None)
