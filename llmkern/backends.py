@@ -8,7 +8,9 @@ Backends:
   ``reference`` — the pure-torch code in ``llmkern.reference``; the last fallback.
 
 Automatic choice: CUDA tensors → triton; CPU tensors → triton under the interpreter, else cpp when the extension is
-built and implements the op, else reference. ``with llmkern.use_backend("cpp"):`` (or ``LLMKERN_BACKEND=cpp`` in
+built and implements the op, else reference. ``linear`` has no Triton kernel (on CUDA ``F.linear``/cuBLAS already
+streams the weights at the memory limit): CUDA tensors → reference, CPU tensors → cpp when the extension is built,
+under the interpreter too. ``with llmkern.use_backend("cpp"):`` (or ``LLMKERN_BACKEND=cpp`` in
 the environment, read at import) forces a backend: ops it implements run on it, an op it does not implement falls
 back to the automatic choice, and asking for a backend that cannot run on the tensors' device raises.
 
@@ -33,10 +35,12 @@ import torch
 
 BACKENDS = ("triton", "cpp", "cuda", "reference")
 
-# Ops each native backend implements; the reference implements every op.
+# Ops each kernel backend implements; the reference implements every op.
 _ROW_OPS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "reshape_and_cache", "copy_blocks"}
+_PAGED_OPS = {"paged_decode_attention", "paged_prefill_attention"}
 IMPLEMENTS = {
-    "cpp": _ROW_OPS | {"paged_decode_attention", "paged_prefill_attention"},
+    "triton": _ROW_OPS | _PAGED_OPS,
+    "cpp": _ROW_OPS | _PAGED_OPS | {"linear"},
     "cuda": _ROW_OPS,
 }
 
@@ -108,9 +112,10 @@ def available(backend: str, device) -> tuple[bool, str]:
 
 
 def _automatic(op: str, device: torch.device) -> str:
+    triton = op in IMPLEMENTS["triton"] and _triton_importable()
     if device.type == "cuda":
-        return "triton" if _triton_importable() else "reference"
-    if _INTERPRET and _triton_importable():
+        return "triton" if triton else "reference"
+    if _INTERPRET and triton:
         return "triton"
     if device.type == "cpu" and op in IMPLEMENTS["cpp"] and _ext_loaded():
         return "cpp"
@@ -121,7 +126,7 @@ def _automatic(op: str, device: torch.device) -> str:
 # Per-thread choice and the eager fast path (module docstring)
 
 # Ops whose C++ CPU kernel ``llmkern.ops`` may call directly: functional, every input checked by the kernel.
-DIRECT_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"})
+DIRECT_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "linear"})
 _CPP_DIRECT: dict = {}  # op -> torch.ops.llmkern_C.<op>.default's C function; filled by select()
 _NO_DIRECT: dict = {}  # stays empty
 
@@ -161,7 +166,7 @@ def select(op: str, device: torch.device, cpp: bool = True) -> str:
         backend = _auto_cache.get(key)
         if backend is None:
             backend = _auto_cache[key] = _automatic(op, device)
-    elif forced == "reference" or (forced != "triton" and op not in IMPLEMENTS.get(forced, ())):
+    elif forced == "reference" or op not in IMPLEMENTS.get(forced, ()):
         backend = forced if forced == "reference" else _automatic(op, device)
     else:
         # Availability depends on the device type only, and the extension's state is fixed once loaded.

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-SCRIPTS = ("rms_norm", "rope", "swiglu", "kv_cache", "decode_attention", "e2e")
+SCRIPTS = ("rms_norm", "rope", "swiglu", "kv_cache", "decode_attention", "linear", "e2e")
 
 
 def benchmarks_dir() -> str | None:

@@ -17,6 +17,9 @@ checks: the C++ kernel checks every input too (TORCH_CHECK), and when it raises,
 path, whose Python checks raise the error that names the argument. The few conditions the kernel does not check
 (finite eps and offset, a row at most ``_MAX_NORM_N`` wide, a non-empty ``cos``) are tested before the direct call.
 
+``linear`` is ``F.linear`` with a C++ kernel for decode-sized inputs on CPU (``LINEAR_MAX_ROWS``); there is no
+Triton linear: on CUDA, and for larger inputs, ``F.linear`` (the reference backend) runs.
+
 The ops are for inference: they register no autograd formula.
 """
 
@@ -24,6 +27,7 @@ import math
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 
 from llmkern import _library, backends, reference
 
@@ -463,3 +467,119 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gate_up's last dim must be even (gate then up), got {gate_up.shape[-1]}")
     gate, up = gate_up.chunk(2, dim=-1)
     return silu_and_mul(gate, up)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# linear
+
+# Decode sizes. At a few rows a Linear is a matrix-vector product bound by streaming the weight from memory, which the
+# C++ kernel does at memory speed (torch's GEMM reads such weights at ~9 GB/s here); as rows grow, each weight byte is
+# reused more and torch's register-blocked GEMM wins (prefill), so inputs above this many rows run F.linear.
+LINEAR_MAX_ROWS = 16
+
+_K_LINEAR = ("linear", "cpp")
+# Dtypes the C++ linear serves on this CPU (its AVX-512 kernel; fp16 never). Filled in place once, on the first full
+# path call (``_linear_cpp_dtypes``); the direct path only runs after a full path call chose cpp.
+_LINEAR_CPP_DTYPES: set = set()
+_LINEAR_PROBED: list = []
+
+
+def _linear_cpp_dtypes() -> set:
+    if not _LINEAR_PROBED:
+        # A build that predates the op has no cpu_linear_supported: then nothing is served.
+        if backends._ext_loaded() and hasattr(torch.ops.llmkern_C, "cpu_linear_supported"):
+            _LINEAR_CPP_DTYPES.update(d for d in (torch.float32, torch.bfloat16)
+                                      if torch.ops.llmkern_C.cpu_linear_supported(d))
+        _LINEAR_PROBED.append(True)
+    return _LINEAR_CPP_DTYPES
+
+
+def _linear_cpp_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the C++ kernel serves this (validated) call: CPU, a dtype it has, a weight with unit last stride (the
+    rows it streams), a contiguous bias, and at most ``LINEAR_MAX_ROWS`` rows."""
+    return (x.is_cpu and weight.stride(1) == 1 and x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+            and (bias is None or bias.is_contiguous()) and x.dtype in _linear_cpp_dtypes())
+
+
+def _check_linear(x, weight, bias) -> None:
+    if (type(x) in _PLAIN and type(weight) in _PLAIN and x.dtype in _FLOATS and weight.dtype == x.dtype
+            and weight.dim() == 2 and x.dim() > 0 and x.shape[-1] == weight.shape[1] and x.numel() > 0
+            and weight.numel() > 0 and x.device == weight.device
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.dim() == 1
+                                  and bias.shape[0] == weight.shape[0] and bias.device == x.device))):
+        return
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        _check_same_device(x=x, weight=weight, bias=bias)
+        _check_same("dtype", x=x, weight=weight, bias=bias)
+    else:
+        _check_same_device(x=x, weight=weight)
+        _check_same("dtype", x=x, weight=weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dim must equal weight.shape[1] (in_features) {weight.shape[1]}, got x "
+                         f"{tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+
+
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    fn = _local.direct.get("linear")
+    if (fn is not None and x.is_cpu and not _function_mode() and x.dtype in _LINEAR_CPP_DTYPES
+            and weight.dim() == 2 and weight.stride(1) == 1 and 0 < x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+            and (bias is None or bias.is_contiguous())):
+        try:
+            out = fn(x, weight, bias)
+        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
+            pass
+        else:
+            _counts[_K_LINEAR] += 1
+            for t in _trackers:
+                t[_K_LINEAR] += 1
+            return out
+    _check_linear(x, weight, bias)
+    if backends.select("linear", x.device, cpp=_linear_cpp_ok(x, weight, bias)) == "cpp":
+        return torch.ops.llmkern_C.linear(x, weight, bias)
+    # The reference: no backend but cpp implements linear (backends.IMPLEMENTS). contiguous() is a no-op except for
+    # the odd input layout where F.linear returns a strided result; the fake implementation promises a contiguous one.
+    return F.linear(x, weight, bias).contiguous()
+
+
+def _linear_fake(x, weight, bias):
+    _check_linear(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_library.define("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _linear_op, _linear_fake)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, as ``torch.nn.functional.linear``; on CPU, decode-sized inputs run a C++ kernel that
+    streams the weight at memory speed.
+
+    Args:
+        x: ``[..., K]`` fp32/fp16/bf16, any strides.
+        weight: ``[N, K]`` (``nn.Linear.weight``), x's dtype and device.
+        bias: ``[N]`` or None, x's dtype and device.
+
+    Returns:
+        ``[..., N]`` contiguous, x's dtype.
+
+    Backend: ``cpp`` for CPU tensors when the extension has a kernel for the dtype on this CPU (fp32 and bf16 on
+    AVX-512-BF16 CPUs), ``weight.stride(1) == 1`` and x has at most ``LINEAR_MAX_ROWS`` rows
+    (``x.numel() // K``); otherwise ``reference`` (``F.linear``).
+
+    Example:
+        >>> x = torch.randn(1, 1, 576); w = torch.randn(1536, 576)
+        >>> y = llmkern.ops.linear(x, w)  # [1, 1, 1536]
+    """
+    if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and not _is_compiling()):
+        return _linear_op(x, weight, bias)
+    _require_tensors(x=x, weight=weight)
+    if bias is not None:
+        _require_tensors(bias=bias)
+    return torch.ops.llmkern.linear(x, weight, bias)

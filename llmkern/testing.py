@@ -24,8 +24,13 @@ def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item()
 
 
-def assert_no_worse_than_eager(out: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, *, what: str = "") -> None:
-    """Fail unless ``max|out - oracle| <= 1.5 * max|eager - oracle| + ulp(dtype) * max|oracle|``."""
+def assert_no_worse_than_eager(out: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, *, what: str = "",
+                               scale: float | None = None) -> None:
+    """Fail unless ``max|out - oracle| <= 1.5 * max|eager - oracle| + ulp(dtype) * scale``.
+
+    ``scale`` defaults to ``max|oracle|``. For a sum of products pass the magnitude its rounding errors scale with,
+    ``max sum|x_k w_k|``: cancellation can make ``|oracle|`` far smaller, and with few outputs (a Linear with
+    out_features 1) the ``1.5 x eager`` term compares two single random errors and gives no margin."""
     if out.shape != oracle.shape:
         raise AssertionError(f"{what}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}")
     if out.dtype != eager.dtype:
@@ -34,7 +39,9 @@ def assert_no_worse_than_eager(out: torch.Tensor, eager: torch.Tensor, oracle: t
         raise AssertionError(f"{what}: non-finite values in the output")
     e_out = max_err(out, oracle)
     e_eager = max_err(eager, oracle)
-    allowed = 1.5 * e_eager + ulp(out.dtype) * oracle.double().abs().max().item()
+    if scale is None:
+        scale = oracle.double().abs().max().item()
+    allowed = 1.5 * e_eager + ulp(out.dtype) * scale
     if e_out > allowed:
         raise AssertionError(f"{what}: max error {e_out:.3e} vs oracle exceeds allowance {allowed:.3e} "
                              f"(eager's own error {e_eager:.3e}, dtype {out.dtype})")

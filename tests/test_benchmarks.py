@@ -17,6 +17,7 @@ OP_SCRIPTS = {  # script -> ops it writes rows for
     "swiglu": {"silu_and_mul", "silu_and_mul_fused"},
     "kv_cache": {"reshape_and_cache"},
     "decode_attention": {"decode_attention"},
+    "linear": {"linear"},
 }
 
 

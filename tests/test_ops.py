@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -476,6 +477,195 @@ def test_silu_and_mul_non_contiguous(device, dtype, layout):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# linear: F.linear is both eager and the reference; the C++ GEMV serves decode-sized CPU inputs
+
+
+def _cpp_linear(dtype: torch.dtype) -> bool:
+    """Whether the extension's C++ linear serves ``dtype`` on this CPU (asked of the extension itself)."""
+    from llmkern import _ext
+
+    return (_ext.load() and hasattr(torch.ops.llmkern_C, "cpu_linear_supported")
+            and bool(torch.ops.llmkern_C.cpu_linear_supported(dtype)))
+
+
+def _linear_backend(x, weight, bias=None) -> str:
+    """The backend ``ops.linear`` must record for these inputs (its docstring), whatever backend is forced (other
+    than the reference): no other backend implements linear."""
+    rows = x.numel() // weight.shape[1]
+    served = (x.is_cpu and _cpp_linear(x.dtype) and weight.stride(1) == 1 and rows <= ops.LINEAR_MAX_ROWS
+              and (bias is None or bias.is_contiguous()))
+    return "cpp" if served else "reference"
+
+
+def _need_cpp_linear(dtype, device):
+    if device != "cpu" or not _cpp_linear(dtype):
+        pytest.skip(f"no C++ linear for {_name(dtype)} here (cpu_linear_supported is False: needs AVX-512-BF16, "
+                    f"or a {device} device)")
+
+
+@pytest.fixture
+def linear_backend(kernel_backend, device):
+    """linear runs the same backend under every forced kernel backend (none but cpp implements it), so its tests run
+    once: under the cpp param on CPU when the extension is built, else under the first one that runs."""
+    first = "cpp" if device == "cpu" and backends.available("cpp", device)[0] else "triton"
+    if kernel_backend != first:
+        pytest.skip(f"linear has no {kernel_backend} kernel: the same backend runs as under {first}, tested there")
+    return kernel_backend
+
+
+def _check_linear(x, weight, bias, what):
+    want = _linear_backend(x, weight, bias)
+    with llmkern.track() as t:
+        out = ops.linear(x, weight, bias)
+    assert t.backends("linear") == {want}, f"{what}: linear ran on {t.backends('linear')}, expected {want}"
+    eager = F.linear(x, weight, bias)
+    oracle = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    # The ulp allowance is of sum|x_k w_k| (+ |b|), what any summation order's rounding error scales with; |oracle|
+    # can be far smaller after cancellation, and with N = 1 eager's own single error is no stable yardstick.
+    magnitude = F.linear(x.double().abs(), weight.double().abs(), None if bias is None else bias.double().abs())
+    assert_no_worse_than_eager(out, eager, oracle, what=what, scale=magnitude.max().item())
+    assert out.is_contiguous()
+    return out
+
+
+def _linear_weights(N, K, device, dtype, bias):
+    w = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    return w, b
+
+
+LINEAR_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES, ids=_name)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 576, 1536])
+@pytest.mark.parametrize("K", [576, 64, 100, 1536, 4111])  # 100 and 4111: K tails of both dtypes' vector loops
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_linear_vs_f_linear(linear_backend, device, dtype, M, K, N, bias):
+    x = torch.randn(M, K, device=device).to(dtype)
+    w, b = _linear_weights(N, K, device, dtype, bias)
+    out = _check_linear(x, w, b, f"linear {_name(dtype)} [{M}, {K}] x [{N}, {K}]{' + bias' if bias else ''}")
+    assert out.shape == (M, N) and out.dtype == dtype
+
+
+def _linear_x_layouts(K, device, dtype):
+    """Activations ``[..., K]`` of at most 16 rows in layouts a model (or a user) may pass, by name."""
+    return {
+        "3d": torch.randn(2, 3, K, device=device).to(dtype),  # [b, s, K], HF's hidden states
+        "rows_sliced": torch.randn(10, K, device=device).to(dtype)[::2],  # row stride 2K
+        "cols_strided": torch.randn(5, 2 * K, device=device).to(dtype)[:, ::2],  # last-dim stride 2
+        "transposed": torch.randn(K, 4, device=device).to(dtype).t(),  # last-dim stride 4
+        "seq_major_3d": torch.randn(5, 3, K, device=device).to(dtype).transpose(0, 1),  # [3, 5, K] from [5, 3, K]
+        "cols_sliced": torch.randn(7, K + 9, device=device).to(dtype)[:, 3:K + 3],  # offset start, row stride K+9
+    }
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES, ids=_name)
+@pytest.mark.parametrize("layout", ["3d", "rows_sliced", "cols_strided", "transposed", "seq_major_3d", "cols_sliced"])
+def test_linear_non_contiguous_x(linear_backend, device, dtype, layout):
+    K, N = 100, 33
+    x = _linear_x_layouts(K, device, dtype)[layout]
+    w, b = _linear_weights(N, K, device, dtype, True)
+    out = _check_linear(x, w, b, f"linear {layout} {_name(dtype)}")
+    assert out.shape == (*x.shape[:-1], N)
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES, ids=_name)
+def test_linear_weight_row_stride(linear_backend, device, dtype):
+    """A weight sliced out of a wider one (row stride > K, unit last stride) still streams through the C++ kernel."""
+    K, N = 100, 40
+    w = (torch.randn(N, K + 12, device=device) / 10).to(dtype)[:, 5:K + 5]
+    x = torch.randn(3, K, device=device).to(dtype)
+    assert w.stride() == (K + 12, 1)
+    _check_linear(x, w, None, f"linear strided weight rows {_name(dtype)}")
+
+
+@pytest.mark.parametrize("dtype", LINEAR_DTYPES, ids=_name)
+def test_linear_served_by_cpp(linear_backend, device, dtype):
+    """Decode-sized CPU inputs run the C++ kernel, on the full path (first call) and the direct path after it."""
+    _need_cpp_linear(dtype, device)
+    x = torch.randn(1, 1, 576, device=device).to(dtype)
+    w, b = _linear_weights(1536, 576, device, dtype, True)
+    with llmkern.track() as t:
+        outs = [ops.linear(x, w, b) for _ in range(3)] + [ops.linear(x, w)]
+        batch = ops.linear(torch.randn(ops.LINEAR_MAX_ROWS, 576, device=device).to(dtype), w, b)
+    assert dict(t) == {("linear", "cpp"): 5}
+    assert all(torch.equal(o, outs[0]) for o in outs[1:3])
+    assert batch.shape == (ops.LINEAR_MAX_ROWS, 1536)
+
+
+@pytest.mark.parametrize("case", ["rows_above_max", "fp16", "weight_last_stride", "bias_strided"])
+def test_linear_reference_when_cpp_cannot_serve(linear_backend, device, case):
+    """Inputs the C++ kernel does not take run F.linear, and the record says so."""
+    K, N = 64, 24
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    x = torch.randn(ops.LINEAR_MAX_ROWS + 1 if case == "rows_above_max" else 2, K, device=device).to(dtype)
+    w, b = _linear_weights(N, K, device, dtype, True)
+    if case == "weight_last_stride":
+        w = w.t().contiguous().t()  # [N, K] with strides (1, N)
+    if case == "bias_strided":
+        b = torch.randn(2 * N, device=device).to(dtype)[::2]
+    with llmkern.track() as t:
+        out = ops.linear(x, w, b)
+    assert t.backends("linear") == {"reference"}
+    assert torch.equal(out, F.linear(x, w, b))
+
+
+def test_linear_rows_limit_counts_all_leading_dims(linear_backend, device):
+    """Rows are x.numel() // K: [2, 8, K] is 16 rows (cpp), [1, 17, K] is 17 (reference)."""
+    _need_cpp_linear(torch.float32, device)
+    w, _ = _linear_weights(8, 32, device, torch.float32, False)
+    with llmkern.track() as t:
+        ops.linear(torch.randn(2, 8, 32, device=device), w)
+    assert t.backends("linear") == {"cpp"}
+    with llmkern.track() as t:
+        ops.linear(torch.randn(1, 17, 32, device=device), w)
+    assert t.backends("linear") == {"reference"}
+
+
+@pytest.mark.parametrize("forced", ["triton", "cpp", "reference"])
+def test_linear_under_forced_backends(linear_backend, device, forced):
+    """No Triton (or CUDA) linear: a forced triton backend leaves linear to the automatic choice (cpp on CPU,
+    F.linear on CUDA); a forced reference runs F.linear."""
+    if forced == "cpp" and device != "cpu":
+        pytest.skip("the cpp backend runs CPU tensors")
+    x = torch.randn(2, 64, device=device)
+    w, b = _linear_weights(24, 64, device, torch.float32, True)
+    with llmkern.use_backend(forced), llmkern.track() as t:
+        ops.linear(x, w, b)
+        ops.linear(x, w, b)
+    want = "reference" if forced == "reference" else _linear_backend(x, w, b)
+    assert t.backends("linear") == {want}
+    assert backends._automatic("linear", torch.device(device)) != "triton"
+
+
+def test_linear_direct_path_bad_input_names_argument(linear_backend, device):
+    """After a call fills the direct table, a bad call that the C++ kernel rejects raises the named Python error."""
+    _need_cpp_linear(torch.float32, device)
+    w, b = _linear_weights(24, 64, device, torch.float32, True)
+    ops.linear(torch.randn(1, 64, device=device), w, b)
+    with pytest.raises(ValueError, match=r"^x's last dim must equal weight\.shape\[1\]"):
+        ops.linear(torch.randn(1, 63, device=device), w, b)
+    with pytest.raises(ValueError, match=r"^bias must have shape \(24,\)"):
+        ops.linear(torch.randn(1, 64, device=device), w, b[:20])
+    with pytest.raises(ValueError, match=r"x\.dtype=torch\.float32, weight\.dtype=torch\.bfloat16"):
+        ops.linear(torch.randn(1, 64, device=device), w.bfloat16())
+
+
+def test_linear_torch_compile_fullgraph(linear_backend, device):
+    """The op traces through its fake implementation (aot_eager: no Inductor build needed to prove it)."""
+    x = torch.randn(1, 2, 64, device=device)
+    w, b = _linear_weights(24, 64, device, torch.float32, True)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(ops.linear, fullgraph=True, backend="aot_eager")(x, w, b)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, ops.linear(x, w, b))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 
 
@@ -504,6 +694,9 @@ def _opcheck_cases():
         ("apply_rope", rope),
         ("apply_rope", lambda: rope(32)),
         ("silu_and_mul", silu),
+        ("linear", lambda: (torch.randn(3, 5, 64), torch.randn(40, 64), torch.randn(40))),
+        ("linear", lambda: (torch.randn(1, 100, dtype=torch.bfloat16), torch.randn(17, 100, dtype=torch.bfloat16), None)),
+        ("linear", lambda: (torch.randn(20, 64), torch.randn(40, 64), torch.randn(40))),  # rows > 16: F.linear
     ]
 
 
@@ -512,7 +705,7 @@ def test_opcheck(op, make_args):
     args = make_args()
     with llmkern.track() as t:
         torch.library.opcheck(getattr(torch.ops.llmkern, op).default, args)
-    assert _KERNEL["name"] in t.backends(op)
+    assert (_linear_backend(*args) if op == "linear" else _KERNEL["name"]) in t.backends(op)
 
 
 def _block(x, w, q, k, cos, sin, gate_up):
@@ -666,6 +859,38 @@ BAD_INPUTS = [
     ("fused non-tensor", lambda: ops.silu_and_mul_fused([1.0, 2.0]), TypeError, r"^gate_up must be a torch.Tensor"),
     ("fused empty", lambda: ops.silu_and_mul_fused(_t(3, 0)), ValueError, r"^gate_up must not be empty"),
     ("fused 0-d", lambda: ops.silu_and_mul_fused(torch.tensor(1.0)), ValueError, r"^gate_up must have at least one"),
+    # linear
+    ("linear int x", lambda: ops.linear(torch.ones(2, 8, dtype=torch.int32), _t(4, 8)), TypeError,
+     r"^x must have dtype"),
+    ("linear fp64 x", lambda: ops.linear(_t(2, 8, dtype=torch.float64), _t(4, 8, dtype=torch.float64)), TypeError,
+     r"^x must have dtype .* got float64"),
+    ("linear fp64 weight", lambda: ops.linear(_t(2, 8), _t(4, 8, dtype=torch.float64)), TypeError,
+     r"^weight must have dtype"),
+    ("linear list x", lambda: ops.linear([1.0, 2.0], _t(4, 2)), TypeError, r"^x must be a torch.Tensor"),
+    ("linear list weight", lambda: ops.linear(_t(2, 2), [[1.0, 2.0]]), TypeError, r"^weight must be a torch.Tensor"),
+    ("linear float bias", lambda: ops.linear(_t(2, 8), _t(4, 8), 1.0), TypeError, r"^bias must be a torch.Tensor"),
+    ("linear int bias", lambda: ops.linear(_t(2, 8), _t(4, 8), torch.ones(4, dtype=torch.int64)), TypeError,
+     r"^bias must have dtype"),
+    ("linear weight/x dtype", lambda: ops.linear(_t(2, 8), _t(4, 8, dtype=torch.bfloat16)), ValueError,
+     r"x\.dtype=torch\.float32, weight\.dtype=torch\.bfloat16"),
+    ("linear bias dtype", lambda: ops.linear(_t(2, 8), _t(4, 8), _t(4, dtype=torch.bfloat16)), ValueError,
+     r"bias\.dtype=torch\.bfloat16"),
+    ("linear weight 1-D", lambda: ops.linear(_t(2, 8), _t(8)), ValueError, r"^weight must be 2-D .* got shape \(8,\)"),
+    ("linear weight 3-D", lambda: ops.linear(_t(2, 8), _t(1, 4, 8)), ValueError, r"^weight must be 2-D"),
+    ("linear in_features", lambda: ops.linear(_t(2, 8), _t(4, 7)), ValueError,
+     r"^x's last dim must equal weight\.shape\[1\] \(in_features\) 7, got x \(2, 8\)"),
+    ("linear bias size", lambda: ops.linear(_t(2, 8), _t(4, 8), _t(5)), ValueError, r"^bias must have shape \(4,\)"),
+    ("linear bias 2-D", lambda: ops.linear(_t(2, 8), _t(4, 8), _t(1, 4)), ValueError,
+     r"^bias must have shape \(4,\) .* got \(1, 4\)"),
+    ("linear empty x", lambda: ops.linear(_t(0, 8), _t(4, 8)), ValueError, r"^x must not be empty"),
+    ("linear empty weight", lambda: ops.linear(_t(2, 8), _t(0, 8)), ValueError, r"^weight must not be empty"),
+    ("linear 0-d x", lambda: ops.linear(torch.tensor(1.0), _t(4, 1)), ValueError, r"^x must have at least one"),
+    ("linear weight on meta", lambda: ops.linear(_t(2, 8), _t(4, 8, device="meta")), ValueError,
+     r"one device.*x on cpu.*weight on meta"),
+    ("linear bias on meta", lambda: ops.linear(_t(2, 8), _t(4, 8), _t(4, device="meta")), ValueError,
+     r"one device.*bias on meta"),
+    ("op linear in_features", lambda: torch.ops.llmkern.linear(_t(2, 8), _t(4, 7), None), ValueError,
+     r"^x's last dim must equal"),
 ]
 
 

@@ -12,6 +12,7 @@ from llmkern import testing
 LAYOUTS = ["llama-tiny", "qwen2-tiny", "qwen2.5-0.5b", "mistral-tiny", "qwen3-tiny"]
 KERNELS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"}
 PAGED = {"reshape_and_cache", "paged_prefill_attention", "paged_decode_attention"}
+PROJECTIONS = 7  # nn.Linear per decoder layer: q/k/v/o_proj, gate/up/down_proj
 # Ops a forced backend does not implement fall back to the automatic choice (Triton in the interpreter here, the
 # reference on a plain CPU run): the C++ extension has no paged prefill.
 
@@ -28,6 +29,24 @@ def _not_native(backend: str, model) -> set:
     if _ext.load() and torch.ops.llmkern_C.cpu_fast_attention(dtype, head_dim):
         return set()
     return {"paged_prefill_attention"}
+
+
+def _linear_on(device) -> set:
+    """{"linear"} where patch() swaps the Linears in by default (a model on CPU), else an empty set."""
+    return {"linear"} if device == "cpu" else set()
+
+
+def _cpp_linear(dtype) -> bool:
+    from llmkern import _ext
+
+    return (_ext.load() and hasattr(torch.ops.llmkern_C, "cpu_linear_supported")
+            and bool(torch.ops.llmkern_C.cpu_linear_supported(dtype)))
+
+
+def _linear_backend(device, dtype) -> str:
+    """What a decode-sized ops.linear runs on: the C++ kernel on CPU where it has one for the dtype, whatever kernel
+    backend is forced (no other backend implements linear); else F.linear."""
+    return "cpp" if device == "cpu" and _cpp_linear(dtype) else "reference"
 
 
 @pytest.fixture(params=["triton", "cpp"])
@@ -70,17 +89,21 @@ def test_greedy_tokens_identical_fp32(layout, device, backend):
     report = llmkern.patch(model, attention=True)
     with llmkern.track() as ran:
         patched = _greedy(model, ids, 32)
-    assert ran.ops() == KERNELS | PAGED
+    assert ran.ops() == KERNELS | PAGED | _linear_on(device)
     not_native = _not_native(backend, model)
     for op in KERNELS | PAGED:
         if op in not_native:
             assert ran.backends(op) <= {"triton", "reference"}, (op, dict(ran))
         else:
             assert ran.backends(op) == {backend}, (op, dict(ran))
+    if device == "cpu":  # every call is decode-sized (a 9-token prompt): all on the C++ kernel where it has one
+        assert ran.backends("linear") == {_linear_backend(device, torch.float32)}, dict(ran)
     assert torch.equal(patched, eager), (patched, eager)
-    assert set(report.counts()) == KERNELS | {"paged_attention"}
+    assert set(report.counts()) == KERNELS | {"paged_attention"} | _linear_on(device)
     assert report.counts()["paged_attention"] == model.config.num_hidden_layers
     n_layers = model.config.num_hidden_layers
+    if device == "cpu":
+        assert report.counts()["linear"] == PROJECTIONS * n_layers + 1  # + lm_head
     assert report.counts()["fused_add_rms_norm"] == n_layers
     assert report.counts()["apply_rope"] == n_layers
     assert report.counts()["silu_and_mul"] == n_layers
@@ -100,6 +123,9 @@ def test_left_padded_batch(device, backend):
     with llmkern.track() as ran:
         patched = _greedy(model, ids, 16, mask)
     assert ran.backends("fused_add_rms_norm") == {backend}
+    if device == "cpu":
+        # The 33-row prefill runs F.linear (above LINEAR_MAX_ROWS), the 3-row decode steps the C++ kernel.
+        assert ran.backends("linear") == {"reference", _linear_backend(device, torch.float32)}, dict(ran)
     assert torch.equal(patched, eager)
 
 
@@ -118,15 +144,15 @@ def test_sampling_same_seed_same_tokens(device):
     assert torch.equal(sample(), eager)
 
 
-@pytest.mark.parametrize("option", ["rms_norm", "rope", "swiglu", "attention"])
+@pytest.mark.parametrize("option", ["rms_norm", "rope", "swiglu", "attention", "linear"])
 def test_each_option_alone(option, device):
     model = testing.tiny_model("qwen2-tiny", device=device)
     ids = _prompt(model).to(device)
     eager = _greedy(model, ids, 8)
-    opts = {"rms_norm": False, "rope": False, "swiglu": False, "attention": False, option: True}
+    opts = {"rms_norm": False, "rope": False, "swiglu": False, "attention": False, "linear": False, option: True}
     report = llmkern.patch(model, **opts)
     expected = {"rms_norm": {"rms_norm", "fused_add_rms_norm"}, "rope": {"apply_rope"},
-                "swiglu": {"silu_and_mul"}, "attention": PAGED}[option]
+                "swiglu": {"silu_and_mul"}, "attention": PAGED, "linear": {"linear"}}[option]
     assert set(report.counts()) == ({"paged_attention"} if option == "attention" else expected)
     with llmkern.track() as ran:
         assert torch.equal(_greedy(model, ids, 8), eager)
@@ -155,6 +181,9 @@ def test_instance_level_and_reversible():
     assert isinstance(model.model.norm, classes["model.norm"])
     text = repr(model)
     assert "LlmkernLlamaRMSNorm" in text and "llmkern=fused_add_rms_norm" in text and "llmkern=apply_rope" in text
+    assert "LlmkernLinear(in_features=128, out_features=512, bias=False, llmkern=linear)" in text  # lm_head
+    assert isinstance(model.lm_head, torch.nn.Linear) and type(model.lm_head) is not torch.nn.Linear
+    assert type(other.lm_head) is torch.nn.Linear
 
     assert llmkern.unpatch(model) is True
     assert llmkern.unpatch(model) is False
@@ -163,12 +192,52 @@ def test_instance_level_and_reversible():
     assert torch.equal(_logits(model, ids), before)  # bit for bit
 
 
-def test_attention_default_follows_the_device():
-    model = testing.tiny_model("llama-tiny")
+def test_defaults_follow_the_device(device):
+    """Paged attention is on by default on CPU and CUDA; the Linears only on CPU (cuBLAS is at the memory limit)."""
+    from llmkern.attention import NAME
+
+    model = testing.tiny_model("llama-tiny", device=device)
     report = llmkern.patch(model)
-    assert "paged_attention" not in report.counts()
-    assert any("paged attention" in what for what, _why in report.skipped)
+    n_layers = model.config.num_hidden_layers
+    assert report.counts()["paged_attention"] == n_layers
+    assert model.config._attn_implementation == NAME
+    assert report.options["attention"] is True and report.options["linear"] is (device == "cpu")
+    if device == "cpu":
+        assert report.counts()["linear"] == PROJECTIONS * n_layers + 1
+        assert report.modules("linear")[:PROJECTIONS] == [
+            f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        assert report.modules("linear")[-1] == "lm_head"
+        assert report.skipped == []
+    else:
+        assert "linear" not in report.counts()
+        assert [what for what, _why in report.skipped] == ["linear"]
+    llmkern.unpatch(model)
     assert model.config._attn_implementation == "sdpa"
+    report = llmkern.patch(model, attention=False, linear=False)
+    assert set(report.counts()) == KERNELS and report.skipped == []
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_linear_subclass_is_left_alone():
+    """A subclass of nn.Linear (quantized, LoRA, ...) has its own forward and weights: reported, not swapped."""
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    model = testing.tiny_model("llama-tiny")
+    ids = _prompt(model)
+    eager = _greedy(model, ids, 4)
+    attn = model.model.layers[1].self_attn
+    mine = MyLinear(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
+    mine.load_state_dict(attn.v_proj.state_dict())
+    attn.v_proj = mine
+    report = llmkern.patch(model)
+    assert ("model.layers.1.self_attn.v_proj", "MyLinear is a subclass of nn.Linear") in report.skipped
+    assert "model.layers.1.self_attn.v_proj" not in report.modules("linear")
+    assert type(attn.v_proj) is MyLinear
+    assert report.counts()["linear"] == PROJECTIONS * model.config.num_hidden_layers  # + lm_head - v_proj
+    assert torch.equal(_greedy(model, ids, 4), eager)
 
 
 def test_patch_is_idempotent():
@@ -177,8 +246,9 @@ def test_patch_is_idempotent():
     r2 = llmkern.patch(model, attention=True)
     assert r2 is r1
     assert type(model.model.norm).__mro__[1].__name__ == "LlamaRMSNorm"  # not wrapped twice
-    r3 = llmkern.patch(model, swiglu=False, attention=False)
-    assert r3 is not r1 and "silu_and_mul" not in r3.counts() and "paged_attention" not in r3.counts()
+    r3 = llmkern.patch(model, swiglu=False, attention=False, linear=False)
+    assert r3 is not r1 and not {"silu_and_mul", "paged_attention", "linear"} & set(r3.counts())
+    assert type(model.lm_head) is torch.nn.Linear
     assert model.config._attn_implementation == "sdpa"
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
     assert llmkern.patch_report(model) is r3
@@ -227,6 +297,8 @@ def test_smollm2_real_weights(device, backend):
     with llmkern.track() as ran:
         patched = _greedy(model, enc["input_ids"], 32, enc["attention_mask"])
     assert ran.backends("rms_norm") == {backend}
+    if device == "cpu":
+        assert _linear_backend(device, torch.float32) in ran.backends("linear")
     assert torch.equal(patched, eager)
     llmkern.unpatch(model)
     assert torch.equal(_greedy(model, enc["input_ids"], 32, enc["attention_mask"]), eager)
