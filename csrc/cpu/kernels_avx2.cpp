@@ -8,4 +8,5 @@
 
 #pragma GCC target("avx2,f16c,fma")
 #define LLMKERN_ISA avx2
+#define LLMKERN_HAS_FMA 1
 #include "kernels_impl.h"

@@ -8,4 +8,5 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
 #define LLMKERN_ISA avx512
+#define LLMKERN_HAS_FMA 1
 #include "kernels_impl.h"
