@@ -227,13 +227,12 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   });
 }
 
-at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                      int64_t sliding_window, double softcap, int64_t num_splits) {
-  check_cache(k_cache, v_cache);
-  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == D, "q must have shape [batch, num_heads, ", D, "], got ", q.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1);
+// The checks decode and prefill share: q's heads and dtype against the cache, the block tables and seq_lens
+// (int32, one row per sequence), every length within its table and every page id it reaches inside the pool.
+// Returns the longest sequence.
+int64_t check_paged(const at::Tensor& q, int64_t Hq, const at::Tensor& k_cache, const at::Tensor& block_tables,
+                    const at::Tensor& seq_lens, int64_t B) {
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv, ")");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
               k_cache.scalar_type());
@@ -247,19 +246,31 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
               seq_lens.sizes());
   check_same_device(q, "q", k_cache, "k_cache");
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lens[b] >= 0 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
                 " must be in [0, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
                 " blocks of ", BS, ")");
     max_len = std::max<int64_t>(max_len, lens[b]);
-  }
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
       TORCH_CHECK(tables[b * block_tables.stride(0) + i] >= 0 && tables[b * block_tables.stride(0) + i] < NB,
                   "block_tables[", b, ", ", i, "] = ", tables[b * block_tables.stride(0) + i],
                   " is not a block of the cache (", NB, " blocks)");
+  }
+  return max_len;
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                      int64_t sliding_window, double softcap, int64_t num_splits) {
+  check_cache(k_cache, v_cache);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == D, "q must have shape [batch, num_heads, ", D, "], got ", q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1);
+  const int64_t max_len = check_paged(q, Hq, k_cache, block_tables, seq_lens, B);
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
   // Splits: enough work items to keep every thread busy (4 per thread), never shorter than 256 tokens.
   int64_t ns = num_splits;
   if (ns <= 0) {
@@ -291,34 +302,19 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(q.dim() == 4 && q.size(3) == D, "q must have shape [batch, num_heads, seq, ", D, "], got ", q.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2);
-  TORCH_CHECK(Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv, ")");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
-              k_cache.scalar_type());
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
-                  block_tables.stride(1) == 1,
-              "block_tables must be int32 [", B, ", max_blocks] with unit last stride, got ",
-              block_tables.scalar_type(), " ", block_tables.sizes());
-  for (const auto& [t, name] : {std::pair{&seq_lens, "seq_lens"}, std::pair{&q_lens, "q_lens"}})
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) == B && t->is_contiguous(), name,
-                " must be a contiguous int32 tensor of shape [", B, "], got ", t->scalar_type(), " ", t->sizes());
-  check_same_device(q, "q", k_cache, "k_cache");
+  check_paged(q, Hq, k_cache, block_tables, seq_lens, B);
+  TORCH_CHECK(q_lens.scalar_type() == at::kInt && q_lens.dim() == 1 && q_lens.size(0) == B && q_lens.is_contiguous(),
+              "q_lens must be a contiguous int32 tensor of shape [", B, "], got ", q_lens.scalar_type(), " ",
+              q_lens.sizes());
   const auto dt = dtype_of(q, "q");
   TORCH_CHECK(kc::fast_attention_supported(dt, D), "llmkern paged_prefill_attention: no C++ kernel for head_dim ", D,
               " on this CPU (", kc::isa_name(), ")");
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* qls = q_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lens[b] >= 0 && lens[b] <= block_tables.size(1) * BS, "seq_lens[", b, "] = ", lens[b],
-                " must be in [0, ", block_tables.size(1) * BS, "] (block_tables holds ", block_tables.size(1),
-                " blocks of ", BS, ")");
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(qls[b] >= 0 && qls[b] <= S && qls[b] <= lens[b], "q_lens[", b, "] = ", qls[b], " must be in [0, ",
                 std::min<int64_t>(S, lens[b]), "] (q has ", S, " rows, seq_lens[", b, "] = ", lens[b], ")");
-    for (int64_t i = 0; i < (lens[b] + BS - 1) / BS; ++i)
-      TORCH_CHECK(tables[b * block_tables.stride(0) + i] >= 0 && tables[b * block_tables.stride(0) + i] < NB,
-                  "block_tables[", b, ", ", i, "] = ", tables[b * block_tables.stride(0) + i],
-                  " is not a block of the cache (", NB, " blocks)");
-  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   // Query rows per work item: about 64 rows of the [tile * G, D] block, so a 64-token K/V chunk read from memory

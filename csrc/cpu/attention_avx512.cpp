@@ -27,6 +27,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "avx512_util.h"
 #include "kernels.h"
 
 namespace llmkern {
@@ -37,22 +38,6 @@ namespace {
 
 constexpr int kChunk = 64;  // tokens per online-softmax step: four 16-token score vectors
 enum Kind { kKF32, kKBF16, kKF16 };
-
-// v[0..15] -> one vector whose lane t is the sum of v[t]'s 16 lanes (45 shuffles/adds for 16 dot products).
-inline __m512 hsum16(const __m512* v) {
-  __m512 w[8];
-  for (int i = 0; i < 8; ++i)  // 128-bit lane L: [a(0+2), b(0+2), a(1+3), b(1+3)] of (a, b) = (v[2i], v[2i+1])
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  __m512 x[4];
-  for (int j = 0; j < 4; ++j) {  // 128-bit lane L of x[j]: lane-L sums of v[4j .. 4j+3]
-    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
-    x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // Sum the four 128-bit lanes; 128-bit lane j of the result holds v[4j .. 4j+3].
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
-}
 
 // exp(x): x = n ln2 + r, degree-6 polynomial for e^r, scaled by 2^n with VSCALEFPS. ~2 ulp; exp(-inf) is
 // clamped to ~1e-38 (callers zero masked lanes).
@@ -319,14 +304,10 @@ void decode_items(const DecodeArgs& a, int64_t i0, int64_t i1) {
   Scratch w(G, D);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t item = i0; item < i1; ++item) {
-    const int64_t sp = item % a.num_splits;
-    const int64_t h = (item / a.num_splits) % a.Hkv;
-    const int64_t b = item / (a.num_splits * a.Hkv);
-    const int64_t L = a.seq_lens[b];
-    const int64_t first = a.window > 0 ? std::max<int64_t>(L - a.window, 0) : 0;
-    const int64_t t0 = std::max(sp * a.split_len, first), t1 = std::min((sp + 1) * a.split_len, L);
-    float* pout = a.part_out + ((b * a.Hq + h * G) * a.num_splits + sp) * D;  // row g at + g * num_splits * D
-    float* plse = a.part_lse + (b * a.Hq + h * G) * a.num_splits + sp;       // row g at + g * num_splits
+    const DecodeItem it = decode_item(a, item);
+    const int64_t b = it.b, h = it.h, t0 = it.t0, t1 = it.t1;
+    float* pout = it.pout;
+    float* plse = it.plse;
     if (t0 >= t1) {
       for (int64_t g = 0; g < G; ++g) {
         plse[g * a.num_splits] = neg_inf;

@@ -87,6 +87,24 @@ struct DecodeArgs {
 };
 int paged_decode_stage1(const DecodeArgs& a, int64_t item_begin, int64_t item_end);
 
+// What work item `item` of stage 1 covers (both CPU decode kernels use it): sequence b, KV head h, split sp, the
+// token range [t0, t1) (empty when the split lies past the sequence or before its sliding window), and where its
+// fp32 partials go: row g of the group at pout + g * num_splits * D and plse + g * num_splits.
+struct DecodeItem {
+  int64_t b, h, sp, t0, t1;
+  float* pout;
+  float* plse;
+};
+inline DecodeItem decode_item(const DecodeArgs& a, int64_t item) {
+  const int64_t sp = item % a.num_splits, h = (item / a.num_splits) % a.Hkv, b = item / (a.num_splits * a.Hkv);
+  const int64_t L = a.seq_lens[b], G = a.Hq / a.Hkv;
+  const int64_t first = a.window > 0 && L > a.window ? L - a.window : 0;
+  const int64_t t0 = sp * a.split_len > first ? sp * a.split_len : first;
+  const int64_t t1 = (sp + 1) * a.split_len < L ? (sp + 1) * a.split_len : L;
+  const int64_t row0 = b * a.Hq + h * G;
+  return {b, h, sp, t0, t1, a.part_out + (row0 * a.num_splits + sp) * a.D, a.part_lse + row0 * a.num_splits + sp};
+}
+
 // Paged prefill attention: q [B, Hq, S, D] (strides sqb, sqh, sqs, sqd); row s of sequence b sits at position
 // seq_lens[b] - S + s and sees cache keys max(0, pos - window + 1) .. pos; rows s < S - q_lens[b] are left padding
 // and get zeros. One work item = (b, KV head h, tile of `tile` query rows): items = B * Hkv * ceil(S / tile).

@@ -270,16 +270,10 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   const T* vrows[CH];
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t item = i0; item < i1; ++item) {
-    const int64_t sp = item % a.num_splits;
-    const int64_t h = (item / a.num_splits) % a.Hkv;
-    const int64_t b = item / (a.num_splits * a.Hkv);
-    const int64_t L = a.seq_lens[b];
-    const int64_t first = a.window > 0 ? (L - a.window > 0 ? L - a.window : 0) : 0;
-    int64_t t0 = sp * a.split_len, t1 = (sp + 1) * a.split_len;
-    if (t0 < first) t0 = first;
-    if (t1 > L) t1 = L;
-    float* pout = a.part_out + ((b * a.Hq + h * G) * a.num_splits + sp) * D;  // row g at + g * num_splits * D
-    float* plse = a.part_lse + (b * a.Hq + h * G) * a.num_splits + sp;       // row g at + g * num_splits
+    const DecodeItem it = decode_item(a, item);
+    const int64_t b = it.b, h = it.h, t0 = it.t0, t1 = it.t1;
+    float* pout = it.pout;
+    float* plse = it.plse;
     if (t0 >= t1) {
       for (int64_t g = 0; g < G; ++g) {
         plse[g * a.num_splits] = neg_inf;
