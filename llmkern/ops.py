@@ -54,6 +54,20 @@ _local = backends.local  # .direct: {op: C++ CPU kernel} for the direct path (mo
 _counts, _trackers = backends._counts, backends._trackers  # the direct path records its calls (backends docstring)
 
 
+def _call_direct(fn, key: tuple, *args):
+    """The eager fast path's C++ call (module docstring): the kernel's result, recorded for ``track()`` as
+    ``select`` would; None when the kernel raised, so the caller takes the full path, whose checks raise the error
+    that names the argument."""
+    try:
+        out = fn(*args)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    _counts[key] += 1
+    for t in _trackers:
+        t[key] += 1
+    return out
+
+
 def _require_tensors(**named) -> None:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
@@ -211,14 +225,8 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: floa
     fn = _local.direct.get("rms_norm")
     if (fn is not None and x.is_cpu and not _function_mode() and 0.0 < eps < _INF and -_INF < offset < _INF
             and weight.numel() <= _MAX_NORM_N):
-        try:
-            out = fn(x, weight, eps, offset)
-        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
-            pass
-        else:
-            _counts[_K_RMS_NORM] += 1
-            for t in _trackers:
-                t[_K_RMS_NORM] += 1
+        out = _call_direct(fn, _K_RMS_NORM, x, weight, eps, offset)
+        if out is not None:
             return out
     _check_rms_norm(x, weight, eps, offset)
     backend = backends.select("rms_norm", x.device)
@@ -278,14 +286,8 @@ def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torc
     fn = _local.direct.get("fused_add_rms_norm")
     if (fn is not None and x.is_cpu and not _function_mode() and 0.0 < eps < _INF
             and weight.numel() <= _MAX_NORM_N):
-        try:
-            out = fn(x, residual, weight, eps)
-        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
-            pass
-        else:
-            _counts[_K_FUSED_ADD_RMS_NORM] += 1
-            for t in _trackers:
-                t[_K_FUSED_ADD_RMS_NORM] += 1
+        out = _call_direct(fn, _K_FUSED_ADD_RMS_NORM, x, residual, weight, eps)
+        if out is not None:
             return out
     _check_fused_add_rms_norm(x, residual, weight, eps)
     backend = backends.select("fused_add_rms_norm", x.device)
@@ -343,14 +345,8 @@ def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fn = _local.direct.get("apply_rope")
     if fn is not None and q.is_cpu and not _function_mode() and cos.numel() > 0:
-        try:
-            out = fn(q, k, cos, sin)
-        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
-            pass
-        else:
-            _counts[_K_APPLY_ROPE] += 1
-            for t in _trackers:
-                t[_K_APPLY_ROPE] += 1
+        out = _call_direct(fn, _K_APPLY_ROPE, q, k, cos, sin)
+        if out is not None:
             return out
     _check_rope(q, k, cos, sin)
     backend = backends.select("apply_rope", q.device)
@@ -411,14 +407,8 @@ _K_SILU_AND_MUL = ("silu_and_mul", "cpp")
 def _silu_and_mul_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     fn = _local.direct.get("silu_and_mul")
     if fn is not None and gate.is_cpu and not _function_mode():
-        try:
-            out = fn(gate, up)
-        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
-            pass
-        else:
-            _counts[_K_SILU_AND_MUL] += 1
-            for t in _trackers:
-                t[_K_SILU_AND_MUL] += 1
+        out = _call_direct(fn, _K_SILU_AND_MUL, gate, up)
+        if out is not None:
             return out
     _check_silu_and_mul(gate, up)
     backend = backends.select("silu_and_mul", gate.device)
@@ -531,14 +521,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if (fn is not None and x.is_cpu and not _function_mode() and x.dtype in _LINEAR_CPP_DTYPES
             and weight.dim() == 2 and weight.stride(1) == 1 and 0 < x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
             and (bias is None or bias.is_contiguous())):
-        try:
-            out = fn(x, weight, bias)
-        except Exception:  # noqa: BLE001 - the full path below raises the error that names the argument
-            pass
-        else:
-            _counts[_K_LINEAR] += 1
-            for t in _trackers:
-                t[_K_LINEAR] += 1
+        out = _call_direct(fn, _K_LINEAR, x, weight, bias)
+        if out is not None:
             return out
     _check_linear(x, weight, bias)
     if backends.select("linear", x.device, cpp=_linear_cpp_ok(x, weight, bias)) == "cpp":
