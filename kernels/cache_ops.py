@@ -15,13 +15,14 @@ from llmkern.kernels._specs import CompileSpec
 _TILE_ELEMS = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_slots", "H", "stride_kt", "stride_vt"))
 def _reshape_and_cache_kernel(
     key_ptr,  # [T, H, D] strided
     value_ptr,  # [T, H, D] strided
     kc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
     vc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
-    slot_ptr,  # [T] int64; < 0 = padding token
+    slot_ptr,  # [T] int64; < 0 = padding token; >= num_slots: skipped (see reshape_and_cache_fwd)
+    num_slots,  # num_blocks * BLOCK_SIZE
     H,
     D,
     stride_kt,
@@ -46,7 +47,7 @@ def _reshape_and_cache_kernel(
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ds = tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + t)
-    if slot >= 0:
+    if (slot >= 0) & (slot < num_slots):
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         mask = (hs < H)[:, None] & (ds < D)[None, :]
@@ -58,7 +59,7 @@ def _reshape_and_cache_kernel(
         tl.store(vc + hs[:, None] * stride_vch + ds[None, :] * stride_vcd, v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H",))
 def _copy_blocks_kernel(
     kc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
     vc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
@@ -103,13 +104,25 @@ def cache_tile_config(H: int, D: int) -> dict:
     return {"BLOCK_H": block_h, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
+def reshape_and_cache_grid(T: int, H: int, D: int) -> tuple:
+    return (T, triton.cdiv(H, cache_tile_config(H, D)["BLOCK_H"]))
+
+
+def copy_blocks_grid(n: int, block_size: int, H: int, D: int) -> tuple:
+    return (n, block_size * triton.cdiv(H, cache_tile_config(H, D)["BLOCK_H"]))
+
+
 def reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Launch ``_reshape_and_cache_kernel`` over (token, head tile)."""
+    """Launch ``_reshape_and_cache_kernel`` over (token, head tile).
+
+    A slot past the pool (``>= num_blocks * block_size``) is skipped, never written out of bounds: on CUDA tensors
+    the public op cannot check the mapping without a device sync (it stays CUDA-graph capturable), so the kernel
+    guards each write, as the CUDA kernel does. On CPU tensors ``llmkern.paged_ops`` raises before launching."""
     T, H, D = key.shape
     cfg = cache_tile_config(H, D)
-    grid = (T, triton.cdiv(H, cfg["BLOCK_H"]))
+    grid = reshape_and_cache_grid(T, H, D)
     _reshape_and_cache_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping, H, D,
+        key, value, k_cache, v_cache, slot_mapping, k_cache.shape[0] * k_cache.shape[1], H, D,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
@@ -120,7 +133,7 @@ def copy_blocks_fwd(k_cache, v_cache, src, dst) -> None:
     _, bs, H, D = k_cache.shape
     cfg = cache_tile_config(H, D)
     num_hb = triton.cdiv(H, cfg["BLOCK_H"])
-    grid = (src.shape[0], bs * num_hb)
+    grid = copy_blocks_grid(src.shape[0], bs, H, D)
     _copy_blocks_kernel[grid](
         k_cache, v_cache, src, dst, H, D, *k_cache.stride(), *v_cache.stride(),
         NUM_HB=num_hb, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
@@ -131,29 +144,38 @@ def copy_blocks_fwd(k_cache, v_cache, src, dst) -> None:
 # Compile specs (kernels/_specs.py): every config the heuristic picks for the supported head layouts.
 
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-# (Hkv, D) of SmolLM2 (3/64), Qwen2.5-0.5B (2/64), Qwen2.5-7B (4/128), Llama-3-8B (8/128), Llama-2-7B (32/128),
-# and the head_dim 80/96/256 variants.
-_LAYOUTS = [(3, 64), (2, 64), (4, 128), (8, 128), (32, 128), (4, 80), (4, 96), (8, 256)]
 
 
 def compile_specs() -> list:
-    specs = []
+    """The configs ``cache_tile_config`` picks for the (Hkv, head_dim) of every layout in ``kernels/_layouts.py``
+    (no other input changes them), page sizes 16 and 1, fp32/fp16/bf16; one spec per distinct compiled kernel."""
+    from llmkern.kernels import _layouts as L
+
+    specs = {}
     for dt, ptr in _TY.items():
-        for H, D in _LAYOUTS:
+        for lname, _, H, D, _, _ in L.head_layouts():
             cfg = cache_tile_config(H, D)
             tile = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
             strides_c = {f"stride_{c}{s}": "i32" for c in ("kc", "vc") for s in "bsh"}
-            for bs in (16, 1):
+            # Contiguous [T, H, D] key/value and pages: every cache stride is a multiple of D (all of which are
+            # multiples of 16 here), like D itself.
+            div = tuple(strides_c) + ("D", "stride_kh", "stride_vh")
+            for bs in L.BLOCK_SIZES:
                 sig = {"key_ptr": ptr, "value_ptr": ptr, "kc_ptr": ptr, "vc_ptr": ptr, "slot_ptr": "*i64",
-                       "H": "i32", "D": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
-                       "stride_vh": "i32", **strides_c}
+                       "num_slots": "i32", "H": "i32", "D": "i32", "stride_kt": "i32", "stride_kh": "i32",
+                       "stride_vt": "i32", "stride_vh": "i32", **strides_c}
                 const = {"stride_kd": 1, "stride_vd": 1, "stride_kcd": 1, "stride_vcd": 1, "BLOCK_SIZE": bs, **tile}
-                specs.append(CompileSpec(
-                    name=f"reshape_and_cache[H={H},D={D},BLOCK_SIZE={bs},{dt}]", fn=_reshape_and_cache_kernel,
-                    signature=sig, constexprs=const, num_warps=cfg["num_warps"], meta={"Hkv": H, "D": D}))
+                name = f"reshape_and_cache[BLOCK_H={cfg['BLOCK_H']},BLOCK_D={cfg['BLOCK_D']},BLOCK_SIZE={bs},{dt}]"
+                spec = specs.setdefault(name, CompileSpec(
+                    name=name, fn=_reshape_and_cache_kernel, signature=sig, constexprs=const,
+                    num_warps=cfg["num_warps"], meta={"divisible_by_16": div, "serves": []}))
+                spec.meta["serves"].append(lname)
             sig = {"kc_ptr": ptr, "vc_ptr": ptr, "src_ptr": "*i64", "dst_ptr": "*i64", "H": "i32", "D": "i32",
                    **strides_c}
             const = {"stride_kcd": 1, "stride_vcd": 1, "NUM_HB": triton.cdiv(H, cfg["BLOCK_H"]), **tile}
-            specs.append(CompileSpec(name=f"copy_blocks[H={H},D={D},{dt}]", fn=_copy_blocks_kernel, signature=sig,
-                                     constexprs=const, num_warps=cfg["num_warps"], meta={"Hkv": H, "D": D}))
-    return specs
+            name = f"copy_blocks[BLOCK_H={cfg['BLOCK_H']},BLOCK_D={cfg['BLOCK_D']},NUM_HB={const['NUM_HB']},{dt}]"
+            spec = specs.setdefault(name, CompileSpec(
+                name=name, fn=_copy_blocks_kernel, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
+                meta={"divisible_by_16": tuple(strides_c) + ("D",), "serves": []}))
+            spec.meta["serves"].append(lname)
+    return list(specs.values())

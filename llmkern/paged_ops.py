@@ -171,6 +171,13 @@ def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch
     _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
     if key.shape[0] == 0:
         return
+    if slot_mapping.device.type == "cpu":
+        # Host memory: checking costs no sync, so every backend refuses a slot past the pool before writing. On
+        # CUDA the check would sync each layer: the triton and cuda kernels skip such a slot instead.
+        top = int(slot_mapping.max())
+        if top >= k_cache.shape[0] * k_cache.shape[1]:
+            raise ValueError(f"slot_mapping holds slot {top}, past the cache's {k_cache.shape[0] * k_cache.shape[1]} "
+                             f"slots ({k_cache.shape[0]} blocks of {k_cache.shape[1]})")
     backend = backends.select("reshape_and_cache", key.device)
     if backend in ("cpp", "cuda"):
         torch.ops.llmkern_C.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)

@@ -120,3 +120,33 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.llmkern.copy_blocks.default,
                           (a["k_cache"], a["v_cache"], torch.tensor([0, 1], device=device),
                            torch.tensor([2, 3], device=device)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A slot past the pool (issue #12): an error on CPU tensors whatever the backend; on CUDA tensors (where checking
+# would sync) the triton and cuda kernels skip it. Never an out-of-bounds write.
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_reshape_and_cache_slot_past_pool_is_an_error_on_cpu(backend):
+    args = _cache_args("cpu")
+    args["slot_mapping"] = torch.tensor([0, 64, 1])  # 4 blocks of 16: slot 64 is one past the end
+    before = args["k_cache"].clone()
+    with llmkern.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="past the"):
+        paged_ops.reshape_and_cache(**args)
+    assert torch.equal(args["k_cache"], before), "nothing is written when a slot is bad"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernel on CPU tensors in the interpreter")
+@pytest.mark.parametrize("bs", [1, 16])
+def test_reshape_and_cache_kernel_skips_slot_past_pool(bs):
+    """The Triton kernel itself (what CUDA tensors reach, unchecked) writes nothing for a slot past the pool: the
+    pool is a view of a bigger buffer, and the row right after it stays untouched."""
+    from llmkern.kernels import cache_ops as K
+
+    nb, H, D = 3, 2, 64
+    kbuf, vbuf = torch.zeros(nb + 1, bs, H, D), torch.zeros(nb + 1, bs, H, D)
+    key, value = torch.randn(3, H, D), torch.randn(3, H, D)
+    K.reshape_and_cache_fwd(key, value, kbuf[:nb], vbuf[:nb], torch.tensor([nb * bs, 0, nb * bs + bs - 1]))
+    assert (kbuf[nb] == 0).all() and (vbuf[nb] == 0).all(), "wrote past the pool"
+    assert torch.equal(kbuf[0, 0], key[1]) and torch.equal(vbuf[0, 0], value[1])
