@@ -20,7 +20,11 @@ path, whose Python checks raise the error that names the argument. The few condi
 ``linear`` is ``F.linear`` with a C++ kernel for decode-sized inputs on CPU (``LINEAR_MAX_ROWS``); there is no
 Triton linear: on CUDA, and for larger inputs, ``F.linear`` (the reference backend) runs.
 
-The ops are for inference: they register no autograd formula.
+Training: ``rms_norm``, ``fused_add_rms_norm``, ``apply_rope``, ``silu_and_mul`` (so ``silu_and_mul_fused``) and
+``linear`` have backward formulas (``torch.library.register_autograd``, section "Autograd" below). An input that
+requires grad under grad mode never takes the eager fast path: it goes through ``torch.ops.llmkern``, whose autograd
+kernel records the op for the backward. The paged attention ops and the cache writes (``llmkern.paged_ops``) have no
+backward and raise when asked for one.
 """
 
 import math
@@ -49,6 +53,7 @@ _FLOATS = frozenset(FLOAT_DTYPES)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _INF = math.inf
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled  # with a requires-grad input: the dispatcher path, so autograd sees the op
 _function_mode = torch._C._is_torch_function_mode_enabled  # a TorchFunctionMode must see the C++ op: full path
 _local = backends.local  # .direct: {op: C++ CPU kernel} for the direct path (module docstring)
 _counts, _trackers = backends._counts, backends._trackers  # the direct path records its calls (backends docstring)
@@ -266,7 +271,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
         >>> y = llmkern.ops.rms_norm(x, w, 1e-6)
     """
     if (type(x) in _PLAIN and type(weight) in _PLAIN and type(eps) is float and type(offset) is float
-            and not _is_compiling()):
+            and not _is_compiling() and not (_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return _rms_norm_op(x, weight, eps, offset)
     # Under torch.compile, or for tensor subclasses (FakeTensor, ...), go through torch.ops.llmkern so tracing sees
     # the op and its fake implementation.
@@ -328,7 +333,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         ``(normed, residual_out)``, both ``[..., N]`` contiguous; ``normed`` has dtype ``promote(x, weight)``.
     """
     if (type(x) in _PLAIN and type(residual) in _PLAIN and type(weight) in _PLAIN and type(eps) is float
-            and not _is_compiling()):
+            and not _is_compiling()
+            and not (_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad))):
         return _fused_add_rms_norm_op(x, residual, weight, eps)
     _require_tensors(x=x, residual=residual, weight=weight)
     return torch.ops.llmkern.fused_add_rms_norm(x, residual, weight, _check_eps(eps))
@@ -391,7 +397,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         >>> q2, k2 = llmkern.ops.apply_rope(q, k, cos, sin)
     """
     if (type(q) in _PLAIN and type(k) in _PLAIN and type(cos) in _PLAIN and type(sin) in _PLAIN
-            and not _is_compiling()):
+            and not _is_compiling() and not (_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                   or cos.requires_grad or sin.requires_grad))):
         return _apply_rope_op(q, k, cos, sin)
     _require_tensors(q=q, k=k, cos=cos, sin=sin)
     return torch.ops.llmkern.apply_rope(q, k, cos, sin)
@@ -440,7 +447,8 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., I]`` contiguous.
     """
-    if type(gate) in _PLAIN and type(up) in _PLAIN and not _is_compiling():
+    if (type(gate) in _PLAIN and type(up) in _PLAIN and not _is_compiling()
+            and not (_grad_enabled() and (gate.requires_grad or up.requires_grad))):
         return _silu_and_mul_op(gate, up)
     _require_tensors(gate=gate, up=up)
     return torch.ops.llmkern.silu_and_mul(gate, up)
@@ -561,9 +569,85 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         >>> y = llmkern.ops.linear(x, w)  # [1, 1, 1536]
     """
     if (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and not _is_compiling()):
+            and not _is_compiling() and not (_grad_enabled() and (
+                x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))):
         return _linear_op(x, weight, bias)
     _require_tensors(x=x, weight=weight)
     if bias is not None:
         _require_tensors(bias=bias)
     return torch.ops.llmkern.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Autograd. The row ops' backward recomputes the op's pure-torch reference (llmkern.reference: HF eager's formula and
+# casting order) from the saved inputs and differentiates it, so a patched model's gradients are eager's gradients
+# (the same graph, in the same dtypes). That costs one extra forward of the op in the backward, which is cheap next to
+# the Linears; a fused backward kernel (Liger-Kernel's) would save it. linear's backward is closed form: two GEMMs.
+
+
+def _vjp(reference_fn, inputs: tuple, needs: tuple, grads: tuple) -> tuple:
+    """Gradients of ``reference_fn(*inputs)`` with respect to the inputs flagged in ``needs``, given the output
+    gradients ``grads`` (None for an output nobody differentiated). None for an input that needs none."""
+    if not any(needs):
+        return (None,) * len(inputs)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(inputs, needs)]
+        outs = reference_fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        # The reference may promote (fp32 cos/sin with bf16 q); the op returns its outputs in the grads' dtypes.
+        pairs = [(o.to(g.dtype), g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [leaf for leaf, n in zip(leaves, needs) if n]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs else [None] * len(wanted))
+    return tuple(next(got) if n else None for n in needs)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+    ctx.scalars = tuple(t for t in inputs if not isinstance(t, torch.Tensor))
+
+
+def _rms_norm_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    eps, offset = ctx.scalars
+    return (*_vjp(lambda a, w: reference.rms_norm(a, w, eps, offset), (x, weight), ctx.needs_input_grad[:2],
+                  (grad,)), None, None)
+
+
+def _fused_add_rms_norm_backward(ctx, grad_normed, grad_residual):
+    x, residual, weight = ctx.saved_tensors
+    (eps,) = ctx.scalars
+    return (*_vjp(lambda a, r, w: reference.fused_add_rms_norm(a, r, w, eps), (x, residual, weight),
+                  ctx.needs_input_grad[:3], (grad_normed, grad_residual)), None)
+
+
+def _apply_rope_backward(ctx, grad_q, grad_k):
+    return _vjp(reference.apply_rope, ctx.saved_tensors, ctx.needs_input_grad, (grad_q, grad_k))
+
+
+def _silu_and_mul_backward(ctx, grad):
+    return _vjp(reference.silu_and_mul, ctx.saved_tensors, ctx.needs_input_grad, (grad,))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    g2 = grad.reshape(-1, grad.shape[-1])  # [rows, N]
+    gx = (grad @ weight) if need_x else None  # [..., K]
+    gw = (g2.t() @ x.reshape(-1, x.shape[-1])) if need_w else None  # [N, K]
+    gb = g2.sum(0) if need_b and ctx.has_bias else None  # [N]
+    return gx, gw, gb
+
+
+for _name, _backward, _setup in (("rms_norm", _rms_norm_backward, _save_inputs),
+                                 ("fused_add_rms_norm", _fused_add_rms_norm_backward, _save_inputs),
+                                 ("apply_rope", _apply_rope_backward, _save_inputs),
+                                 ("silu_and_mul", _silu_and_mul_backward, _save_inputs),
+                                 ("linear", _linear_backward, _linear_setup)):
+    torch.library.register_autograd(f"llmkern::{_name}", _backward, setup_context=_setup, lib=_library.LIB)

@@ -154,6 +154,19 @@ def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None
                          f"got {tuple(slot_mapping.shape)}")
 
 
+def _refuse_grad(op: str, **tensors) -> None:
+    """The paged ops have no backward: an input that requires grad under grad mode is an error, not a silently
+    detached result."""
+    if torch.is_grad_enabled():
+        needs = [name for name, t in tensors.items() if t.requires_grad]
+        if needs:
+            raise RuntimeError(
+                f"{op} has no backward (the paged KV cache is for inference), but {' and '.join(needs)} "
+                f"require{'s' if len(needs) == 1 else ''} grad under grad mode. Run it under torch.no_grad() or "
+                f"torch.inference_mode(); to train a patched model, call it with use_cache=False (its attention then "
+                f"runs transformers' SDPA, which has a backward).")
+
+
 def _check_copy_blocks(k_cache, v_cache, src, dst) -> None:
     _check_cache(k_cache, v_cache)
     _check_int_tensor(src, "src", torch.int64, 1)
@@ -168,6 +181,7 @@ def _check_copy_blocks(k_cache, v_cache, src, dst) -> None:
 
 def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
+    _refuse_grad("reshape_and_cache", key=key, value=value)
     _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
     if key.shape[0] == 0:
         return
@@ -269,6 +283,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, sliding_window: int | None, softcap: float | None,
                      num_splits: int | None, max_seq_len: int | None) -> torch.Tensor:
+    _refuse_grad("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
                   max_seq_len)
     backend = backends.select("paged_decode_attention", q.device)
@@ -375,6 +390,7 @@ def _cpp_prefill_ok(dtype: torch.dtype, head_dim: int) -> bool:
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, sliding_window: int | None,
                       softcap: float | None) -> torch.Tensor:
+    _refuse_grad("paged_prefill_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
     # The C++ prefill kernel is the AVX-512 one; elsewhere (another CPU, or a head_dim it lacks) the reference runs.
     cpp_ok = q.device.type != "cpu" or _cpp_prefill_ok(q.dtype, q.shape[-1])
