@@ -19,7 +19,7 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/torch_bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_avx512.cpp",
                "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_generic.cpp",
-               "csrc/cpu/attention_avx512.cpp", "csrc/cpu/linear_avx512.cpp"]
+               "csrc/cpu/attention_avx512.cpp", "csrc/cpu/linear_avx512.cpp", "csrc/cpu/vec_avx2.cpp"]
 CUDA_SOURCES = ["csrc/cuda/row_ops.cu", "csrc/cuda/cache_ops.cu"]
 # -fopenmp at compile time only: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers (serial
 # without the flag). Not at link time: the GOMP symbols then resolve to the OpenMP runtime torch itself loads, so the
@@ -67,7 +67,7 @@ def extensions():
                  and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h"))
                  and all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES))
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # +PTX: JIT-compiled on sm_100/sm_120
         ext = cpp_extension.CUDAExtension(
             "llmkern._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("LLMKERN_WITH_CUDA", None)],

@@ -399,7 +399,45 @@ void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor
   v_cache.index_copy_(0, di, v_cache.index_select(0, si));
 }
 
-std::string isa() { return kc::isa_name(); }
+// The active instruction set of the CPU kernels. A LLMKERN_CPU_ISA naming none is reported here (llmkern._ext.load
+// asks once), not silently ignored.
+std::string isa() {
+  const char* bad = kc::isa_env_invalid();
+  TORCH_CHECK_VALUE(bad == nullptr, "LLMKERN_CPU_ISA=", bad, " names no instruction set llmkern has kernels for: "
+                    "expected avx512, avx2 or generic (or unset: the best this CPU runs)");
+  return kc::isa_name();
+}
+
+// Tests: run the CPU kernels on another instruction set; returns the previous one. An ISA this CPU cannot run, or
+// one above LLMKERN_CPU_ISA's cap, is an error naming it.
+std::string set_cpu_isa(const std::string& name) {
+  kc::Isa want;
+  TORCH_CHECK_VALUE(kc::isa_from_name(name.c_str(), &want), "set_cpu_isa: unknown instruction set '", name,
+                    "', expected avx512, avx2 or generic");
+  TORCH_CHECK(want <= kc::hardware_isa(), "set_cpu_isa: this CPU cannot run ", name, " kernels (it runs up to ",
+              kc::isa_name(kc::hardware_isa()), ")");
+  TORCH_CHECK(want <= kc::isa_cap(), "set_cpu_isa: ", name, " is above LLMKERN_CPU_ISA's cap for this process (",
+              kc::isa_name(kc::isa_cap()), ")");
+  return kc::isa_name(kc::set_isa(want));
+}
+
+// Which kernel serves `op` ("paged_decode_attention", "paged_prefill_attention" or "linear") for dtype and head_dim
+// under the active ISA: "avx512", "avx2", "portable", or "reference" (no C++ kernel: llmkern runs the torch
+// reference). The C++ ops dispatch by the same choice.
+std::string cpu_kernel(const std::string& op, at::ScalarType dtype, int64_t head_dim) {
+  kc::DType t;
+  switch (dtype) {
+    case at::kFloat: t = kc::kF32; break;
+    case at::kHalf: t = kc::kF16; break;
+    case at::kBFloat16: t = kc::kBF16; break;
+    default: return "reference";
+  }
+  if (op == "paged_decode_attention") return kc::kernel_name(kc::decode_kernel(t, head_dim));
+  if (op == "paged_prefill_attention") return kc::kernel_name(kc::prefill_kernel(t, head_dim));
+  TORCH_CHECK_VALUE(op == "linear", "cpu_kernel: op must be paged_decode_attention, paged_prefill_attention or "
+                    "linear, got '", op, "'");
+  return kc::kernel_name(kc::linear_kernel(t));
+}
 
 bool has_cuda() {
 #ifdef LLMKERN_WITH_CUDA
@@ -427,7 +465,10 @@ TORCH_LIBRARY(llmkern_C, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported(ScalarType dtype) -> bool", &cpu_linear_supported);
   m.def("cpu_isa() -> str", &isa);
-  // Whether the AVX-512 attention kernels serve (dtype, head_dim) here; the setter (tests) returns the old value.
+  m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
+  m.def("cpu_kernel(str op, ScalarType dtype, int head_dim=0) -> str", &cpu_kernel);
+  // Whether a vectorised (AVX-512 or AVX2) attention kernel serves (dtype, head_dim) here; the setter (tests) returns
+  // the old value.
   m.def("cpu_fast_attention(ScalarType dtype, int head_dim) -> bool", &cpu_fast_attention);
   m.def("set_cpu_fast_attention(bool on) -> bool", &set_cpu_fast_attention);
   m.def("has_cuda() -> bool", &has_cuda);

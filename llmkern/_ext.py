@@ -21,9 +21,19 @@ def _jit_build():
         raise RuntimeError(f"cannot JIT-build the llmkern extension: sources not found at {csrc}")
     sources = [os.path.join(csrc, p) for p in ("torch_bindings.cpp", "cpu/dispatch.cpp", "cpu/kernels_avx512.cpp",
                                                "cpu/kernels_avx2.cpp", "cpu/kernels_generic.cpp",
-                                               "cpu/attention_avx512.cpp", "cpu/linear_avx512.cpp")]
+                                               "cpu/attention_avx512.cpp", "cpu/linear_avx512.cpp",
+                                               "cpu/vec_avx2.cpp")]
     load("llmkern_C_jit", sources, extra_include_paths=[csrc], is_python_module=False,
          extra_cflags=["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"])
+
+
+def _check_cpu_isa_env() -> None:
+    """``LLMKERN_CPU_ISA`` (avx512|avx2|generic, read by the library when it loads) caps the instruction set of the
+    CPU kernels; a value naming none raises here, on first use, instead of being ignored."""
+    import torch
+
+    if hasattr(torch.ops.llmkern_C, "set_cpu_isa"):  # a build that predates the variable does not read it
+        torch.ops.llmkern_C.cpu_isa()  # ValueError naming the bad value
 
 
 def load() -> bool:
@@ -33,14 +43,17 @@ def load() -> bool:
     try:
         from llmkern import _C  # noqa: F401  (registers torch.ops.llmkern_C.*)
 
+        _check_cpu_isa_env()
         _state.update(ok=True, why="")
     except ImportError as e:
         if os.environ.get("LLMKERN_JIT") == "1":
             try:
                 _jit_build()
-                _state.update(ok=True, why="")
             except Exception as jit_error:  # a compiler error is a reason to report, not to crash import
                 _state.update(ok=False, why=f"JIT build failed: {jit_error}")
+                return False
+            _check_cpu_isa_env()
+            _state.update(ok=True, why="")
         else:
             _state.update(ok=False, why=f"the C++ extension is not built ({e}); run `pip install "
                                         f"--no-build-isolation -e .` (or `make install`), or set LLMKERN_JIT=1")

@@ -43,15 +43,35 @@ def _paged_problem(lens, Hq, Hkv, D, bs, dtype, seed=0):
     return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
-@pytest.fixture(params=["avx512", "portable"])
+# Attention paths of the C++ backend -> the instruction set that selects them (set_cpu_isa).
+ATTENTION_PATHS = {"avx512": "avx512", "avx2": "avx2", "portable": "generic"}
+
+
+def _served(path: str, D: int) -> str:
+    """The kernel that serves head_dim D on ``path``: the AVX-512 kernel has no head_dim 80, the AVX2 one takes it."""
+    return "avx2" if path == "avx512" and D == 80 else path
+
+
+@pytest.fixture(params=list(ATTENTION_PATHS))
 def cpu_attention(request):
-    """Run the C++ attention tests on both CPU kernels: the AVX-512 (+BF16) one (attention_avx512.cpp) where this
-    machine has it, and the portable one (kernels_impl.h) every x86-64 machine runs otherwise."""
-    if request.param == "avx512" and not C.cpu_fast_attention(torch.float32, 64):
-        pytest.skip("this CPU lacks AVX-512 BF16: the AVX-512 attention kernel cannot run here")
-    prev = C.set_cpu_fast_attention(request.param == "avx512")
-    yield request.param
-    C.set_cpu_fast_attention(prev)
+    """Run the C++ attention tests on every CPU kernel: the AVX-512 (+BF16) one (attention_avx512.cpp), the AVX2 one
+    (attention_vec.h) and the portable one (kernels_impl.h, baseline ISA). A path this CPU cannot run is skipped with
+    the reason, never replaced by another."""
+    path = request.param
+    try:
+        prev_isa = C.set_cpu_isa(ATTENTION_PATHS[path])
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    prev_fast = C.set_cpu_fast_attention(True)
+    try:
+        served = C.cpu_kernel("paged_decode_attention", torch.float32, 64)
+        if served != path:
+            pytest.skip(f"the {path} attention kernel cannot run on this CPU ({served} would serve): "
+                        f"it needs AVX512-BF16" if path == "avx512" else f"{served} serves {path}")
+        yield path
+    finally:
+        C.set_cpu_fast_attention(prev_fast)
+        C.set_cpu_isa(prev_isa)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,6 +87,7 @@ def cpu_attention(request):
 def test_cpp_decode_attention(dtype, lens, Hq, Hkv, D, bs, num_splits, cpu_attention):
     q, kc, vc, tables, seq_lens = _paged_problem(lens, Hq, Hkv, D, bs, dtype)
     scale = D ** -0.5
+    assert C.cpu_kernel("paged_decode_attention", dtype, D) == _served(cpu_attention, D)
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
         out = paged_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, scale,
                                                        num_splits=num_splits or None)
@@ -97,15 +118,16 @@ def test_cpp_decode_empty_splits_are_not_nan(cpu_attention):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_cpp_decode_kernels_agree():
-    """The two CPU kernels are twins: on one problem they agree to fp32 rounding (different summation order)."""
-    if not C.cpu_fast_attention(torch.float32, 128):
-        pytest.skip("this CPU lacks AVX-512 BF16: only the portable kernel runs here")
+def test_cpp_decode_kernels_agree(cpu_attention):
+    """The CPU kernels are twins: on one problem each agrees with the portable one to fp32 rounding (different
+    summation order)."""
+    if cpu_attention == "portable":
+        pytest.skip("the portable kernel is the yardstick here")
     q, kc, vc, tables, seq_lens = _paged_problem([1, 63, 64, 65, 1000], 32, 8, 128, 16, torch.float32)
-    prev = C.set_cpu_fast_attention(True)
+    fast = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.1, 0, 0.0, 0)
+    prev = C.set_cpu_fast_attention(False)
     try:
-        fast = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.1, 0, 0.0, 0)
-        C.set_cpu_fast_attention(False)
+        assert C.cpu_kernel("paged_decode_attention", torch.float32, 128) == "portable"
         portable = C.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.1, 0, 0.0, 0)
     finally:
         C.set_cpu_fast_attention(prev)
@@ -129,9 +151,10 @@ def _prefill_problem(lens, q_lens, S, Hq, Hkv, D, bs, dtype, seed=0):
     ([65, 3], [65, 0], 65, 9, 3, 64, 1),  # SmolLM2 heads, page size 1, a sequence with no query rows
     ([17, 90], [17, 33], 33, 8, 2, 256, 32),  # head_dim 256
 ])
-def test_cpp_prefill_attention(dtype, lens, q_lens, S, Hq, Hkv, D, bs):
-    if not C.cpu_fast_attention(dtype, D):
-        pytest.skip(f"no C++ prefill kernel for {dtype}, head_dim {D} on this CPU (the reference runs)")
+def test_cpp_prefill_attention(dtype, lens, q_lens, S, Hq, Hkv, D, bs, cpu_attention):
+    if cpu_attention == "portable":
+        pytest.skip("no portable C++ prefill kernel: the reference runs (test_cpp_prefill_unsupported_head_dim...)")
+    assert C.cpu_kernel("paged_prefill_attention", dtype, D) == _served(cpu_attention, D)
     q, kc, vc, tables, seq_lens, ql = _prefill_problem(lens, q_lens, S, Hq, Hkv, D, bs, dtype)
     scale = D ** -0.5
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
@@ -145,9 +168,9 @@ def test_cpp_prefill_attention(dtype, lens, q_lens, S, Hq, Hkv, D, bs):
 
 
 @pytest.mark.parametrize("window,softcap", [(5, None), (None, 20.0), (24, 3.0)])
-def test_cpp_prefill_window_softcap(window, softcap):
-    if not C.cpu_fast_attention(torch.float32, 64):
-        pytest.skip("no C++ prefill kernel on this CPU (the reference runs)")
+def test_cpp_prefill_window_softcap(window, softcap, cpu_attention):
+    if cpu_attention == "portable":
+        pytest.skip("no portable C++ prefill kernel: the reference runs")
     q, kc, vc, tables, seq_lens, ql = _prefill_problem([70, 33], [70, 20], 70, 14, 2, 64, 16, torch.float32)
     with llmkern.use_backend("cpp"):
         out = paged_ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.125, sliding_window=window,
@@ -159,19 +182,20 @@ def test_cpp_prefill_window_softcap(window, softcap):
 
 
 def test_cpp_prefill_unsupported_head_dim_uses_reference():
-    """head_dim 80 has no AVX-512 kernel: the op runs (and records) the reference, it does not fail."""
-    q, kc, vc, tables, seq_lens, ql = _prefill_problem([20], [20], 20, 4, 4, 80, 16, torch.float32)
+    """head_dim 48 has no vectorised kernel on any ISA: the op runs (and records) the reference, it does not fail."""
+    assert C.cpu_kernel("paged_prefill_attention", torch.float32, 48) == "reference"
+    q, kc, vc, tables, seq_lens, ql = _prefill_problem([20], [20], 20, 4, 4, 48, 16, torch.float32)
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
         out = paged_ops.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1)
     assert ran.backends("paged_prefill_attention") == {"reference"}
     torch.testing.assert_close(out, reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1))
-    with pytest.raises(RuntimeError, match=r"no C\+\+ kernel for head_dim 80"):
+    with pytest.raises(RuntimeError, match=r"no C\+\+ kernel for head_dim 48"):
         C.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, 0.1, 0, 0.0)
 
 
 def test_cpp_prefill_bad_input_raises():
     if not C.cpu_fast_attention(torch.float32, 64):
-        pytest.skip("no C++ prefill kernel on this CPU")
+        pytest.skip(f"no C++ prefill kernel on this CPU ({C.cpu_isa()})")
     q, kc, vc, tables, seq_lens, ql = _prefill_problem([20, 9], [20, 9], 20, 4, 2, 64, 16, torch.float32)
     with pytest.raises(RuntimeError, match=r"q_lens\[1\] = 10 must be in \[0, 9\]"):
         C.paged_prefill_attention(q, kc, vc, tables, seq_lens, torch.tensor([20, 10], dtype=torch.int32), 0.1, 0, 0.0)
@@ -264,14 +288,14 @@ def test_built_cuda_kernels_do_not_spill():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Decode-sized Linear (linear_avx512.cpp)
+# Decode-sized Linear (linear_avx512.cpp, linear_vec.h; every ISA in tests/test_cpu_isa.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 17, 100), (2, 16, 32), (3, 33, 48), (5, 576, 576), (1, 1536, 576)])
 def test_cpp_linear_matches_eager_rule(dtype, M, N, K):
     if not C.cpu_linear_supported(dtype):
-        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+        pytest.skip(f"no C++ linear kernel on this CPU ({C.cpu_isa()}: needs AVX2 + FMA + F16C)")
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g).to(dtype)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
@@ -284,7 +308,7 @@ def test_cpp_linear_matches_eager_rule(dtype, M, N, K):
 
 def test_cpp_linear_strided_x_and_leading_dims():
     if not C.cpu_linear_supported(torch.float32):
-        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+        pytest.skip(f"no C++ linear kernel on this CPU ({C.cpu_isa()}: needs AVX2 + FMA + F16C)")
     x = torch.randn(2, 3, 128)[..., ::2]  # [2, 3, 64], last stride 2
     w = torch.randn(40, 64)
     torch.testing.assert_close(C.linear(x, w, None), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
@@ -292,7 +316,7 @@ def test_cpp_linear_strided_x_and_leading_dims():
 
 def test_cpp_linear_bad_input_raises():
     if not C.cpu_linear_supported(torch.float32):
-        pytest.skip("this CPU lacks AVX-512 BF16: no C++ linear kernel here")
+        pytest.skip(f"no C++ linear kernel on this CPU ({C.cpu_isa()}: needs AVX2 + FMA + F16C)")
     x, w = torch.randn(2, 64), torch.randn(8, 64)
     with pytest.raises(RuntimeError, match=r"x must have shape \[\.\.\., 64\]"):
         C.linear(torch.randn(2, 63), w, None)

@@ -1,5 +1,12 @@
 // Run-time choice of the instruction set for the CPU kernels: the extension is built once (no -march=native, no
-// hardware detection at install time) and picks AVX-512, AVX2 or baseline code on the machine it runs on.
+// hardware detection at install time) and picks AVX-512, AVX2 or baseline code on the machine it runs on, capped by
+// LLMKERN_CPU_ISA; for attention and Linear it also picks which kernel serves (decode_kernel & co., kernels.h).
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
 #include "kernels.h"
 
 namespace llmkern {
@@ -27,35 +34,78 @@ LLMKERN_DECLARE_ISA(avx2)
 LLMKERN_DECLARE_ISA(generic)
 
 namespace {
-enum class Isa { kAvx512, kAvx2, kGeneric };
 
 Isa detect() {
+#if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c"))
-    return Isa::kAvx512;
+    return kIsaAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::kAvx2;
-  return Isa::kGeneric;
+    return kIsaAvx2;
+#endif
+  return kIsaGeneric;
 }
 
-const Isa kIsa = detect();
+// The hardware's ISA, LLMKERN_CPU_ISA's cap and the active ISA, set up on first use (so no other translation unit's
+// static initialisation can see them unset).
+struct IsaState {
+  Isa hardware = detect();
+  Isa cap = hardware;
+  std::string env_invalid;  // LLMKERN_CPU_ISA when it names no ISA
+  std::atomic<int> active{kIsaGeneric};
+  IsaState() {
+    const char* env = std::getenv("LLMKERN_CPU_ISA");
+    Isa want;
+    if (env != nullptr && *env != '\0') {
+      if (isa_from_name(env, &want))
+        cap = std::min(want, hardware);
+      else
+        env_invalid = env;
+    }
+    active = cap;
+  }
+};
+
+IsaState& isa_state() {
+  static IsaState s;
+  return s;
+}
+
+Isa active_isa() { return static_cast<Isa>(isa_state().active.load(std::memory_order_relaxed)); }
+
 }  // namespace
 
 #define LLMKERN_DISPATCH(FN, ...)                            \
-  switch (kIsa) {                                            \
-    case Isa::kAvx512: return avx512::FN(__VA_ARGS__);       \
-    case Isa::kAvx2: return avx2::FN(__VA_ARGS__);           \
+  switch (active_isa()) {                                    \
+    case kIsaAvx512: return avx512::FN(__VA_ARGS__);         \
+    case kIsaAvx2: return avx2::FN(__VA_ARGS__);             \
     default: return generic::FN(__VA_ARGS__);                \
   }
 
-const char* isa_name() {
-  switch (kIsa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case kIsaAvx512: return "avx512";
+    case kIsaAvx2: return "avx2";
     default: return "generic";
   }
 }
+
+const char* isa_name() { return isa_name(active_isa()); }
+
+bool isa_from_name(const char* name, Isa* isa) {
+  for (Isa i : {kIsaGeneric, kIsaAvx2, kIsaAvx512})
+    if (std::strcmp(name, isa_name(i)) == 0) {
+      *isa = i;
+      return true;
+    }
+  return false;
+}
+
+Isa hardware_isa() { return isa_state().hardware; }
+Isa isa_cap() { return isa_state().cap; }
+const char* isa_env_invalid() { return isa_state().env_invalid.empty() ? nullptr : isa_state().env_invalid.c_str(); }
+Isa set_isa(Isa isa) { return static_cast<Isa>(isa_state().active.exchange(std::min(isa, isa_cap()))); }
 
 const char* status_string(int status) {
   switch (status) {
@@ -102,35 +152,82 @@ int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
 int paged_prefill(const PrefillArgs&, int64_t, int64_t);
 }  // namespace avx512_attn
 
-namespace {
-bool fast_attention_on = true;
-}
-
-bool fast_attention_supported(DType t, int64_t D) { return fast_attention_on && avx512_attn::supported(t, D); }
-
-bool set_fast_attention(bool on) {
-  const bool was = fast_attention_on;
-  fast_attention_on = on;
-  return was;
-}
-
-int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  if (fast_attention_supported(a.t, a.D)) return avx512_attn::paged_decode_stage1(a, i0, i1);
-  LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
-}
-
 namespace avx512_linear {
 bool supported(DType t);
 int linear(const LinearArgs&, int64_t, int64_t);
 }  // namespace avx512_linear
 
-bool linear_supported(DType t) { return avx512_linear::supported(t); }
+namespace avx2_vec {
+bool attention_supported(DType t, int64_t D);
+int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
+int paged_prefill(const PrefillArgs&, int64_t, int64_t);
+bool linear_supported(DType t);
+int linear(const LinearArgs&, int64_t, int64_t);
+}  // namespace avx2_vec
 
-int linear(const LinearArgs& a, int64_t b0, int64_t b1) { return avx512_linear::linear(a, b0, b1); }
+namespace {
+std::atomic<bool> fast_attention_on{true};
+}
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case kKernelAvx512: return "avx512";
+    case kKernelAvx2: return "avx2";
+    case kKernelPortable: return "portable";
+    default: return "reference";
+  }
+}
+
+// The best vectorised attention kernel the active ISA allows for (t, D). An AVX-512 CPU without AVX512-BF16, or a
+// head_dim the AVX-512 kernel lacks (80), gets the AVX2 one.
+Kernel prefill_kernel(DType t, int64_t D) {
+  if (!fast_attention_on.load(std::memory_order_relaxed)) return kKernelNone;
+  const Isa isa = active_isa();
+  if (isa >= kIsaAvx512 && avx512_attn::supported(t, D)) return kKernelAvx512;
+  if (isa >= kIsaAvx2 && avx2_vec::attention_supported(t, D)) return kKernelAvx2;
+  return kKernelNone;
+}
+
+Kernel decode_kernel(DType t, int64_t D) {
+  const Kernel k = prefill_kernel(t, D);
+  return k == kKernelNone ? kKernelPortable : k;
+}
+
+Kernel linear_kernel(DType t) {
+  const Isa isa = active_isa();
+  if (isa >= kIsaAvx512 && avx512_linear::supported(t)) return kKernelAvx512;
+  if (isa >= kIsaAvx2 && avx2_vec::linear_supported(t)) return kKernelAvx2;
+  return kKernelNone;
+}
+
+bool fast_attention_supported(DType t, int64_t D) { return prefill_kernel(t, D) != kKernelNone; }
+
+bool set_fast_attention(bool on) { return fast_attention_on.exchange(on); }
+
+int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
+  switch (decode_kernel(a.t, a.D)) {
+    case kKernelAvx512: return avx512_attn::paged_decode_stage1(a, i0, i1);
+    case kKernelAvx2: return avx2_vec::paged_decode_stage1(a, i0, i1);
+    default: LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
+  }
+}
 
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
-  if (fast_attention_supported(a.t, a.D)) return avx512_attn::paged_prefill(a, i0, i1);
-  return kNoKernel;
+  switch (prefill_kernel(a.t, a.D)) {
+    case kKernelAvx512: return avx512_attn::paged_prefill(a, i0, i1);
+    case kKernelAvx2: return avx2_vec::paged_prefill(a, i0, i1);
+    default: return kNoKernel;
+  }
+}
+
+bool linear_supported(DType t) { return linear_kernel(t) != kKernelNone; }
+
+int linear(const LinearArgs& a, int64_t b0, int64_t b1) {
+  switch (linear_kernel(a.t)) {
+    case kKernelAvx512: return avx512_linear::linear(a, b0, b1);
+    case kKernelAvx2: return avx2_vec::linear(a, b0, b1);
+    default: return kNoKernel;
+  }
 }
 
 int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t i0,

@@ -23,8 +23,28 @@ enum Status : int {
 
 const char* status_string(int status);
 
-// Which instruction set the dispatcher picked at run time: "avx512", "avx2" or "generic".
-const char* isa_name();
+// Instruction sets of the CPU kernels, lowest first. The extension is built once with code for each; at run time
+// the active one is the best this CPU runs, capped by LLMKERN_CPU_ISA (avx512|avx2|generic, read when the library
+// loads), and set_isa (tests) moves it anywhere up to that cap.
+enum Isa : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+const char* isa_name();        // the active instruction set: "avx512", "avx2" or "generic"
+const char* isa_name(Isa isa);
+bool isa_from_name(const char* name, Isa* isa);  // false for a name that is none of the three
+Isa hardware_isa();  // the best this CPU runs
+Isa isa_cap();       // LLMKERN_CPU_ISA, or hardware_isa() when unset; never above hardware_isa()
+// LLMKERN_CPU_ISA as found when the library loaded: null when unset or valid, else the value that named no ISA
+// (the bindings report it; the kernels then run on hardware_isa()).
+const char* isa_env_invalid();
+Isa set_isa(Isa isa);  // the caller checks isa <= isa_cap(); returns the previous one
+
+// Which kernel serves an op for (dtype, head_dim) under the active instruction set; kKernelNone: no C++ kernel (the
+// caller runs the pure-torch reference). The dispatchers below use the same choice.
+enum Kernel : int { kKernelNone = 0, kKernelPortable = 1, kKernelAvx2 = 2, kKernelAvx512 = 3 };
+const char* kernel_name(Kernel k);  // "reference", "portable", "avx2", "avx512"
+Kernel decode_kernel(DType t, int64_t D);   // never kKernelNone: the portable kernel serves any D
+Kernel prefill_kernel(DType t, int64_t D);
+Kernel linear_kernel(DType t);
 
 // y[m, :] = rms_norm(x[m, :]) * w for m in [m_begin, m_end).
 //   offset == 0: w * (x * rstd).to(x dtype)   (Llama/Qwen2: rounded to x's dtype before the weight multiply)
@@ -127,16 +147,18 @@ struct PrefillArgs {
   DType t;
 };
 
-// The AVX-512 (+BF16) attention kernels of attention_avx512.cpp, when this machine has them and D is one of 64, 96,
-// 128, 256; paged_decode_stage1 falls back to the portable kernel otherwise. paged_prefill returns kNoKernel when
-// they are not available (the caller then uses the pure-torch reference). set_fast_attention(false) forces the
-// portable decode kernel (tests compare both); it returns the previous setting.
+// The vectorised attention kernels: attention_avx512.cpp (AVX-512 + AVX512-BF16; head_dim 64, 96, 128, 256) and
+// attention_vec.h as instantiated by vec_avx2.cpp (AVX2 + FMA + F16C; head_dim 64, 80, 96, 128, 256), the best one
+// the active instruction set allows. paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
+// paged_prefill returns kNoKernel (the caller then uses the pure-torch reference). fast_attention_supported: whether
+// a vectorised kernel serves (t, D). set_fast_attention(false) forces the portable decode kernel and no prefill
+// kernel; it returns the previous setting.
 bool fast_attention_supported(DType t, int64_t D);
 bool set_fast_attention(bool on);
 int paged_prefill(const PrefillArgs& a, int64_t item_begin, int64_t item_end);
 
 // y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M and output features n in 16-wide blocks [blk_begin, blk_end)
-// (linear_avx512.cpp): the decode-sized Linear. x, w, y have unit last stride; one dtype (fp32 or bf16).
+// (linear_avx512.cpp, or linear_vec.h as instantiated by vec_avx2.cpp, per linear_kernel): the decode-sized Linear. x, w, y have unit last stride; one dtype (fp32 or bf16).
 struct LinearArgs {
   const void* x;
   int64_t sxm;

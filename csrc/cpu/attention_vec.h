@@ -1,0 +1,326 @@
+// Paged attention — decode stage 1 and prefill — written once over the vector traits of vec.h (`class V`, W fp32
+// lanes), for the translation units that instantiate it per instruction set (vec_avx2.cpp). Same algorithm and
+// semantics as attention_avx512.cpp; the difference is that K and V are widened to fp32 once per chunk (there is no
+// bf16 dot-product instruction below AVX512-BF16), so every later read of them is a plain load.
+//
+// One pass over the K/V rows of one (sequence, KV head) serves a block of query rows (decode: the G heads of the
+// group; prefill: a tile of positions times G), chunk by chunk:
+//   1. gather: the chunk's K and V rows, widened to fp32, are packed [CH, D]. Rows of one KV head sit Hkv * D
+//      elements apart (4 KiB for Llama-3-8B in fp32), so left in place they fall into the same few L1 sets and
+//      evict each other while the block's rows re-read them; packed, each line is read from memory once. The next
+//      chunk's rows are prefetched into L2 meanwhile: every row is on its own 4 KiB page, where the hardware
+//      prefetchers stop.
+//   2. scores: per query row and W tokens, W accumulators take q . k over D in W-lane pieces, and one hsum turns
+//      them into a vector of W scores — every FMA lane does useful work for any group size.
+//   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to 12 registers).
+// fp32 accumulation throughout; FMAs round once where eager's unfused matmul rounds twice. Sliding window, softcap,
+// left padding and empty ranges as kernels.h says.
+#pragma once
+
+#include "vec.h"
+
+namespace llmkern {
+namespace cpu {
+namespace {
+
+// Where one (sequence, KV head)'s rows live: token t at byte offset (table[t / BS] * BS + t % BS) * stride + head.
+struct KvHead {
+  const char* k;
+  const char* v;
+  const int32_t* table;
+  int64_t BS;
+  int64_t stride;  // bytes from one token's row to the next in a page: Hkv * D * element size
+  int64_t head;    // bytes to this KV head's row within a token's slot
+  // Byte offsets of tokens [c0, c0 + n). The page is tracked incrementally: a 64-bit division per token costs more
+  // than the token's arithmetic. int64: a pool may pass 2^31 bytes.
+  void offsets(int64_t c0, int64_t n, int64_t* out) const {
+    int64_t page = c0 / BS, slot = c0 % BS;
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = (static_cast<int64_t>(table[page]) * BS + slot) * stride + head;
+      if (++slot == BS) slot = 0, ++page;
+    }
+  }
+};
+
+// A block of M query rows and their online-softmax state.
+struct QueryRows {
+  int64_t M;
+  const float* q;     // [M, D] fp32, pre-scaled
+  const int64_t* lo;  // row m sees tokens [lo[m], hi[m]); null: every token of the pass
+  const int64_t* hi;
+  float softcap;      // 0: off
+  float* acc;         // [M, D] sum of p * v, not yet divided by the row's sum
+  float* row_max;     // [M]
+  float* row_sum;     // [M]
+};
+
+// Tokens per chunk: a multiple of W, the packed fp32 K and V of a chunk within 32 KiB (L1), at most 64.
+template <class V>
+constexpr int64_t chunk_tokens(int64_t D) {
+  const int64_t c = 4096 / D / V::W * V::W;
+  return c < V::W ? V::W : c > 64 ? 64 : c;
+}
+
+// One thread's working memory, for row blocks of up to M rows.
+template <class V>
+struct Workspace {
+  std::vector<float> q, acc, row_max, row_sum, scores, kf, vf;
+  std::vector<int64_t> lo, hi, offs;
+  std::vector<unsigned char> row_bytes;  // one row as stored (q gathered in, prefill output scattered out)
+  Workspace(int64_t M, int64_t D)
+      : q(M * D), acc(M * D), row_max(M), row_sum(M), scores(M * chunk_tokens<V>(D)), kf(chunk_tokens<V>(D) * D),
+        vf(chunk_tokens<V>(D) * D), lo(M), hi(M), offs(chunk_tokens<V>(D)), row_bytes(4 * D) {}
+  // The first M rows, state cleared; ranged: rows carry their own [lo, hi).
+  QueryRows start(int64_t M, int64_t D, float softcap, bool ranged) {
+    std::fill(acc.begin(), acc.begin() + M * D, 0.f);
+    std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<float>::infinity());
+    std::fill(row_sum.begin(), row_sum.begin() + M, 0.f);
+    return {M, q.data(), ranged ? lo.data() : nullptr, ranged ? hi.data() : nullptr, softcap, acc.data(),
+            row_max.data(), row_sum.data()};
+  }
+};
+
+// q row (dtype T, element stride sd) -> fp32 times scale. `tmp` holds D elements as stored.
+template <class V, DType T>
+inline void load_query(const void* q, int64_t off, int64_t sd, int64_t D, float scale, float* dst,
+                       unsigned char* tmp) {
+  constexpr int64_t es = elem_size(T);
+  const unsigned char* src = static_cast<const unsigned char*>(q) + off * es;
+  if (sd != 1) {
+    for (int64_t d = 0; d < D; ++d) std::memcpy(tmp + d * es, src + d * sd * es, es);
+    src = tmp;
+  }
+  const typename V::reg vs = V::set1(scale);
+  for (int64_t i = 0; i < D; i += V::W) V::store(dst + i, V::mul(V::template load_as<T>(src + i * es), vs));
+}
+
+// Scores of one query row against nblk * W packed K rows.
+template <class V, int ND>
+inline void score_row(const float* q, const float* kf, int64_t nblk, float* s) {
+  constexpr int W = V::W, D = ND * V::W;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const float* kb = kf + b * W * D;
+    typename V::reg dot[W];
+#pragma GCC unroll 16
+    for (int t = 0; t < W; ++t) dot[t] = V::zero();
+#pragma GCC unroll 32
+    for (int i = 0; i < ND; ++i) {
+      const typename V::reg qv = V::load(q + i * W);
+#pragma GCC unroll 16
+      for (int t = 0; t < W; ++t) dot[t] = V::fma(qv, V::load(kb + t * D + i * W), dot[t]);
+    }
+    V::store(s + b * W, V::hsum(dot));
+  }
+}
+
+// Online-softmax step of one row over a chunk's scores s[0 .. nblk * W) (-inf where masked), then its P @ V into
+// acc. The output row stays in registers over the chunk, PW registers at a time.
+template <class V, int ND>
+inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, float* acc, float* row_max,
+                           float* row_sum) {
+  using reg = typename V::reg;
+  constexpr int W = V::W, D = ND * V::W, PW = ND <= 12 ? ND : 8;
+  static_assert(ND % PW == 0, "output pieces must tile the head");
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  reg vmax = V::load(s);
+  for (int64_t b = 1; b < nblk; ++b) vmax = V::max(vmax, V::load(s + b * W));
+  const float chunk_max = V::reduce_max(vmax);
+  if (chunk_max == neg_inf) return;  // nothing of this chunk is visible to the row
+  const float m_new = std::max(*row_max, chunk_max);
+  const float alpha = *row_max == neg_inf ? 0.f : std::exp(*row_max - m_new);
+  const reg vm = V::set1(m_new);
+  reg vsum = V::zero();
+  for (int64_t b = 0; b < nblk; ++b) {
+    const reg x = V::load(s + b * W);
+    const reg p = V::zero_where_neg_inf(x, vec_exp<V>(V::sub(x, vm)));
+    V::store(s + b * W, p);
+    vsum = V::add(vsum, p);
+  }
+  *row_sum = *row_sum * alpha + V::reduce_add(vsum);
+  *row_max = m_new;
+  const reg va = V::set1(alpha);
+  for (int p0 = 0; p0 < ND; p0 += PW) {
+    reg o[PW];
+#pragma GCC unroll 16
+    for (int i = 0; i < PW; ++i) o[i] = V::mul(V::load(acc + (p0 + i) * W), va);
+    for (int64_t j = 0; j < n; ++j) {
+      const reg pj = V::set1(s[j]);
+      const float* vj = vf + j * D + p0 * W;
+#pragma GCC unroll 16
+      for (int i = 0; i < PW; ++i) o[i] = V::fma(pj, V::load(vj + i * W), o[i]);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < PW; ++i) V::store(acc + (p0 + i) * W, o[i]);
+  }
+}
+
+// All rows of r over tokens [t0, t1) of one KV head.
+template <class V, DType T, int ND>
+void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, int64_t t1) {
+  constexpr int W = V::W;
+  constexpr int64_t D = ND * V::W, es = elem_size(T), CH = chunk_tokens<V>(D);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float* kf = w.kf.data();
+  float* vf = w.vf.data();
+  int64_t* offs = w.offs.data();
+  kv.offsets(t0, std::min(CH, t1 - t0), offs);
+  for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+    const int64_t n = std::min(CH, t1 - c0), nblk = (n + W - 1) / W;
+    for (int64_t j = 0; j < n; ++j) {  // gather and widen
+      const char* kr = kv.k + offs[j];
+      const char* vr = kv.v + offs[j];
+#pragma GCC unroll 32
+      for (int i = 0; i < ND; ++i) {
+        V::store(kf + j * D + i * W, V::template load_as<T>(kr + i * W * es));
+        V::store(vf + j * D + i * W, V::template load_as<T>(vr + i * W * es));
+      }
+    }
+    std::fill(kf + n * D, kf + nblk * W * D, 0.f);  // tail lanes score 0, then are masked
+    if (c0 + CH < t1) {  // the next chunk: offsets, and its lines on their way to L2
+      const int64_t n1 = std::min(CH, t1 - c0 - CH);
+      kv.offsets(c0 + CH, n1, offs);
+      for (int64_t j = 0; j < n1; ++j)
+        for (int64_t l = 0; l < D * es; l += 64) {
+          V::prefetch_l2(kv.k + offs[j] + l);
+          V::prefetch_l2(kv.v + offs[j] + l);
+        }
+    }
+    for (int64_t m = 0; m < r.M; ++m) {
+      float* sm = w.scores.data() + m * CH;
+      const int64_t lo = r.lo ? std::max(r.lo[m], c0) : c0, hi = r.hi ? std::min(r.hi[m], c0 + n) : c0 + n;
+      if (lo >= hi) {
+        std::fill(sm, sm + nblk * W, neg_inf);
+        continue;
+      }
+      score_row<V, ND>(r.q + m * D, kf, nblk, sm);
+      if (r.softcap > 0.f)
+        for (int64_t j = 0; j < n; ++j) sm[j] = r.softcap * std::tanh(sm[j] / r.softcap);
+      if (lo > c0 || hi < c0 + nblk * W)  // offsets from c0 fit in int32
+        for (int64_t b = 0; b < nblk; ++b)
+          V::store(sm + b * W, V::keep_range(V::load(sm + b * W), static_cast<int32_t>(b * W),
+                                             static_cast<int32_t>(lo - c0), static_cast<int32_t>(hi - c0), neg_inf));
+    }
+    for (int64_t m = 0; m < r.M; ++m)
+      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vf, r.acc + m * D, r.row_max + m, r.row_sum + m);
+  }
+}
+
+template <class V, DType T>
+inline KvHead kv_head(const void* kc, const void* vc, const int32_t* table, int64_t BS, int64_t Hkv, int64_t h,
+                      int64_t D) {
+  constexpr int64_t es = elem_size(T);
+  return {static_cast<const char*>(kc), static_cast<const char*>(vc), table, BS, Hkv * D * es, h * D * es};
+}
+
+// Stage 1 of decode for work items [i0, i1) (kernels.h: DecodeArgs, decode_item).
+template <class V, DType T, int ND>
+struct DecodeRange {
+  static void run(const DecodeArgs& a, int64_t i0, int64_t i1) {
+    constexpr int64_t D = ND * V::W;
+    const int64_t G = a.Hq / a.Hkv, ns = a.num_splits;
+    Workspace<V> w(G, D);
+    for (int64_t item = i0; item < i1; ++item) {
+      const DecodeItem it = decode_item(a, item);
+      if (it.t0 >= it.t1) {  // an empty split: weight 0 in the reduce
+        for (int64_t g = 0; g < G; ++g) {
+          std::fill(it.pout + g * ns * D, it.pout + g * ns * D + D, 0.f);
+          it.plse[g * ns] = -std::numeric_limits<float>::infinity();
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g)
+        load_query<V, T>(a.q, it.b * a.sqb + (it.h * G + g) * a.sqh, a.sqd, D, a.scale, w.q.data() + g * D,
+                         w.row_bytes.data());
+      QueryRows r = w.start(G, D, a.softcap, false);
+      attend_rows<V, T, ND>(kv_head<V, T>(a.k_cache, a.v_cache, a.block_tables + it.b * a.sbt, a.BS, a.Hkv, it.h, D),
+                            r, w, it.t0, it.t1);
+      for (int64_t g = 0; g < G; ++g) {
+        const typename V::reg inv = V::set1(1.f / r.row_sum[g]);
+        for (int64_t i = 0; i < D; i += V::W) V::store(it.pout + g * ns * D + i, V::mul(V::load(r.acc + g * D + i), inv));
+        it.plse[g * ns] = r.row_max[g] + std::log(r.row_sum[g]);
+      }
+    }
+  }
+};
+
+// Prefill for work items [i0, i1): (b, KV head h, tile of a.tile query positions) as kernels.h's PrefillArgs says.
+template <class V, DType T, int ND>
+struct PrefillRange {
+  static void run(const PrefillArgs& a, int64_t i0, int64_t i1) {
+    constexpr int64_t D = ND * V::W, es = elem_size(T);
+    const int64_t G = a.Hq / a.Hkv, tiles = (a.S + a.tile - 1) / a.tile;
+    Workspace<V> w(a.tile * G, D);
+    for (int64_t item = i0; item < i1; ++item) {
+      // Within one (b, h) the tiles go 0, last, 1, last - 1, ...: a thread's contiguous share of items mixes the
+      // short causal tiles with the long ones.
+      const int64_t k = item % tiles, bh = item / tiles, h = bh % a.Hkv, b = bh / a.Hkv;
+      const int64_t tile = k % 2 ? tiles - 1 - k / 2 : k / 2;
+      const int64_t L = a.seq_lens[b], first_real = a.S - a.q_lens[b];
+      const int64_t s0 = tile * a.tile, s1 = std::min(s0 + a.tile, a.S);
+      int64_t need_lo = L, need_hi = 0;  // the tokens any row of the tile sees
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t pos = L - a.S + s;  // left padding (s < first_real) and positions before 0 see nothing
+        const bool live = s >= first_real && pos >= 0;
+        const int64_t hi = live ? pos + 1 : 0;
+        const int64_t lo = live && a.window > 0 ? std::max<int64_t>(0, pos + 1 - a.window) : 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t m = (s - s0) * G + g;
+          w.lo[m] = lo;
+          w.hi[m] = hi;
+          load_query<V, T>(a.q, b * a.sqb + (h * G + g) * a.sqh + s * a.sqs, a.sqd, D, a.scale, w.q.data() + m * D,
+                           w.row_bytes.data());
+        }
+        if (live) {
+          need_lo = std::min(need_lo, lo);
+          need_hi = std::max(need_hi, hi);
+        }
+      }
+      QueryRows r = w.start((s1 - s0) * G, D, a.softcap, true);
+      if (need_lo < need_hi)
+        attend_rows<V, T, ND>(kv_head<V, T>(a.k_cache, a.v_cache, a.block_tables + b * a.sbt, a.BS, a.Hkv, h, D), r,
+                              w, need_lo, need_hi);
+      unsigned char* row = w.row_bytes.data();
+      for (int64_t m = 0; m < r.M; ++m) {
+        const int64_t s = s0 + m / G, g = m % G;
+        // A row with no visible key (padding) has sum 0 and writes zeros.
+        const typename V::reg inv = V::set1(r.row_sum[m] > 0.f ? 1.f / r.row_sum[m] : 0.f);
+        for (int64_t i = 0; i < D; i += V::W) V::template store_as<T>(row + i * es, V::mul(V::load(r.acc + m * D + i), inv));
+        unsigned char* dst = static_cast<unsigned char*>(a.out) + (b * a.sob + (h * G + g) * a.soh + s * a.sos) * es;
+        if (a.sod == 1)
+          std::memcpy(dst, row, D * es);
+        else
+          for (int64_t d = 0; d < D; ++d) std::memcpy(dst + d * a.sod * es, row + d * es, es);
+      }
+    }
+  }
+};
+
+// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W).
+constexpr bool vec_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+
+// Fn<V, T, D / W>::run(args...) for the call's dtype and head dim; kNoKernel for any other.
+template <class V, template <class, DType, int> class Fn, DType T, class Args>
+int run_head_dim(int64_t D, const Args& a, int64_t i0, int64_t i1) {
+  switch (D) {
+    case 64: Fn<V, T, 64 / V::W>::run(a, i0, i1); return kOk;
+    case 80: Fn<V, T, 80 / V::W>::run(a, i0, i1); return kOk;
+    case 96: Fn<V, T, 96 / V::W>::run(a, i0, i1); return kOk;
+    case 128: Fn<V, T, 128 / V::W>::run(a, i0, i1); return kOk;
+    case 256: Fn<V, T, 256 / V::W>::run(a, i0, i1); return kOk;
+    default: return kNoKernel;
+  }
+}
+
+template <class V, template <class, DType, int> class Fn, class Args>
+int run_attention(const Args& a, int64_t i0, int64_t i1) {
+  switch (a.t) {
+    case kF32: return run_head_dim<V, Fn, kF32>(a.D, a, i0, i1);
+    case kBF16: return run_head_dim<V, Fn, kBF16>(a.D, a, i0, i1);
+    case kF16: return run_head_dim<V, Fn, kF16>(a.D, a, i0, i1);
+    default: return kBadDType;
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace llmkern

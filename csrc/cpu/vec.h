@@ -1,0 +1,160 @@
+// Vector traits: one struct per instruction set with the same static members (W lanes of fp32, loads that widen
+// bf16/fp16, stores that narrow them, FMA, horizontal reductions, 2^n for vec_exp), so that attention_vec.h and
+// linear_vec.h write each algorithm once, templated on `class V`, and a translation unit per instruction set
+// instantiates it (vec_avx2.cpp: VecAvx2, 8 lanes). A 16-lane AVX-512 struct with the same members plugs in the
+// same way.
+//
+// Include after the translation unit's `#pragma GCC target(...)` and after every standard header (a template
+// defined after the pragma is compiled for that target wherever it is instantiated). Everything here is in an
+// anonymous namespace: the same inline function compiled for two instruction sets must never be merged by the
+// linker, or an AVX-512 copy could end up serving an AVX2-only CPU.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace llmkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t elem_size(DType t) { return t == kF32 ? 4 : 2; }
+
+#if defined(__x86_64__)
+
+// AVX2 + FMA + F16C: 8 fp32 lanes in a ymm register (16 of them).
+struct VecAvx2 {
+  static constexpr int W = 8;
+  using reg = __m256;
+
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float f) { return _mm256_set1_ps(f); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, rounded once
+
+  // W elements of dtype T at p as fp32: bf16 by a 16-bit shift (exact), fp16 with F16C (exact).
+  template <DType T>
+  static reg load_as(const void* p) {
+    if constexpr (T == kF32) {
+      return _mm256_loadu_ps(static_cast<const float*>(p));
+    } else {
+      const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+      if constexpr (T == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      return _mm256_cvtph_ps(h);
+    }
+  }
+  // 2W bf16 at p as two fp32 vectors, the even and the odd elements: one load and two bit operations for 16
+  // elements. For dot products, where only the pairing of x and w matters, not the order.
+  static void load_bf16_pairs(const void* p, reg* even, reg* odd) {
+    const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  // fp32 to dtype T at p: bf16 rounds to nearest even (a NaN stays a quiet NaN), fp16 with F16C.
+  template <DType T>
+  static void store_as(void* p, reg v) {
+    if constexpr (T == kF32) {
+      _mm256_storeu_ps(static_cast<float*>(p), v);
+    } else if constexpr (T == kF16) {
+      _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+      const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
+      r = _mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      r = _mm256_srli_epi32(r, 16);  // < 2^16: packus does not saturate
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+      _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    }
+  }
+
+  static float reduce_add(reg v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float reduce_max(reg v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  // v[0 .. W-1] -> one vector whose lane t is the sum of v[t]'s lanes (W dot products finished at once).
+  static reg hsum(const reg* v) {
+    reg pair[4], quad[2];
+    for (int i = 0; i < 4; ++i)  // per 128-bit half: [a0+a2, b0+b2, a1+a3, b1+b3] of (a, b) = (v[2i], v[2i+1])
+      pair[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int j = 0; j < 2; ++j) {  // per 128-bit half: the half-sums of v[4j .. 4j+3]
+      const __m256d a = _mm256_castps_pd(pair[2 * j]), b = _mm256_castps_pd(pair[2 * j + 1]);
+      quad[j] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20), _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
+  }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static reg round(reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for integer-valued n in [-126, 127], built in the exponent bits.
+  static reg exp2_int(reg n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  // x where lo <= base + lane < hi, `fill` elsewhere.
+  static reg keep_range(reg x, int32_t base, int32_t lo, int32_t hi, float fill) {
+    const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(base));
+    const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), idx),
+                                           _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), idx));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), x, _mm256_castsi256_ps(in));
+  }
+  // y where x is not -inf, 0 where it is.
+  static reg zero_where_neg_inf(reg x, reg y) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-__builtin_inff()), _CMP_NEQ_UQ), y);
+  }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
+
+#endif  // __x86_64__
+
+// e^x for any traits V, the polynomial of kernels_impl.h's vexp: x = n ln2 + r with ln2 split in two (Cody-Waite),
+// e^r by a degree-6 Horner polynomial in FMAs, times 2^n. x is clamped to [-87.3, 88.7] so 2^n stays normal:
+// e^-inf comes out ~1e-38, and callers zero the lanes that were -inf.
+template <class V>
+inline typename V::reg vec_exp(typename V::reg x) {
+  using reg = typename V::reg;
+  static constexpr float kHorner[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                                       4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+  x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.7f));
+  const reg n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  const reg r = V::fma(n, V::set1(2.12194440e-4f), V::fma(n, V::set1(-0.693359375f), x));
+  reg poly = V::set1(kHorner[0]);
+  for (int i = 1; i < 6; ++i) poly = V::fma(poly, r, V::set1(kHorner[i]));
+  const reg e_r = V::add(V::fma(poly, V::mul(r, r), r), V::set1(1.f));
+  return V::mul(e_r, V::exp2_int(n));
+}
+
+// n < V::W elements of dtype T at p, the rest of the lanes zero (loop tails).
+template <class V, DType T>
+inline typename V::reg load_as_n(const void* p, int64_t n) {
+  alignas(64) unsigned char buf[4 * V::W] = {};
+  std::memcpy(buf, p, n * elem_size(T));
+  return V::template load_as<T>(buf);
+}
+
+// The first n < V::W lanes of v to dtype T at p.
+template <class V, DType T>
+inline void store_as_n(void* p, typename V::reg v, int64_t n) {
+  alignas(64) unsigned char buf[4 * V::W];
+  V::template store_as<T>(buf, v);
+  std::memcpy(p, buf, n * elem_size(T));
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace llmkern
