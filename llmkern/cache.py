@@ -142,6 +142,17 @@ class PagedKV:
     value: torch.Tensor  # [B, Hkv, S, D]
     step: int
 
+    def __getattr__(self, name: str):
+        # Only reached for attributes a PagedKV lacks: some attention code other than llmkern's took the handle for
+        # a key tensor (`.shape`, `.dtype`, ...). Say what happened and what to do instead of "has no attribute".
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise TypeError(
+            f"a PagedKVCache reached an attention implementation that is not llmkern's (it asked the key for "
+            f"`.{name}`): a PagedKVCache works only on a model whose attention runs llmkern's paged attention. Call "
+            f"llmkern.patch(model) (or llmkern.attention.install(model)) first, or pass a transformers DynamicCache "
+            f"(or no cache) to this model.")
+
 
 @dataclasses.dataclass
 class StepPlan:
@@ -175,11 +186,13 @@ class CacheMemory:
     block_size: int
     num_tokens: int  # distinct token slots held (a prefix shared by beams counts once)
     bytes_per_token: int  # K + V of one token over all layers
+    peak_bytes: int = 0  # most bytes the pages ever held at once, a pool growth's transient included
 
     def __str__(self) -> str:
         return (f"{_fmt_bytes(self.reserved_bytes)} reserved ({self.num_blocks} blocks x {self.block_size} tokens, "
-                f"{_fmt_bytes(self.per_layer_bytes)} per layer), {_fmt_bytes(self.used_bytes)} in "
-                f"{self.used_blocks} used blocks, {_fmt_bytes(self.token_bytes)} holding {self.num_tokens} tokens")
+                f"{_fmt_bytes(self.per_layer_bytes)} per layer; peak {_fmt_bytes(self.peak_bytes)}), "
+                f"{_fmt_bytes(self.used_bytes)} in {self.used_blocks} used blocks, {_fmt_bytes(self.token_bytes)} "
+                f"holding {self.num_tokens} tokens")
 
 
 def _fmt_bytes(n: int) -> str:
@@ -262,14 +275,21 @@ class PagedKVCache(Cache):
     Args:
         config: the model's config (layers, KV heads, head_dim are read from it).
         block_size: tokens per page, a power of two in 1..256.
-        num_blocks: pages per layer. Fixed capacity; a step that needs more raises ``CacheExhaustedError``.
-        max_memory_bytes: alternative to ``num_blocks``: as many pages as fit, K and V of all layers included.
+        num_blocks: pages per layer. Fixed capacity (a step that needs more raises ``CacheExhaustedError``) unless
+            ``growable=True``, when it is the initial size.
+        max_memory_bytes: alternative to ``num_blocks``: a fixed pool of as many pages as fit, K and V of all layers
+            included, allocated up front. Too small for one block of every layer is a ``ValueError``.
         dtype, device: of the pages. Default: the first K/V written (a cache with a fixed capacity allocates at
             construction with ``dtype`` or the config's dtype and ``device`` or CPU, and moves to the K/V's dtype and
             device on the first write when those were not given explicitly).
         max_batch_size: largest batch accepted. Without ``num_blocks``/``max_memory_bytes`` it also sizes the cache:
             ``max_batch_size`` sequences of ``config.max_position_embeddings`` tokens. When none of the three is
             given the pool grows (doubling) whenever a step needs more pages.
+        growable: whether the pool grows when a step needs more pages than are free. Default: only when none of
+            ``num_blocks``, ``max_memory_bytes`` and ``max_batch_size`` is given. ``num_blocks=n, growable=True`` starts
+            with n pages (what ``generate`` creates on its own: sized for the call, and able to serve a longer next
+            turn). Growth is layer by layer: at no moment do the pages hold more than the new pool plus one layer's
+            K or V pages of the old one (``memory().peak_bytes``).
 
     Example:
         >>> cache = PagedKVCache(model.config, block_size=16, num_blocks=256)
@@ -279,19 +299,24 @@ class PagedKVCache(Cache):
 
     def __init__(self, config, *, block_size: int = 16, num_blocks: int | None = None,
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, max_batch_size: int | None = None):
+                 device: torch.device | str | None = None, max_batch_size: int | None = None,
+                 growable: bool | None = None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
         if num_blocks is not None and max_memory_bytes is not None:
-            raise ValueError(f"give num_blocks or max_memory_bytes, not both (got {num_blocks} and {max_memory_bytes})")
-        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, int)
-                                       or num_blocks < 1):
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+            raise ValueError(f"pass num_blocks or max_memory_bytes, not both; got num_blocks={num_blocks} and "
+                             f"max_memory_bytes={max_memory_bytes}")
+        for name, v in (("num_blocks", num_blocks), ("max_memory_bytes", max_memory_bytes),
+                        ("max_batch_size", max_batch_size)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16 (or None: the model's), got {dtype}")
+        if growable is not None and not isinstance(growable, bool):
+            raise TypeError(f"growable must be True, False or None, got {type(growable).__name__}")
+        if growable and max_memory_bytes is not None:
+            raise ValueError(f"max_memory_bytes={max_memory_bytes} sizes a fixed pool; it cannot be growable=True")
 
         self.num_layers, self.num_kv_heads, self.head_dim = _decoder_dims(config)
         self.block_size = block_size
@@ -302,24 +327,26 @@ class PagedKVCache(Cache):
 
         if max_memory_bytes is not None:
             per_block = self._bytes_per_block(self.dtype)
-            num_blocks = int(max_memory_bytes) // per_block
+            num_blocks = max_memory_bytes // per_block
             if num_blocks < 1:
-                raise ValueError(f"max_memory_bytes={max_memory_bytes} holds no block: one block of {block_size} "
-                                 f"tokens takes {per_block} bytes (K and V, {self.num_layers} layers, "
-                                 f"{self.num_kv_heads} KV heads x {self.head_dim}, {self.dtype})")
+                raise ValueError(f"max_memory_bytes must hold at least one block of every layer, {per_block} bytes "
+                                 f"here (K and V of {block_size} tokens x {self.num_layers} layers x "
+                                 f"{self.num_kv_heads} KV heads x head_dim {self.head_dim} in "
+                                 f"{str(self.dtype).replace('torch.', '')}), got {max_memory_bytes}")
         elif num_blocks is None and max_batch_size is not None:
             max_pos = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
             if max_pos is None:
-                raise ValueError("max_batch_size sizes the cache from config.max_position_embeddings, which this "
-                                 "config lacks; pass num_blocks or max_memory_bytes")
+                raise ValueError("max_batch_size sizes the cache from the config's max_position_embeddings, which "
+                                 "this config does not have; pass num_blocks or max_memory_bytes as well")
             num_blocks = max_batch_size * math.ceil(max_pos / block_size)
-        self.growable = num_blocks is None
+        self.growable = num_blocks is None if growable is None else growable
+        self._peak_bytes = 0
 
         super().__init__(layers=[PagedLayer(self, i) for i in range(self.num_layers)])
         self.allocator = BlockAllocator(0 if num_blocks is None else num_blocks)
         self._k_pages: list[torch.Tensor] = []
         self._v_pages: list[torch.Tensor] = []
-        if not self.growable:
+        if self.allocator.num_blocks:
             self._allocate_pages(self.allocator.num_blocks, self.dtype, self.device)
         self._clear_sequences()
 
@@ -334,10 +361,13 @@ class PagedKVCache(Cache):
     def _allocate_pages(self, num_blocks: int, dtype, device) -> None:
         # Zeroed, not empty: a kernel never reads past seq_len, but garbage pages would make a bug look random.
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self._k_pages, self._v_pages = [], []  # the old pages (another dtype or device) go before the new come
+        self._sync_layer_views()
         self._k_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self._v_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
         self.dtype, self.device = dtype, torch.device(device)
         self._sync_layer_views()
+        self._peak_bytes = max(self._peak_bytes, self._bytes_per_block(dtype) * num_blocks)
 
     def _sync_layer_views(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -363,12 +393,22 @@ class PagedKVCache(Cache):
         self._allocate_pages(self.allocator.num_blocks, dtype, device)
 
     def _grow(self, min_blocks: int) -> None:
-        new = max(min_blocks, 2 * self.allocator.num_blocks, 1)
-        extra = new - self.allocator.num_blocks
-        shape = (extra, self.block_size, self.num_kv_heads, self.head_dim)
-        z = dict(dtype=self.dtype, device=self.device)
-        self._k_pages = [torch.cat([k, torch.zeros(shape, **z)]) for k in self._k_pages]
-        self._v_pages = [torch.cat([v, torch.zeros(shape, **z)]) for v in self._v_pages]
+        """Grow the pool to at least ``min_blocks`` (doubling), one layer's K or V pages at a time: each is copied
+        into its larger replacement and released before the next, so the pages never hold more than the new pool
+        plus one old layer's K (or V) pages. (A ``torch.cat`` of every layer would hold old and new pools at once.)"""
+        old = self.allocator.num_blocks
+        new = max(min_blocks, 2 * old, 1)
+        shape = (new, self.block_size, self.num_kv_heads, self.head_dim)
+        for pages, attr in ((self._k_pages, "keys"), (self._v_pages, "values")):
+            for i in range(len(pages)):
+                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
+                grown[:old].copy_(pages[i])
+                grown[old:].zero_()
+                pages[i] = grown  # the last references to the old pages: this list and the layer's view
+                setattr(self.layers[i], attr, grown)
+        if self._k_pages:
+            one_old = self._bytes_per_block(self.dtype) * old // (2 * self.num_layers)
+            self._peak_bytes = max(self._peak_bytes, self._bytes_per_block(self.dtype) * new + one_old)
         self.allocator.grow(new)
         self._sync_layer_views()
 
@@ -428,7 +468,8 @@ class PagedKVCache(Cache):
         if not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx must be in 0..{self.num_layers - 1}, got {layer_idx}")
         if key_states.dim() != 4 or key_states.shape[1] != self.num_kv_heads or key_states.shape[3] != self.head_dim:
-            raise ValueError(f"key_states must be [batch, {self.num_kv_heads}, seq, {self.head_dim}], got "
+            raise ValueError(f"key_states must be 4-D (batch, num_kv_heads, seq, head_dim) with the config's "
+                             f"{self.num_kv_heads} KV heads and head_dim {self.head_dim}, got shape "
                              f"{tuple(key_states.shape)}")
         if layer_idx in self._step_layers:  # layers run in order: seeing one again means a new forward
             self._new_step()
@@ -533,7 +574,8 @@ class PagedKVCache(Cache):
         if self._plan is not None and self._plan.step == handle.step:
             return self._plan
         if handle.step != self._step:
-            raise RuntimeError("stale PagedKV handle: the cache moved on to another step")
+            raise RuntimeError("stale PagedKV handle: the cache has moved on to a later forward since this handle was "
+                               "made (a handle is only valid within the forward whose update() returned it)")
         key = handle.key
         B, S = key.shape[0], key.shape[2]
         self._ensure_pages(key.dtype, key.device)
@@ -548,8 +590,8 @@ class PagedKVCache(Cache):
             real = torch.ones((B, S), dtype=torch.bool)
         else:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
-                raise ValueError(f"attention_mask must be 2-D [{B}, >= {S}] for a step of {S} columns, got "
-                                 f"{tuple(attention_mask.shape)}")
+                raise ValueError(f"attention_mask must be 2-D with one row per sequence ({B}) and at least this "
+                                 f"step's {S} columns, got shape {tuple(attention_mask.shape)}")
             real = attention_mask[:, -S:].to(device="cpu", dtype=torch.bool)
             if S > 1 and self._lens and attention_mask.shape[1] == self._seen + S:
                 # Prefill on top of a filled cache (multi-turn): the mask's past must describe what is stored.
@@ -663,7 +705,7 @@ class PagedKVCache(Cache):
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
         per_block = per_token * self.block_size
-        reserved = per_block * self.allocator.num_blocks if self._k_pages or not self.growable else 0
+        reserved = per_block * self.allocator.num_blocks if self._k_pages else 0
         filled: dict[int, int] = {}
         for t, n in zip(self._tables, self._lens):
             for j, blk in enumerate(t):
@@ -673,14 +715,14 @@ class PagedKVCache(Cache):
             reserved_bytes=reserved, per_layer_bytes=reserved // max(self.num_layers, 1),
             used_bytes=per_block * self.allocator.num_used, token_bytes=per_token * tokens,
             num_blocks=self.allocator.num_blocks, used_blocks=self.allocator.num_used, block_size=self.block_size,
-            num_tokens=tokens, bytes_per_token=per_token)
+            num_tokens=tokens, bytes_per_token=per_token, peak_bytes=self._peak_bytes)
 
     def __repr__(self) -> str:
-        m = self.memory()
+        # One short line that does not change from step to step (transformers puts it in messages); the contents
+        # are in memory() and seq_lens().
         kind = "growable" if self.growable else "fixed"
-        return (f"PagedKVCache({self.num_layers} layers, {self.num_kv_heads} KV heads x {self.head_dim}, "
-                f"{str(self.dtype).replace('torch.', '')}, {kind}; {len(self._lens)} sequences, lengths "
-                f"{self._lens}; {m})")
+        return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"block_size={self.block_size}, {str(self.dtype).replace('torch.', '')}, {kind})")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

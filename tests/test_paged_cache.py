@@ -85,16 +85,19 @@ def test_memory_report_and_repr(device):
     assert m.used_blocks == 3 and m.used_bytes == 3 * 16 * per_token
     assert m.num_tokens == 33 and m.token_bytes == 33 * per_token
     assert m.reserved_bytes == sum(t.numel() * t.element_size() for i in range(L) for t in cache.pages(i))
-    r = repr(cache)
-    assert "reserved" in r and "holding 33 tokens" in r and "3 used blocks" in r
+    s = str(m)
+    assert "reserved" in s and "holding 33 tokens" in s and "3 used blocks" in s
 
     # max_memory_bytes: as many whole blocks as fit; bf16 halves the block size.
     per_block = 2 * L * 16 * HKV * D * 2
     c2 = PagedKVCache(CFG, block_size=16, max_memory_bytes=5 * per_block + per_block // 2, dtype=torch.bfloat16,
                       device=device)
     assert c2.allocator.num_blocks == 5 and c2.memory().reserved_bytes == 5 * per_block
-    with pytest.raises(ValueError, match="holds no block"):
+    with pytest.raises(ValueError, match=r"max_memory_bytes must hold at least one block of every layer, \d+ bytes "
+                                         r"here .*got 100"):
         PagedKVCache(CFG, max_memory_bytes=100, device=device)
+    with pytest.raises(ValueError, match="max_memory_bytes must be a positive int"):
+        PagedKVCache(CFG, max_memory_bytes=-5, device=device)
     with pytest.raises(ValueError, match="power of two"):
         PagedKVCache(CFG, block_size=12, device=device)
     with pytest.raises(ValueError, match="not both"):
@@ -198,3 +201,49 @@ def test_batch_change_needs_reset(device):
     _step(cache, torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="reset"):
         _step(cache, torch.ones(3, 4, dtype=torch.long))
+
+
+def test_repr_is_one_short_line_that_does_not_change_per_step(device):
+    # transformers puts the cache's repr into warnings; a repr with lengths and byte counts made each step's message
+    # new (issue 13: 248 FutureWarnings for 8 tokens).
+    cache = PagedKVCache(CFG, block_size=16, device=device)
+    r = repr(cache)
+    assert "\n" not in r and len(r) <= 120, r
+    assert r.startswith("PagedKVCache(") and f"layers={L}" in r and "growable" in r
+    mask = torch.ones(2, 20, dtype=torch.long)
+    _step(cache, mask)
+    _step(cache, torch.ones(2, 21, dtype=torch.long), seed=1)
+    assert repr(cache) == r
+
+
+def test_growth_is_layer_by_layer_and_reports_its_peak(device):
+    import weakref
+
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=2, growable=True, device=device)
+    assert cache.growable and cache.allocator.num_blocks == 2
+    _step(cache, torch.ones(1, 8, dtype=torch.long))  # fills both blocks
+    before = _stored(cache, 1, 0)
+    old = [weakref.ref(t) for i in range(L) for t in cache.pages(i)]
+    m0 = cache.memory()
+    _step(cache, torch.ones(1, 9, dtype=torch.long), seed=1)  # one more token: the pool doubles to 4 blocks
+    m = cache.memory()
+    assert m.num_blocks == 4 and m.reserved_bytes == 2 * m0.reserved_bytes
+    # Nothing keeps the old pages alive (the layers' views moved to the new ones as well).
+    assert all(r() is None for r in old)
+    assert all(layer.keys is cache.pages(i)[0] and layer.values is cache.pages(i)[1]
+               for i, layer in enumerate(cache.layers))
+    # The peak is the new pool plus one old layer's K (or V) pages, never old pool + new pool.
+    one_old_tensor = m0.reserved_bytes // (2 * L)
+    assert m.peak_bytes == m.reserved_bytes + one_old_tensor < m.reserved_bytes + m0.reserved_bytes
+    k, v = _stored(cache, 1, 0)
+    assert torch.equal(k[:8], before[0]) and torch.equal(v[:8], before[1])
+    _consistent(cache)
+
+
+def test_fixed_pool_from_memory_budget_is_allocated_up_front(device):
+    per_block = 2 * L * 16 * HKV * D * 4
+    cache = PagedKVCache(CFG, block_size=16, max_memory_bytes=3 * per_block, device=device)
+    m = cache.memory()
+    assert not cache.growable and m.reserved_bytes == m.peak_bytes == 3 * per_block
+    with pytest.raises(ValueError, match="cannot be growable"):
+        PagedKVCache(CFG, max_memory_bytes=3 * per_block, growable=True, device=device)
