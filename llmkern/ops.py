@@ -83,10 +83,11 @@ def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        allowed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"{name} must have dtype {allowed}, got {str(t.dtype).replace('torch.', '')}")
     if t.dim() == 0:
-        raise ValueError(f"{name} must have at least one dim, got a 0-d tensor")
+        raise ValueError(f"{name} must have at least one dimension, got a scalar (0-d) tensor")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
@@ -94,15 +95,24 @@ def _check_tensor(t, name: str, dtypes=FLOAT_DTYPES) -> None:
 def _check_same_device(**tensors) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
-        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {desc}")
+        raise ValueError(f"{_and(devices)} must be on one device, got "
+                         f"{_and({f'{n} on {d}': 0 for n, d in devices.items()})}")
 
 
 def _check_same(attr: str, **tensors) -> None:
     vals = {name: getattr(t, attr) for name, t in tensors.items()}
     if len(set(map(str, vals.values()))) > 1:
-        desc = ", ".join(f"{n}.{attr}={tuple(v) if attr == 'shape' else v}" for n, v in vals.items())
-        raise ValueError(f"expected equal {attr}s, got {desc}")
+        def show(v):
+            return f"shape {tuple(v)}" if attr == "shape" else str(v).replace("torch.", "")
+
+        raise ValueError(f"expected equal {attr}s of {_and(vals)}, got "
+                         f"{_and({f'{n} {show(v)}': 0 for n, v in vals.items()})}")
+
+
+def _and(names) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _check_positive_float(value, name: str, *, optional: bool = False) -> float | None:
@@ -134,10 +144,11 @@ def _check_norm_weight(x, weight) -> None:
     _check_tensor(weight, "weight")
     _check_same_device(x=x, weight=weight)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be 1-D with as many elements as x's last dimension ({x.shape[-1]}), got "
+                         f"weight of shape {tuple(weight.shape)} for x of shape {tuple(x.shape)}")
     if x.shape[-1] > _MAX_NORM_N:
-        raise ValueError(f"x's last dim must be at most {_MAX_NORM_N}, got {x.shape[-1]}")
+        raise ValueError(f"x's last dimension must be at most {_MAX_NORM_N} (one normalisation tile), got "
+                         f"{x.shape[-1]}")
 
 
 def _check_rms_norm(x, weight, eps, offset=0.0) -> None:
@@ -183,18 +194,21 @@ def _check_rope(q, k, cos, sin) -> None:
     _check_same_device(q=q, k=k, cos=cos, sin=sin)
     _check_same("dtype", q=q, k=k)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-D [batch, heads, seq, head_dim], got q {tuple(q.shape)} and "
-                         f"k {tuple(k.shape)}")
+        raise ValueError(f"q and k must be 4-D (batch, heads, seq, head_dim), got q of shape {tuple(q.shape)} "
+                         f"and k of shape {tuple(k.shape)}")
     b, _, s, d = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (b, s, d):
-        raise ValueError(f"k must match q in batch, seq and head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"k must have q's batch ({b}), seq ({s}) and head_dim ({d}), got k of shape "
+                         f"{tuple(k.shape)} for q of shape {tuple(q.shape)}")
     _check_same("shape", cos=cos, sin=sin)
     if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1] != s:
-        raise ValueError(f"cos and sin must have shape [1 or {b}, {s}, rotary_dim] for q {tuple(q.shape)}, "
-                         f"got {tuple(cos.shape)}")
+        raise ValueError(f"cos and sin must be 3-D (batch, seq, rotary_dim) with batch 1 or q's batch ({b}) and "
+                         f"seq equal to q's ({s}), got cos and sin of shape {tuple(cos.shape)} for q of shape "
+                         f"{tuple(q.shape)}")
     rd = cos.shape[-1]
     if rd % 2 or rd > d:
-        raise ValueError(f"rotary_dim (cos.shape[-1]) must be even and at most head_dim {d}, got {rd}")
+        raise ValueError(f"the rotary dim (cos and sin's last dimension) must be even and at most q's head_dim "
+                         f"({d}), got {rd}")
 
 
 def _check_silu_and_mul(gate, up) -> None:
@@ -462,7 +476,8 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
     """
     _check_tensor(gate_up, "gate_up")
     if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dim must be even (gate then up), got {gate_up.shape[-1]}")
+        raise ValueError(f"gate_up's last dimension must be even (the gate half, then the up half), got "
+                         f"{gate_up.shape[-1]}")
     gate, up = gate_up.chunk(2, dim=-1)
     return silu_and_mul(gate, up)
 
@@ -516,12 +531,13 @@ def _check_linear(x, weight, bias) -> None:
         _check_same_device(x=x, weight=weight)
         _check_same("dtype", x=x, weight=weight)
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dim must equal weight.shape[1] (in_features) {weight.shape[1]}, got x "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"x's last dimension must equal weight's in_features ({weight.shape[1]}), got x of shape "
+                         f"{tuple(x.shape)} for weight of shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+        raise ValueError(f"bias must be 1-D with weight's out_features ({weight.shape[0]}) elements, got shape "
+                         f"{tuple(bias.shape)}")
 
 
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -56,13 +56,15 @@ def _check_cache(k_cache, v_cache) -> None:
     _check_tensor(k_cache, "k_cache")
     _check_tensor(v_cache, "v_cache")
     if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim], "
+        raise ValueError(f"k_cache must be 4-D (num_blocks, block_size, num_kv_heads, head_dim), "
                          f"got shape {tuple(k_cache.shape)}")
     bs = k_cache.shape[1]
     if bs > MAX_BLOCK_SIZE or bs & (bs - 1):
-        raise ValueError(f"block_size (k_cache.shape[1]) must be a power of two in 1..{MAX_BLOCK_SIZE}, got {bs}")
+        raise ValueError(f"k_cache's block_size (its second dimension) must be a power of two in "
+                         f"1..{MAX_BLOCK_SIZE}, got {bs}")
     if k_cache.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim (k_cache.shape[3]) must be at most {MAX_HEAD_DIM}, got {k_cache.shape[3]}")
+        raise ValueError(f"k_cache's head_dim (its last dimension) must be at most {MAX_HEAD_DIM}, got "
+                         f"{k_cache.shape[3]}")
     _check_same("shape", k_cache=k_cache, v_cache=v_cache)
     _check_same("dtype", k_cache=k_cache, v_cache=v_cache)
     _check_same_device(k_cache=k_cache, v_cache=v_cache)
@@ -96,7 +98,7 @@ def _scalars(scale, sliding_window, softcap):
 def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, q_dim: int) -> None:
     _check_tensor(q, "q")
     if q.dim() != q_dim:
-        want = "[batch, num_heads, head_dim]" if q_dim == 3 else "[batch, num_heads, seq, head_dim]"
+        want = "(batch, num_heads, head_dim)" if q_dim == 3 else "(batch, num_heads, seq, head_dim)"
         raise ValueError(f"q must be {q_dim}-D {want}, got shape {tuple(q.shape)}")
     _check_cache(k_cache, v_cache)
     _check_int_tensor(block_tables, "block_tables", torch.int32, 2)
@@ -112,10 +114,11 @@ def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
     if Hq % Hkv:
         raise ValueError(f"q's num_heads {Hq} must be a multiple of k_cache's num_kv_heads {Hkv}")
     if block_tables.shape[0] != B or block_tables.shape[1] < 1:
-        raise ValueError(f"block_tables must have shape [{B}, max_blocks >= 1] for q {tuple(q.shape)}, "
+        raise ValueError(f"block_tables must have shape ({B}, n) with n >= 1 (a row of page ids per sequence of q), "
                          f"got {tuple(block_tables.shape)}")
     if seq_lens.shape[0] != B:
-        raise ValueError(f"seq_lens must have shape [{B}] for q {tuple(q.shape)}, got {tuple(seq_lens.shape)}")
+        raise ValueError(f"seq_lens must have shape ({B},) (one length per sequence of q), got "
+                         f"{tuple(seq_lens.shape)}")
     _check_scale(scale)
     _check_opt_int(sliding_window, "sliding_window", 1)
     _check_softcap(softcap)
@@ -133,7 +136,8 @@ def _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, s
     _check_int_tensor(q_lens, "q_lens", torch.int32, 1)
     _check_same_device(q=q, q_lens=q_lens)
     if q_lens.shape[0] != q.shape[0]:
-        raise ValueError(f"q_lens must have shape [{q.shape[0]}] for q {tuple(q.shape)}, got {tuple(q_lens.shape)}")
+        raise ValueError(f"q_lens must have shape ({q.shape[0]},) (one count per sequence of q), got "
+                         f"{tuple(q_lens.shape)}")
 
 
 def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -144,14 +148,15 @@ def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None
     _check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     _check_same("shape", key=key, value=value)
     if key.dim() != 3 or tuple(key.shape[1:]) != tuple(k_cache.shape[2:]):
-        raise ValueError(f"key and value must have shape [num_tokens, {k_cache.shape[2]}, {k_cache.shape[3]}] to "
-                         f"match k_cache {tuple(k_cache.shape)}, got {tuple(key.shape)}")
+        raise ValueError(f"key and value must be 3-D (num_tokens, num_kv_heads, head_dim) with k_cache's "
+                         f"num_kv_heads ({k_cache.shape[2]}) and head_dim ({k_cache.shape[3]}), got shape "
+                         f"{tuple(key.shape)}")
     if key.dtype != k_cache.dtype or value.dtype != k_cache.dtype:
         raise TypeError(f"key and value must have k_cache's dtype {_dt(k_cache.dtype)}, got {_dt(key.dtype)} and "
                         f"{_dt(value.dtype)}")
     if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"slot_mapping must have shape [{key.shape[0]}] (one slot per token of key), "
-                         f"got {tuple(slot_mapping.shape)}")
+        raise ValueError(f"slot_mapping must have shape ({key.shape[0]},) (one slot per token of key), got "
+                         f"{tuple(slot_mapping.shape)}")
 
 
 def _refuse_grad(op: str, **tensors) -> None:
