@@ -116,8 +116,14 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     """
     if not isinstance(key, PagedKV):
         return _dense_fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise RuntimeError("llmkern's PagedKVCache is for inference: its attention has no backward, but this forward "
+                           "runs under grad mode with inputs that require grad. Generate under torch.no_grad() / "
+                           "torch.inference_mode(); to train a patched model, call it without a cache "
+                           "(use_cache=False): its attention then runs transformers' SDPA, which has a backward.")
     if module.training and dropout:
-        raise ValueError("llmkern paged attention is for inference: attention dropout is not supported")
+        raise ValueError(f"llmkern paged attention is for inference: attention dropout must be 0 with a "
+                         f"PagedKVCache, got {dropout} (call model.eval(), or run without the cache)")
     if isinstance(attention_mask, PagedMask):
         if attention_mask.custom:
             raise ValueError("this model overlays its own mask function on the causal mask; the paged attention "
@@ -126,8 +132,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     elif attention_mask is None:
         mask2d = None
     else:
-        raise ValueError(f"llmkern paged attention takes HF's 2-D padding mask (via its mask function), not a "
-                         f"precomputed {attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}")
+        raise ValueError(f"llmkern paged attention takes transformers' 2-D padding mask (through its mask "
+                         f"function), not a precomputed {attention_mask.dim()}-D mask of shape "
+                         f"{tuple(attention_mask.shape)}; pass the 2-D attention_mask (batch, length) to the model")
 
     handle: PagedKV = key
     cache: PagedKVCache = handle.cache
@@ -246,6 +253,8 @@ class _InstallState:
     had_prepare_attr: bool
     prev_prepare_attr: object
     options: dict
+    hooked: bool  # generate()'s cache hook was installed (the model has generate)
+    warned: set = dataclasses.field(default_factory=set)  # fallbacks already said once for this model
 
 
 def is_installed(model) -> bool:
@@ -276,13 +285,18 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
 
     * ``model.set_attn_implementation(NAME)``: sets ``_attn_implementation`` on this model's config(s) only (a
       second model of the same class has its own config and is untouched).
-    * ``model.generate(...)`` without ``past_key_values`` creates a ``PagedKVCache``: ``num_blocks`` /
-      ``max_memory_bytes`` pages if given, else exactly enough for the call (batch x beams x max_length).
+    * ``model.generate(...)`` without ``past_key_values`` creates a ``PagedKVCache``: a fixed ``num_blocks`` /
+      ``max_memory_bytes`` pool if given, else one sized for the call (batch x beams x max_length) that grows when
+      it is passed back for a longer next turn (``out.past_key_values``, HF's multi-turn recipe).
+    * A transformers ``DynamicCache`` (or a dynamic ``cache_implementation``) handed to ``generate`` still works,
+      on SDPA: said once per model with a warning. A static cache cannot work here and is a ``ValueError`` that
+      says what to do instead.
 
     Calling it again replaces the options. ``uninstall(model)`` undoes everything.
     """
     if num_blocks is not None and max_memory_bytes is not None:
-        raise ValueError(f"give num_blocks or max_memory_bytes, not both (got {num_blocks} and {max_memory_bytes})")
+        raise ValueError(f"pass num_blocks or max_memory_bytes, not both; got num_blocks={num_blocks} and "
+                         f"max_memory_bytes={max_memory_bytes}")
     PagedKVCache(model.config, block_size=block_size, num_blocks=1)  # validates block_size and the config's dims
     if is_installed(model):
         uninstall(model)
@@ -299,6 +313,13 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     # alternatives are worse: generation_config.cache_implementation only accepts transformers' own names (and
     # rejects being combined with an explicit past_key_values), and `_get_cache` no longer exists in 5.23.
     d = vars(model)
+    if not hasattr(type(model), "_prepare_cache_for_generation"):
+        # A base *Model or a non-generating head (sequence classification, ...): no generate() to hook; a forward
+        # with a PagedKVCache the caller made still runs the paged kernels.
+        d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=False, prev_prepare_attr=None,
+                                       options=dict(block_size=block_size, num_blocks=num_blocks,
+                                                    max_memory_bytes=max_memory_bytes), hooked=False)
+        return
     had_attr = "_prepare_cache_for_generation" in d
     prev_attr = d.get("_prepare_cache_for_generation")
     options = dict(block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes)
@@ -306,24 +327,87 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
-        wants_default = (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
-                         and generation_config.cache_implementation in (None, "dynamic")
+        key = _generate_cache_key(model_kwargs)
+        given = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
+        impl = generation_config.cache_implementation
+        if given is not None and not isinstance(given, PagedKVCache):
+            _check_foreign_cache(self, given)
+        elif given is None and generation_config.use_cache is not False and impl not in (None, "dynamic"):
+            _check_cache_implementation(self, impl)
+        wants_default = (given is None and generation_config.use_cache is not False and impl in (None, "dynamic")
                          and not self.config.is_encoder_decoder and self._supports_default_dynamic_cache())
         if not wants_default:
             call = original if had_attr else types.MethodType(original, self)
             return call(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         n = options["num_blocks"]
+        growable = None
         if n is None and options["max_memory_bytes"] is None:
+            # Sized for this call, and growable: `out.past_key_values` fed back for the next turn (HF's multi-turn
+            # recipe) must take a longer turn, though the caller never sized it.
             n = _pages_for_generate(options["block_size"], rows, max_cache_length)
-        model_kwargs["past_key_values"] = PagedKVCache(
-            self.config, block_size=options["block_size"], num_blocks=n,
+            growable = True
+        model_kwargs[key] = PagedKVCache(
+            self.config, block_size=options["block_size"], num_blocks=n, growable=growable,
             max_memory_bytes=options["max_memory_bytes"], dtype=self.dtype, device=self.device)
         return None
 
     d["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
     d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
-                                   options=options)
+                                   options=options, hooked=True)
+
+
+def _warn_once(model, what: str, message: str) -> None:
+    """A fallback is said once per installed model (and again after a re-install)."""
+    import warnings
+
+    state: _InstallState | None = vars(model).get(_STATE_ATTR)
+    if state is None or what not in state.warned:
+        if state is not None:
+            state.warned.add(what)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _check_foreign_cache(model, cache) -> None:
+    """generate() on an installed model was handed a transformers cache. A dynamic one works (the attention falls
+    back to SDPA over it) but the paged kernels do not run: said once per model. A static (compileable) one cannot
+    work: generate builds its masks ahead with this model's mask function, which hands attention the 2-D padding
+    mask, not the 4-D tensor transformers' static path expects."""
+    name = type(cache).__name__
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(f"generate() got a {name} (a static cache), which a model on llmkern paged attention cannot "
+                         f"use. Pass no cache (generate then creates a llmkern.PagedKVCache) or a PagedKVCache, or "
+                         f"patch the model with attention=False to keep transformers' attention and static caches.")
+    _warn_once(model, name, f"generate() got a {name}: llmkern's paged attention kernels are not used for it (the "
+                            f"attention runs transformers' SDPA over that cache). Pass no cache, or a "
+                            f"llmkern.PagedKVCache, to use them.")
+
+
+def _check_cache_implementation(model, impl: str) -> None:
+    from transformers.generation import utils
+
+    static = set(getattr(utils, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ())) | {"static", "offloaded_static",
+                                                                           "sliding_window", "hybrid"}
+    if impl in static:
+        raise ValueError(f"cache_implementation={impl!r} does not work on a model running llmkern paged attention "
+                         f"(transformers' static caches need 4-D masks, llmkern's attention takes the 2-D padding "
+                         f"mask). Leave cache_implementation unset: generate() then uses a llmkern.PagedKVCache. To "
+                         f"use a static cache, patch the model with attention=False (or llmkern.unpatch it).")
+    _warn_once(model, impl, f"cache_implementation={impl!r}: llmkern's paged attention kernels are not used for "
+                            f"this call (the attention runs transformers' SDPA over its {impl} cache). Leave "
+                            f"cache_implementation unset to use them.")
+
+
+def _generate_cache_key(model_kwargs: dict) -> str:
+    """The model_kwargs key under which the installed transformers' generate keeps the cache: ``cache`` from 5.24
+    (``past_key_values`` is then a deprecated alias, and setting it beside ``cache`` is a FutureWarning per step),
+    ``past_key_values`` before."""
+    for key in ("cache", "past_key_values"):
+        if key in model_kwargs:
+            return key
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def uninstall(model) -> None:
@@ -337,6 +421,6 @@ def uninstall(model) -> None:
     d = vars(model)
     if state.had_prepare_attr:
         d["_prepare_cache_for_generation"] = state.prev_prepare_attr
-    else:
+    elif state.hooked:
         d.pop("_prepare_cache_for_generation", None)
     del d[_STATE_ATTR]
