@@ -6,8 +6,10 @@
   picked at run time — no -march=native, no hardware detection at install time.
 * CUDA kernels (csrc/cuda) are built when a CUDA toolkit is found and torch is a CUDA build, for sm_80 and sm_90
   (override with TORCH_CUDA_ARCH_LIST). LLMKERN_CUDA=0 skips them.
-* LLMKERN_NO_EXT=1 installs the pure-Python package; llmkern then JIT-builds the extension on first use, or runs
-  its Triton/reference paths.
+* LLMKERN_NO_EXT=1 installs the pure-Python package, and so does `pip install .` with build isolation (torch is not
+  importable in pip's isolated build environment). llmkern then runs its Triton and reference paths and says so
+  (llmkern.backends.available); with LLMKERN_JIT=1 in the environment it JIT-builds the extension on first use
+  (torch.utils.cpp_extension.load, cached under ~/.cache/torch_extensions; a few minutes the first time).
 """
 
 import os

@@ -94,11 +94,12 @@ __global__ void rope_kernel(RopeArgs q, RopeArgs k, const C* __restrict__ cos, i
     rope_token<X, C>(k, cr, scd, sr, ssd, b, p, D, RD);
 }
 
+// grid (M, column blocks): rows on x, the only axis past 65535.
 template <typename T>
 __global__ void silu_and_mul_kernel(const T* __restrict__ g, int64_t sgm, const T* __restrict__ u, int64_t sum_,
                                     T* __restrict__ o, int64_t som, int64_t I) {
-  const int64_t m = blockIdx.y;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t m = blockIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (i >= I) return;
   const float gv = ld(g + m * sgm + i);
   st(o + m * som + i, rnd<T>(gv / (1.f + expf(-gv))) * ld(u + m * sum_ + i));
@@ -107,15 +108,17 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ g, int64_t sgm, const 
 template <typename X, typename W, typename Y>
 cudaError_t launch_norm(const void* x, int64_t sxm, const void* w, void* y, int64_t sym, int64_t M, int64_t N,
                         float eps, float offset, cudaStream_t s) {
-  rms_norm_kernel<X, W, Y><<<M, threads_for(N), 0, s>>>((const X*)x, sxm, (const W*)w, (Y*)y, sym, N, eps, offset);
+  const unsigned grid = static_cast<unsigned>(rms_norm_grid(M).x);
+  rms_norm_kernel<X, W, Y><<<grid, threads_for(N), 0, s>>>((const X*)x, sxm, (const W*)w, (Y*)y, sym, N, eps, offset);
   return cudaGetLastError();
 }
 
 template <typename X, typename W, typename Y>
 cudaError_t launch_fadd(const void* x, int64_t sxm, const void* r, int64_t srm, const void* w, void* y, int64_t sym,
                         void* ro, int64_t srom, int64_t M, int64_t N, float eps, cudaStream_t s) {
-  fused_add_rms_norm_kernel<X, W, Y><<<M, threads_for(N), 0, s>>>((const X*)x, sxm, (const X*)r, srm, (const W*)w,
-                                                                  (Y*)y, sym, (X*)ro, srom, N, eps);
+  const unsigned grid = static_cast<unsigned>(rms_norm_grid(M).x);
+  fused_add_rms_norm_kernel<X, W, Y><<<grid, threads_for(N), 0, s>>>((const X*)x, sxm, (const X*)r, srm,
+                                                                     (const W*)w, (Y*)y, sym, (X*)ro, srom, N, eps);
   return cudaGetLastError();
 }
 
@@ -156,7 +159,8 @@ cudaError_t rope(const RopeArgs& q, const RopeArgs& k, const void* cos, int64_t 
                  const void* sin, int64_t ssb, int64_t sss, int64_t ssd, int64_t B, int64_t S, int64_t D,
                  int64_t RD, DType xt, DType ct, cudaStream_t stream) {
   const int64_t heads = q.H > k.H ? q.H : k.H;
-  const dim3 grid(static_cast<unsigned>(B * S), 2);
+  const Grid gr = rope_grid(B, S);
+  const dim3 grid(static_cast<unsigned>(gr.x), static_cast<unsigned>(gr.y));
   const int threads = threads_for(heads * (RD / 2) * 4);
 #define R_(XI, XT, CI, CT)                                                                                      \
   if (xt == XI && ct == CI) {                                                                                   \
@@ -172,8 +176,9 @@ cudaError_t rope(const RopeArgs& q, const RopeArgs& k, const void* cos, int64_t 
 
 cudaError_t silu_and_mul(const void* g, int64_t sgm, const void* u, int64_t sum_, void* o, int64_t som, int64_t M,
                          int64_t I, DType t, cudaStream_t stream) {
-  const int threads = 256;
-  const dim3 grid(static_cast<unsigned>((I + threads - 1) / threads), static_cast<unsigned>(M));
+  const int threads = kSiluThreads;
+  const Grid gr = silu_and_mul_grid(M, I);
+  const dim3 grid(static_cast<unsigned>(gr.x), static_cast<unsigned>(gr.y));
 #define S_(TI, TT)                                                                                               \
   if (t == TI) {                                                                                                 \
     silu_and_mul_kernel<TT><<<grid, threads, 0, stream>>>((const TT*)g, sgm, (const TT*)u, sum_, (TT*)o, som, I); \
