@@ -203,3 +203,23 @@ def test_patched_model_decode_step_with_paged_cache_under_grad_is_an_error():
     ids = torch.randint(3, 512, (1, 6))
     with pytest.raises(RuntimeError, match="PagedKVCache is for inference.*use_cache=False"):
         model(input_ids=ids, past_key_values=PagedKVCache(model.config))
+
+
+def test_backward_under_torch_compile_fullgraph():
+    # AOTAutograd traces the registered backward (the reference recomputation and its autograd.grad) into the graph.
+    def f(x, w, g, u, q, k, cos, sin, lw):
+        y = ops.rms_norm(x, w, 1e-6)
+        normed, res = ops.fused_add_rms_norm(y, x, w, 1e-6)
+        q2, k2 = ops.apply_rope(q, k, cos, sin)
+        return (normed.sum() + res.sum() + ops.silu_and_mul(g, u).sum() + q2.sum() + k2.sum()
+                + ops.linear(y, lw).sum())
+
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=gen) for s in [(3, 64), (64,), (3, 32), (3, 32), (1, 4, 3, 32), (1, 2, 3, 32),
+                                                    (1, 3, 32), (1, 3, 32), (16, 64)]]
+    eager = [t.clone().requires_grad_() for t in args]
+    compiled = [t.clone().requires_grad_() for t in args]
+    f(*eager).backward()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled).backward()
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda m: f"input {i}: {m}")
