@@ -22,6 +22,8 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__)
+
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 // GCC 12's _mm512_reduce_* start from _mm512_undefined_ps(), which -Wmaybe-uninitialized flags.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -425,3 +427,5 @@ int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
 }  // namespace avx512_attn
 }  // namespace cpu
 }  // namespace llmkern
+
+#endif  // __x86_64__ (other architectures: dispatch.cpp's stubs)

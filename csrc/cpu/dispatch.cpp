@@ -165,6 +165,26 @@ bool linear_supported(DType t);
 int linear(const LinearArgs&, int64_t, int64_t);
 }  // namespace avx2_vec
 
+#if !defined(__x86_64__)
+// Other architectures compile the x86-only translation units empty: their entry points serve nothing.
+namespace avx512_attn {
+bool supported(DType, int64_t) { return false; }
+int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
+int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
+}  // namespace avx512_attn
+namespace avx512_linear {
+bool supported(DType) { return false; }
+int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
+}  // namespace avx512_linear
+namespace avx2_vec {
+bool attention_supported(DType, int64_t) { return false; }
+int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
+int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
+bool linear_supported(DType) { return false; }
+int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
+}  // namespace avx2_vec
+#endif
+
 namespace {
 std::atomic<bool> fast_attention_on{true};
 }

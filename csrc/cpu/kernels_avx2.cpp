@@ -6,7 +6,9 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__)  // elsewhere: portable code under this namespace, never dispatched to
 #pragma GCC target("avx2,f16c,fma")
+#endif
 #define LLMKERN_ISA avx2
 #define LLMKERN_HAS_FMA 1
 #include "kernels_impl.h"

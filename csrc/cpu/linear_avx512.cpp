@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 // GCC 12's _mm512_reduce_* start from _mm512_undefined_ps(), which -Wmaybe-uninitialized flags.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -129,3 +131,5 @@ int linear(const LinearArgs& a, int64_t blk0, int64_t blk1) {
 }  // namespace avx512_linear
 }  // namespace cpu
 }  // namespace llmkern
+
+#endif  // __x86_64__ (other architectures: dispatch.cpp's stubs)

@@ -1,7 +1,6 @@
 // The vector-width templated kernels (attention_vec.h, linear_vec.h) instantiated for AVX2 + FMA + F16C: 8 fp32
 // lanes (VecAvx2 in vec.h). dispatch.cpp uses them when the active instruction set is AVX2, and on AVX-512 CPUs for
-// what the AVX-512 kernels do not serve (no AVX512-BF16, head_dim 80). Other architectures build stubs that serve
-// nothing.
+// what the AVX-512 kernels do not serve (no AVX512-BF16, head_dim 80). Other architectures compile this file empty.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,18 +57,4 @@ int linear(const LinearArgs& a, int64_t blk0, int64_t blk1) {
 }  // namespace cpu
 }  // namespace llmkern
 
-#else  // not x86-64: nothing to serve; dispatch.cpp falls back to the portable kernels and the reference
-
-namespace llmkern {
-namespace cpu {
-namespace avx2_vec {
-bool attention_supported(DType, int64_t) { return false; }
-int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
-int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
-bool linear_supported(DType) { return false; }
-int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
-}  // namespace avx2_vec
-}  // namespace cpu
-}  // namespace llmkern
-
-#endif
+#endif  // __x86_64__ (other architectures: dispatch.cpp's stubs)
