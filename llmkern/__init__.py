@@ -7,12 +7,12 @@
 
 from llmkern import ops, paged_ops
 from llmkern.backends import track, use_backend
-from llmkern.patching import PatchReport, is_patched, patch, patch_report, unpatch
+from llmkern.patching import PatchError, PatchReport, is_patched, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "paged_ops", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "PagedKVCache",
-           "CacheExhaustedError", "track", "use_backend", "__version__"]
+__all__ = ["ops", "paged_ops", "patch", "unpatch", "is_patched", "patch_report", "PatchReport", "PatchError",
+           "PagedKVCache", "CacheExhaustedError", "track", "use_backend", "__version__"]
 
 
 def __getattr__(name):

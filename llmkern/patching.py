@@ -14,12 +14,23 @@ keeps running eager):
   ``ops.apply_rope`` — the module's globals themselves are not modified.
 * The decoder layers' ``nn.Linear`` projections and the ``lm_head`` run ``ops.linear`` (a C++ GEMV for decode-sized
   inputs on CPU; ``F.linear`` otherwise).
+
+Nothing is skipped silently: a kernel that was asked for (explicitly or by default) and could not be installed on a
+module is a warning naming the module and the reason, and ``patch(model, strict=True)`` raises ``PatchError``
+instead.
+
+What this file relies on in transformers' internals (``HF_INTERNALS`` below lists each with the versions it was
+checked against; a test walks the list). When a release changes one of them, the kernel concerned is reported as not
+installed — never silently dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -38,15 +49,43 @@ SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM
 
 _STATE_ATTR = "_llmkern_patch_state"
 
+# The transformers internals patch() depends on, with the releases each was checked against (tests/test_patch.py
+# checks every entry on the installed release).
+HF_INTERNALS = {
+    "apply_rotary_pos_emb": "the attention forward (below any decorator, e.g. 5.24's @deprecate_kwarg) calls the "
+                            "module-global apply_rotary_pos_emb(q, k, cos, sin) with q/k [B, H, S, D] and cos/sin "
+                            "[B, S, rotary_dim]; a decorator holds the function it wraps in a closure cell "
+                            "(functools.wraps). Checked: 5.0-5.23 (undecorated), 5.24 (@deprecate_kwarg).",
+    "decoder_layer": "a decoder layer has input_layernorm, self_attn, post_attention_layernorm, mlp and computes "
+                     "x + attn(norm(x)), then h + mlp(norm(h)); its forward takes hidden_states plus keywords and "
+                     "hands them to self_attn (the cache as past_key_values up to 5.23, as cache from 5.24). "
+                     "Checked: 5.0-5.24.",
+    "rms_norm": "RMSNorm modules have .weight and .variance_epsilon; variance in fp32, cast back before the weight. "
+                "Checked: 5.0-5.24.",
+    "mlp": "the MLP has gate_proj/up_proj/down_proj and act_fn (SiLU): down(act(gate(x)) * up(x)). Checked: 5.0-5.24.",
+    "attention_interface": "AttentionInterface / AttentionMaskInterface registration and "
+                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.0-5.24.",
+    "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
+                           "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
+                           "Checked: 5.0-5.24.",
+}
+
+
+class PatchError(RuntimeError):
+    """``patch(model, strict=True)`` could not install every kernel it was asked for (the model is left as it was)."""
+
 
 @dataclasses.dataclass
 class PatchReport:
-    """What ``patch`` did: ``entries`` are ``(module name, kernel)``, ``skipped`` are ``(what, why)``."""
+    """What ``patch`` did: ``entries`` are ``(module name, kernel)``; ``skipped`` are ``(what, why)`` for kernels that
+    were asked for and could not be installed (each was a warning, or ``PatchError`` with ``strict=True``);
+    ``notes`` are ``(what, why)`` for kernels off by default on this model (nothing was asked for, nothing missed)."""
 
     model_class: str
     options: dict
     entries: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
 
     def counts(self) -> dict:
         out: dict = {}
@@ -64,6 +103,8 @@ class PatchReport:
             lines.append(f"  {kernel:<20} {n:>4} modules  (e.g. {example})")
         for what, why in self.skipped:
             lines.append(f"  not patched: {what} — {why}")
+        for what, why in self.notes:
+            lines.append(f"  off: {what} — {why}")
         return "\n".join(lines)
 
 
@@ -86,24 +127,33 @@ def _mlp_forward(self, x):
     return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                           use_cache=False, position_embeddings=None, **kwargs):
+def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     # transformers' Llama/Qwen2/Mistral/Qwen3 decoder layer with `residual + attn` and the post-attention norm fused.
+    # Every argument but hidden_states goes to self_attn as the model passed it, under the names the installed
+    # transformers uses (the cache is `past_key_values` up to 5.23 and `cache` from 5.24): naming it here would hand
+    # 5.24's attention both names and a FutureWarning per layer and step.
+    if args:  # positional extras: name them by the original layer's signature
+        kwargs = _name_args(self, args, kwargs)
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     norm = self.post_attention_layernorm
     hidden_states, residual = ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
+
+
+def _name_args(layer, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments after hidden_states, as keywords of the original decoder layer's forward."""
+    forward = inspect.unwrap(type(layer)._llmkern_original_class.forward)
+    names = [p for p in inspect.signature(forward).parameters if p not in ("self", "hidden_states")]
+    if len(args) > len(names):
+        raise TypeError(f"{type(layer).__name__}.forward takes at most {len(names) + 1} positional arguments after "
+                        f"self, got {len(args) + 1}")
+    dup = set(names[:len(args)]) & set(kwargs)
+    if dup:
+        raise TypeError(f"{type(layer).__name__}.forward got multiple values for {sorted(dup)}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _linear_forward(self, input):
@@ -120,16 +170,61 @@ def _make_rope_fn(original):
     return apply_rotary_pos_emb
 
 
-def _rope_forward(original_forward, original_rope):
+class _CannotPatch(Exception):
+    """Why a kernel cannot be installed on a module (becomes a ``skipped`` entry of the report)."""
+
+
+def _copy_function(fn, *, globals_=None, closure=None):
+    new = types.FunctionType(fn.__code__, fn.__globals__ if globals_ is None else globals_, fn.__name__,
+                             fn.__defaults__, fn.__closure__ if closure is None else closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)  # functools.wraps' __wrapped__ and friends
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
+
+
+def _rebind_global(fn, name: str, value):
+    """A copy of ``fn`` that sees ``value`` where it looks up the global ``name``; ``fn``'s module is untouched.
+
+    Decorators are seen through (HF_INTERNALS["apply_rotary_pos_emb"]): when ``fn`` wraps another function
+    (``__wrapped__``), the innermost function gets the new globals and each wrapper is copied with a closure cell
+    that holds the copy below it, so the wrappers (e.g. 5.24's ``@deprecate_kwarg`` renaming ``past_key_values`` to
+    ``cache``) keep running. Raises ``_CannotPatch`` when no function in the chain looks ``name`` up or a wrapper
+    does not hold what it wraps in a closure cell."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        code = getattr(fn, "__code__", None)
+        if code is None or name not in code.co_names:
+            raise _CannotPatch(f"its forward ({getattr(fn, '__qualname__', fn)}) does not call {name}")
+        return _copy_function(fn, globals_={**fn.__globals__, name: value})
+    new_inner = _rebind_global(inner, name, value)
+    cells = getattr(fn, "__closure__", None) or ()
+    at = [i for i, c in enumerate(cells) if _cell_value(c) is inner]
+    if len(at) != 1 or not hasattr(fn, "__code__"):
+        raise _CannotPatch(f"its forward is wrapped by {getattr(fn, '__qualname__', fn)!s}, which does not hold the "
+                           f"function it wraps in a closure cell; llmkern cannot see through it")
+    closure = tuple(types.CellType(new_inner) if i == at[0] else c for i, c in enumerate(cells))
+    new = _copy_function(fn, closure=closure)
+    new.__wrapped__ = new_inner
+    return new
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _rope_forward(original_forward):
     """A copy of ``original_forward`` that sees ``ops.apply_rope`` where it looks up ``apply_rotary_pos_emb``."""
-    fn = original_forward
-    new_globals = dict(fn.__globals__)
-    new_globals["apply_rotary_pos_emb"] = _make_rope_fn(original_rope)
-    new_fn = types.FunctionType(fn.__code__, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
-    new_fn.__kwdefaults__ = fn.__kwdefaults__
-    new_fn.__qualname__ = fn.__qualname__
-    new_fn.__doc__ = fn.__doc__
-    return new_fn
+    inner = inspect.unwrap(original_forward)
+    if not isinstance(inner, types.FunctionType):
+        raise _CannotPatch(f"its forward is a {type(inner).__name__}, not a Python function llmkern can copy")
+    original_rope = inner.__globals__.get("apply_rotary_pos_emb")
+    if original_rope is None:
+        raise _CannotPatch("its forward's module defines no apply_rotary_pos_emb")
+    return _rebind_global(original_forward, "apply_rotary_pos_emb", _make_rope_fn(original_rope))
 
 
 # One patched subclass per (original class, role), so patching many models makes no new classes.
@@ -170,20 +265,80 @@ def _is_silu(act) -> bool:
     return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
 def _check_supported(model: nn.Module) -> None:
+    """A model is supported by its structure, not its class name: a transformers model of a supported model_type
+    (any head, any subclass) whose decoder layers have the parts HF_INTERNALS["decoder_layer"] names."""
+    from transformers import PreTrainedModel
+
     cls = type(model).__name__
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if cls not in SUPPORTED_CLASSES or model_type not in SUPPORTED:
-        raise ValueError(f"llmkern.patch supports {', '.join(SUPPORTED_CLASSES)}; got {cls} "
-                         f"(model_type={model_type!r})")
+    if not isinstance(model, PreTrainedModel) or model_type not in SUPPORTED:
+        raise ValueError(
+            f"llmkern.patch supports Hugging Face Llama, Qwen2, Mistral and Qwen3 models ({', '.join(SUPPORTED_CLASSES)}"
+            f", their other heads and subclasses: model_type one of {sorted(SUPPORTED)}); got {cls} "
+            f"(model_type={model_type!r})")
+    _base, layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+        if missing:
+            raise ValueError(f"llmkern.patch: decoder layer {i} of {cls} ({type(layer).__name__}) has no "
+                             f"{', '.join(missing)}; expected a Llama-style layer with {', '.join(_LAYER_PARTS)}")
 
 
 def _decoder_layers(model: nn.Module):
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers at .model.layers or .layers")
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"llmkern.patch: {type(model).__name__} has no decoder layers at .model.layers or .layers")
     return base, layers
+
+
+def _cpp_linear_note(dtype: torch.dtype) -> str | None:
+    """None when the C++ decode-sized Linear serves ``dtype`` on this CPU, else why not (in words)."""
+    from llmkern import _ext
+
+    if not _ext.load():
+        return f"the C++ extension is not loaded ({_ext.why_not()})"
+    if not torch.ops.llmkern_C.cpu_linear_supported(dtype):
+        return (f"this CPU ({_ext.cpu_isa()}) has no C++ Linear kernel for {str(dtype).replace('torch.', '')}; "
+                f"F.linear would run anyway")
+    return None
+
+
+def _device_type(model: nn.Module) -> str | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.device.type
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return torch.float32 if param is None else param.dtype
+
+
+def _check_memory_budget(model: nn.Module, block_size: int, max_memory_bytes: int) -> None:
+    """A paged cache of ``max_memory_bytes`` must hold at least one block in every layer (checked here, at patch
+    time, rather than at the first generate)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_block = 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * _dtype(model).itemsize
+    if max_memory_bytes < per_block:
+        raise ValueError(f"max_memory_bytes must hold at least one {block_size}-token block of K and V in each of the "
+                         f"{cfg.num_hidden_layers} layers ({per_block} bytes for this model), got {max_memory_bytes}")
+
+
+def _check_options(block_size, num_blocks, max_memory_bytes) -> None:
+    for name, value, optional in (("block_size", block_size, False), ("num_blocks", num_blocks, True),
+                                  ("max_memory_bytes", max_memory_bytes, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+    if num_blocks is not None and max_memory_bytes is not None:
+        raise ValueError(f"give num_blocks or max_memory_bytes, not both (got {num_blocks} and {max_memory_bytes})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,27 +351,30 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
           attention: bool | None = None, linear: bool | None = None, block_size: int = 16,
-          num_blocks: int | None = None, max_memory_bytes: int | None = None) -> PatchReport:
+          num_blocks: int | None = None, max_memory_bytes: int | None = None, strict: bool = False) -> PatchReport:
     """Run llmkern's fused kernels in ``model`` (this instance only). Returns a ``PatchReport``.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM`` or ``Qwen3ForCausalLM`` (or their
-            base ``*Model``). Anything else raises ``ValueError``.
+        model: a Llama, Qwen2, Mistral or Qwen3 model of transformers: ``*ForCausalLM``, the base ``*Model``, other
+            heads (``*ForSequenceClassification``, ...) and subclasses of them. Anything else raises ``ValueError``.
         rms_norm: RMSNorm modules → ``ops.rms_norm``; decoder layers' residual add + post-attention norm →
             ``ops.fused_add_rms_norm``.
         rope: the attention's ``apply_rotary_pos_emb`` → ``ops.apply_rope``.
         swiglu: the MLP's ``silu(gate) * up`` → ``ops.silu_and_mul``.
         attention: attention runs llmkern's paged attention (``llmkern.attention``): ``model.generate()`` without a
             ``past_key_values`` argument then decodes over a ``PagedKVCache`` of ``block_size``-token pages, sized
-            by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, exactly for each generate call.
-            ``None`` (default): on for a model on CUDA or CPU (on CPU the C++ paged decode is on par with SDPA at
-            short contexts and 1.8-4.3x faster at 8k); ``False`` keeps transformers' attention and cache.
+            by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, for each generate call.
+            ``None`` (default): on for a model on CUDA or CPU; ``False`` keeps transformers' attention and cache.
         linear: every ``nn.Linear`` in the decoder layers (q/k/v/o and gate/up/down projections) and the
-            ``lm_head`` → ``ops.linear``. ``None`` (default): on for a model on CPU, where decode-sized Linears run
-            a C++ GEMV at memory speed; off on CUDA, where cuBLAS already does.
+            ``lm_head`` → ``ops.linear``. ``None`` (default): on for a model on a CPU where the C++ decode-sized
+            Linear serves the model's dtype (the report's notes say why not otherwise); off on CUDA, where cuBLAS
+            already streams the weights at the memory limit.
+        strict: raise ``PatchError`` (leaving the model as it was) when a kernel that was asked for cannot be
+            installed on some module; by default that is a ``UserWarning`` naming the modules and the reasons.
 
-    Patching twice with the same options returns the first report; with other options it re-patches.
-    ``unpatch(model)`` restores the original behaviour bit for bit.
+    Patching twice with the same options returns the first report; with other options it re-patches, and a
+    re-patch that fails leaves the previous patch in place. ``unpatch(model)`` restores the original behaviour bit
+    for bit.
 
     Example:
         >>> report = llmkern.patch(model)
@@ -225,89 +383,122 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         >>> llmkern.unpatch(model)
     """
     _check_supported(model)
-    param = next(model.parameters(), None)
-    device_type = param.device.type if param is not None else None
+    _check_options(block_size, num_blocks, max_memory_bytes)
+    device_type = _device_type(model)
+    if max_memory_bytes is not None and attention is not False:
+        _check_memory_budget(model, block_size, max_memory_bytes)
     if attention is None:
         attention = device_type in ("cpu", "cuda")
-    linear_default_off = False
+    linear_note = None
     if linear is None:
-        linear = device_type == "cpu"
-        linear_default_off = device_type == "cuda"
+        if device_type == "cpu":
+            linear_note = _cpp_linear_note(_dtype(model))
+        elif device_type == "cuda":
+            linear_note = ("off by default for a model on CUDA (cuBLAS already runs nn.Linear at the memory limit "
+                           "there); patch(model, linear=True) uses it")
+        linear = device_type == "cpu" and linear_note is None
     options = {"rms_norm": bool(rms_norm), "rope": bool(rope), "swiglu": bool(swiglu), "attention": bool(attention),
                "linear": bool(linear), "block_size": block_size, "num_blocks": num_blocks,
-               "max_memory_bytes": max_memory_bytes}
-    state = getattr(model, _STATE_ATTR, None)
-    if state is not None:
-        if state.report.options == options:
-            return state.report
+               "max_memory_bytes": max_memory_bytes, "strict": bool(strict)}
+    previous = getattr(model, _STATE_ATTR, None)
+    if previous is not None:
+        if previous.report.options == options:
+            return previous.report
         unpatch(model)
+    try:
+        report = _apply(model, options, linear_note)
+    except BaseException:
+        if previous is not None:  # put the previous patch back: a failed re-patch changes nothing
+            _apply(model, previous.report.options, None)
+        raise
+    if report.skipped:
+        lines = "\n".join(f"  {what}: {why}" for what, why in report.skipped)
+        warnings.warn(f"llmkern.patch({report.model_class}): {len(report.skipped)} requested kernel installation(s) "
+                      f"did not happen; those modules run transformers' own code:\n{lines}\n"
+                      f"patch(model, strict=True) raises instead; patch(model, <kernel>=False) asks for less.",
+                      UserWarning, stacklevel=2)
+    return report
 
+
+def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchReport:
+    """Install the kernels ``options`` ask for; on any failure (or a skip under ``strict``) undo everything."""
     base, layers = _decoder_layers(model)
     report = PatchReport(model_class=type(model).__name__, options=options)
+    if linear_note is not None:
+        report.notes.append(("linear", linear_note))
     state = _PatchState(report=report, swapped=[], extra_undo=[])
     names = {m: n for n, m in model.named_modules()}
     try:
         fused_layers = set()
-        if rms_norm:
+        if options["rms_norm"]:
             for layer in layers:
-                if _is_rms_norm(layer.post_attention_layernorm) and hasattr(layer, "mlp"):
+                if _is_rms_norm(layer.post_attention_layernorm):
                     cls = _patched_class(type(layer), "decoder", _decoder_layer_forward, "fused_add_rms_norm")
                     _swap(state, layer, cls)
                     fused_layers.add(layer.post_attention_layernorm)
                     report.entries.append((names[layer], "fused_add_rms_norm"))
                 else:
-                    report.skipped.append((names[layer], "post-attention norm is not an RMSNorm"))
+                    report.skipped.append((f"{names[layer]} (fused_add_rms_norm)",
+                                           f"its post-attention norm is a {type(layer.post_attention_layernorm).__name__}"
+                                           f", not an RMSNorm with weight and variance_epsilon"))
             for m in list(model.modules()):
                 if m in fused_layers or not _is_rms_norm(m):
                     continue
                 _swap(state, m, _patched_class(type(m), "rms_norm", _rms_norm_forward, "rms_norm"))
                 report.entries.append((names[m], "rms_norm"))
-        if rope:
+        if options["rope"]:
             for layer in layers:
                 attn = layer.self_attn
                 cls = type(attn)
-                fwd = cls.forward
-                mod_globals = getattr(fwd, "__globals__", {})
-                original_rope = mod_globals.get("apply_rotary_pos_emb")
-                if original_rope is None or "apply_rotary_pos_emb" not in fwd.__code__.co_names:
-                    report.skipped.append((names[attn], "its forward does not call apply_rotary_pos_emb"))
-                    continue
                 key = (cls, "rope")
                 if key not in _CLASS_CACHE:
-                    _patched_class(cls, "rope", _rope_forward(fwd, original_rope), "apply_rope")
+                    try:
+                        forward = _rope_forward(cls.forward)
+                    except _CannotPatch as e:
+                        report.skipped.append((f"{names[attn]} (apply_rope)", str(e)))
+                        continue
+                    _patched_class(cls, "rope", forward, "apply_rope")
                 _swap(state, attn, _CLASS_CACHE[key])
                 report.entries.append((names[attn], "apply_rope"))
-        if swiglu:
+        if options["swiglu"]:
             for layer in layers:
                 mlp = layer.mlp
                 if not (_is_silu(getattr(mlp, "act_fn", None)) and all(
                         hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))):
-                    report.skipped.append((names[mlp], f"activation {type(getattr(mlp, 'act_fn', None)).__name__} "
-                                                       "is not SiLU"))
+                    report.skipped.append((f"{names[mlp]} (silu_and_mul)",
+                                           f"activation {type(getattr(mlp, 'act_fn', None)).__name__} is not SiLU "
+                                           f"or the MLP lacks gate_proj/up_proj/down_proj"))
                     continue
                 _swap(state, mlp, _patched_class(type(mlp), "swiglu", _mlp_forward, "silu_and_mul"))
                 report.entries.append((names[mlp], "silu_and_mul"))
-        if linear:
+        cpu_linear_missing = (options["linear"] and _device_type(model) == "cpu"
+                              and _cpp_linear_note(_dtype(model)))
+        if cpu_linear_missing:  # asked for explicitly: every Linear would run F.linear, recorded as the reference
+            report.skipped.append(("linear (all nn.Linear modules)", cpu_linear_missing))
+        elif options["linear"]:
             seen = set()
             for m in [m for layer in layers for m in layer.modules()] + [getattr(model, "lm_head", None)]:
                 if not isinstance(m, nn.Linear) or m in seen:
                     continue
                 seen.add(m)
                 if type(m) is not nn.Linear:  # a subclass (quantized, LoRA, ...) has its own forward and weights
-                    report.skipped.append((names[m], f"{type(m).__name__} is a subclass of nn.Linear"))
+                    report.skipped.append((f"{names[m]} (linear)", f"{type(m).__name__} is a subclass of nn.Linear "
+                                                                   f"with its own forward"))
                     continue
                 _swap(state, m, _patched_class(nn.Linear, "linear", _linear_forward, "linear"))
                 report.entries.append((names[m], "linear"))
-        elif linear_default_off:
-            report.skipped.append(("linear", "off by default for a model on CUDA (cuBLAS already runs nn.Linear at "
-                                             "the memory limit there); patch(model, linear=True) uses it"))
-        if attention:
+        if options["attention"]:
             from llmkern import attention as paged
 
-            paged.install(model, block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes)
+            paged.install(model, block_size=options["block_size"], num_blocks=options["num_blocks"],
+                          max_memory_bytes=options["max_memory_bytes"])
             state.extra_undo.append(lambda: paged.uninstall(model))
             for layer in layers:
                 report.entries.append((names[layer.self_attn], "paged_attention"))
+        if options["strict"] and report.skipped:
+            lines = "; ".join(f"{what}: {why}" for what, why in report.skipped)
+            raise PatchError(f"llmkern.patch(strict=True): {len(report.skipped)} requested kernel installation(s) "
+                             f"could not be done, the model is left as it was: {lines}")
     except BaseException:
         _undo(state)
         raise
