@@ -117,9 +117,24 @@ def _automatic(op: str, device: torch.device) -> str:
         return "triton" if triton else "reference"
     if _INTERPRET and triton:
         return "triton"
-    if device.type == "cpu" and op in IMPLEMENTS["cpp"] and _ext_loaded():
-        return "cpp"
+    if device.type == "cpu" and op in IMPLEMENTS["cpp"]:
+        if _ext_loaded():
+            return "cpp"
+        _warn_no_extension()
     return "reference"
+
+
+def _warn_no_extension() -> None:
+    """Once per process: CPU ops run the pure-torch reference because the C++ extension is not loaded."""
+    if "warned_no_ext" in _cache:
+        return
+    _cache["warned_no_ext"] = True
+    import warnings
+
+    from llmkern import _ext
+
+    warnings.warn(f"llmkern: CPU tensors run the pure-torch reference implementations (slower than eager for some "
+                  f"ops): {_ext.why_not()}", RuntimeWarning, stacklevel=4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,8 +149,13 @@ _NO_DIRECT: dict = {}  # stays empty
 def _boxed_call(overload):
     """``overload``'s kernel as a plain callable through the dispatcher's boxed entry point. About 0.6 µs cheaper
     per call than calling the ``OpOverload``: no ``__torch_function__`` handling (callers take this path only for
-    plain tensors with no torch-function mode active) and no overload resolution."""
-    return functools.partial(torch._C._dispatch_call_boxed, overload._handle)
+    plain tensors with no torch-function mode active) and no overload resolution. A private API: on a torch
+    without it, the ``OpOverload`` itself (the public path, slower by that much)."""
+    boxed = getattr(torch._C, "_dispatch_call_boxed", None)
+    handle = getattr(overload, "_handle", None)
+    if boxed is None or handle is None:
+        return overload
+    return functools.partial(boxed, handle)
 
 
 def _direct_table(forced: str | None) -> dict:
