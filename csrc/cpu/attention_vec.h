@@ -236,7 +236,8 @@ struct DecodeRange {
                             r, w, it.t0, it.t1);
       for (int64_t g = 0; g < G; ++g) {
         const typename V::reg inv = V::set1(1.f / r.row_sum[g]);
-        for (int64_t i = 0; i < D; i += V::W) V::store(it.pout + g * ns * D + i, V::mul(V::load(r.acc + g * D + i), inv));
+        for (int64_t i = 0; i < D; i += V::W)
+          V::store(it.pout + g * ns * D + i, V::mul(V::load(r.acc + g * D + i), inv));
         it.plse[g * ns] = r.row_max[g] + std::log(r.row_sum[g]);
       }
     }
@@ -284,7 +285,8 @@ struct PrefillRange {
         const int64_t s = s0 + m / G, g = m % G;
         // A row with no visible key (padding) has sum 0 and writes zeros.
         const typename V::reg inv = V::set1(r.row_sum[m] > 0.f ? 1.f / r.row_sum[m] : 0.f);
-        for (int64_t i = 0; i < D; i += V::W) V::template store_as<T>(row + i * es, V::mul(V::load(r.acc + m * D + i), inv));
+        for (int64_t i = 0; i < D; i += V::W)
+          V::template store_as<T>(row + i * es, V::mul(V::load(r.acc + m * D + i), inv));
         unsigned char* dst = static_cast<unsigned char*>(a.out) + (b * a.sob + (h * G + g) * a.soh + s * a.sos) * es;
         if (a.sod == 1)
           std::memcpy(dst, row, D * es);

@@ -98,7 +98,9 @@ struct VecAvx2 {
       const __m256d a = _mm256_castps_pd(pair[2 * j]), b = _mm256_castps_pd(pair[2 * j + 1]);
       quad[j] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
     }
-    return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20), _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
+    const reg lo_halves = _mm256_permute2f128_ps(quad[0], quad[1], 0x20);
+    const reg hi_halves = _mm256_permute2f128_ps(quad[0], quad[1], 0x31);
+    return _mm256_add_ps(lo_halves, hi_halves);
   }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static reg round(reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
