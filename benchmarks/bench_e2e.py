@@ -16,6 +16,14 @@ shapes (``--layers``, 24 = the real depth; quick uses 4).
     python benchmarks/bench_e2e.py --quick
     python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128,8k --batches 1 --dtype bf16
 
+Against what a CPU user would pick instead: the ``llama.cpp`` provider runs llama.cpp (``llama-cpp-python``, never a
+dependency of llmkern; install it in any venv) on the same SmolLM2 weights at the same dtype — the package's GGUF
+re-quantized to F32/BF16/F16 by llama.cpp's own quantizer — batch 1, with ``--threads`` threads
+(``benchmarks/_llamacpp_runner.py``, timed the same way, in that venv's Python):
+
+    python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128,8k --batches 1 \
+        --providers eager,llmkern-paged,llama.cpp --llamacpp-python /path/to/venv/bin/python
+
 A context given with ``--contexts`` runs even past the model's ``max_position_embeddings`` (SmolLM2: 8192): the
 decode steps then sit at positions the model was not trained on, which changes nothing about their cost.
 """
@@ -121,8 +129,44 @@ def decode_steps(model, B: int, ctx: int, steps: int, device,
     return gaps, out[:, ctx:], clock.stamps[0] - start
 
 
+LLAMACPP = "llama.cpp"
+_LLAMACPP_FTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def llamacpp_python(args) -> str | None:
+    """The Python that runs the llama.cpp provider: --llamacpp-python, LLMKERN_LLAMACPP_PYTHON, or this one when it
+    has llama_cpp; None when none has."""
+    path = args.llamacpp_python or os.environ.get("LLMKERN_LLAMACPP_PYTHON")
+    if path:
+        return path
+    return sys.executable if H.importable("llama_cpp") else None
+
+
+def llamacpp_steps(args, ctx: int) -> tuple[list[float], float, str]:
+    """µs per decode step, prefill seconds and a label, from llama.cpp on SmolLM2's GGUF (batch 1)."""
+    import json
+    import subprocess
+
+    from llmkern import testing
+
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_llamacpp_runner.py")
+    gguf = os.path.join(*testing.smollm2_path())
+    cmd = [llamacpp_python(args), runner, "--gguf", gguf, "--ftype", _LLAMACPP_FTYPE[args.torch_dtype],
+           "--ctx", str(ctx), "--steps", str(args.steps), "--threads", str(torch.get_num_threads())]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"llama.cpp runner failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    return out["us"], out["prefill_s"], f"llama.cpp {out['llama_cpp']}, {out['model']}, {out['threads']} threads"
+
+
 def provider_names(args) -> tuple[list[str], list[str]]:
     names, notes = ["eager", "llmkern"], []
+    if llamacpp_python(args):
+        names.append(LLAMACPP)
+    else:
+        notes.append("llama.cpp: not installed (pip install llama-cpp-python in any venv, then --llamacpp-python "
+                     "PATH_TO_ITS_PYTHON or LLMKERN_LLAMACPP_PYTHON)")
     if H.importable("llmkern.attention"):
         names.append("llmkern-paged")
     else:
@@ -178,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", "--context", type=_int_list, default=None,
                    help="prompt lengths, e.g. 128,8k (overrides the preset; runs past max_position_embeddings)")
     p.add_argument("--batches", type=_int_list, default=None, help="batch sizes, e.g. 1,8 (overrides the preset)")
+    p.add_argument("--llamacpp-python", default=None, metavar="PYTHON",
+                   help="a Python with llama-cpp-python installed: adds the llama.cpp provider (default: "
+                        "$LLMKERN_LLAMACPP_PYTHON, or this Python if it has llama_cpp)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill prompts longer than N tokens N at a time (generate's prefill_chunk_size)")
     args = H.finish_args(p, p.parse_args(argv))
@@ -227,6 +274,26 @@ def main(argv=None) -> int:
             ref_tokens, eager_us = None, None
             for name in names:
                 bar.step(f"{shape} {name}")
+                if name == LLAMACPP:
+                    if mname != "smollm2-135m" or B != 1 or args.device.type != "cpu":
+                        continue  # the GGUF is SmolLM2's; the runner decodes one sequence on the CPU
+                    try:
+                        gaps, prefill_s, lc_label = llamacpp_steps(args, ctx)
+                    except Exception as e:
+                        print(f"FAILED {name} on {shape}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                        args.exit_code = 1
+                        continue
+                    q = H._quantiles(gaps)
+                    r = H.Row("e2e_decode", name, shape, q, nbytes, "llama.cpp eval steps", x=ctx,
+                              series=f"{mname} B={B}")
+                    r.gbps = nbytes / (q[1] * 1e-6) / 1e9
+                    r.pct_peak = 100 * r.gbps / pk if pk else None
+                    r.tokens_per_s = B * 1e6 / q[1]
+                    r.note = f"model={lc_label}; prefill {prefill_s:.2f} s; tokens not compared (llama.cpp's kernels)"
+                    r.speedup = eager_us / q[1] if eager_us else None
+                    prefills.append((shape, name, prefill_s))
+                    rows.append(r)
+                    continue
                 try:
                     with Configured(model, name) as m, llmkern.track() as ran:
                         decode_steps(m, B, min(ctx, 16), 2, args.device)  # warm-up: lazy init, compilation
@@ -261,7 +328,8 @@ def main(argv=None) -> int:
     print(cols)
     print("-" * len(cols))
     for r in rows:
-        ident = "" if r.provider == "eager" else ("same" if "identical to eager: yes" in r.note else "DIFFER")
+        ident = ("" if r.provider in ("eager", LLAMACPP)
+                 else "same" if "identical to eager: yes" in r.note else "DIFFER")
         ms = "/".join(f"{u / 1e3:.1f}" for u in r.us)
         print(f"{r.shape:<34} {r.provider:<16} {ms:>24} {r.tokens_per_s:>8.1f} {r.gbps:>7.2f} "
               f"{H._fmt(r.pct_peak, '.0f'):>6} {H._fmt(r.speedup, '.2f') + 'x':>9}  {ident}")

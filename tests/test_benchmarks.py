@@ -147,3 +147,12 @@ def test_llmkern_bench_cli_runs_the_suite(tmp_path):
     assert "1/1 scripts ok" in p.stdout
     _, rows = _rows(out)
     assert {r["op"] for r in rows} == {"apply_rope"}
+
+
+def test_llamacpp_provider_is_offered_only_with_a_python_that_has_it():
+    """llama.cpp is never a dependency: the e2e provider appears when a Python with llama-cpp-python is named."""
+    env_has = importlib.util.find_spec("llama_cpp") is not None
+    listed = _run("e2e", "--providers", "list").stdout.split()
+    assert ("llama.cpp" in listed) == env_has
+    named = _run("e2e", "--providers", "list", "--llamacpp-python", sys.executable).stdout.split()
+    assert "llama.cpp" in named

@@ -1,0 +1,80 @@
+"""Decode timings of llama.cpp on a GGUF model, for ``bench_e2e.py``'s ``llama.cpp`` provider. It runs in the Python
+that has ``llama-cpp-python`` installed — usually a venv of its own (llama.cpp is never a dependency of llmkern) —
+and prints one JSON object on stdout.
+
+    <python with llama-cpp-python> benchmarks/_llamacpp_runner.py --gguf model.gguf --ftype f32 --ctx 128 --steps 16
+
+How a decode step is timed, to match ``bench_e2e.decode_steps``: a prompt of ``ctx`` random token ids is evaluated
+(the prefill, reported apart), then each step evaluates one token and picks the next greedily from its logits; a
+step is the wall time from one pick to the next. ``--ftype`` re-quantizes the GGUF once with llama.cpp's own
+quantizer (F32 / F16 / BF16 from the package's Q4_1 file: the same dequantized values HF loads), cached beside
+``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import time
+
+FTYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16"}
+
+
+def converted(llama_cpp, src: str, ftype: str, cache_dir: str, threads: int) -> str:
+    if ftype == "source":
+        return src
+    os.makedirs(cache_dir, exist_ok=True)
+    dst = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(src))[0]}.{ftype}.gguf")
+    if os.path.exists(dst):
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[ftype])
+    params.allow_requantize = True
+    params.nthread = threads
+    tmp = dst + ".partial"
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
+    os.replace(tmp, dst)
+    return dst
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", required=True, help="the GGUF file to run")
+    p.add_argument("--ftype", choices=[*FTYPES, "source"], default="f32",
+                   help="weights' type: re-quantize to f32/f16/bf16, or run the file as it is (default: f32)")
+    p.add_argument("--ctx", type=int, required=True, help="prompt tokens")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed (default: 16)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "llmkern", "gguf"),
+                   help="where re-quantized files are kept (default: ~/.cache/llmkern/gguf)")
+    args = p.parse_args()
+
+    import llama_cpp
+    import numpy as np
+
+    path = converted(llama_cpp, args.gguf, args.ftype, args.cache_dir, args.threads)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx + args.steps + 8, n_batch=512, n_threads=args.threads,
+                          n_threads_batch=args.threads, logits_all=False, verbose=False)
+    rng = random.Random(args.ctx * 31 + 1)
+    prompt = [rng.randrange(3, llm.n_vocab()) for _ in range(args.ctx)]
+    start = time.perf_counter()
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    stamps = [time.perf_counter()]
+    for _ in range(args.steps):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        stamps.append(time.perf_counter())
+    gaps = [(b - a) * 1e6 for a, b in zip(stamps, stamps[1:])]
+    print(json.dumps({"us": gaps, "prefill_s": stamps[0] - start, "model": os.path.basename(path),
+                      "llama_cpp": getattr(llama_cpp, "__version__", "?"), "threads": args.threads}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
