@@ -320,7 +320,7 @@ class PagedKVCache(Cache):
 
         self.num_layers, self.num_kv_heads, self.head_dim = _decoder_dims(config)
         self.block_size = block_size
-        self.max_batch_size = max_batch_size
+        self._max_batch_size = max_batch_size
         self._explicit_dtype, self._explicit_device = dtype, (torch.device(device) if device is not None else None)
         self.dtype = dtype or _config_dtype(config) or torch.float32
         self.device = self._explicit_device or torch.device("cpu")
@@ -486,6 +486,12 @@ class PagedKVCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Largest batch accepted (None: any). A property because transformers 5.0-5.x's ``Cache`` defines
+        ``max_batch_size`` as a read-only property of its own."""
+        return self._max_batch_size
 
     @property
     def is_compileable(self) -> bool:
