@@ -3,6 +3,12 @@
 Built ahead of time by ``pip install --no-build-isolation -e .`` (what ``make`` runs). When it is missing, llmkern
 still works on its Triton and reference paths; ``LLMKERN_JIT=1`` builds it on first use with
 ``torch.utils.cpp_extension.load`` (cached under ~/.cache/torch_extensions, a few minutes the first time).
+
+The CPU kernels pick their instruction set at run time: the best this CPU runs (avx512, avx2, generic), capped by
+``LLMKERN_CPU_ISA=avx512|avx2|generic`` (read when the extension loads). Tests switch it with
+``torch.ops.llmkern_C.set_cpu_isa(name)`` (returns the previous one; an ISA the CPU cannot run is an error) and ask
+which kernel serves an op with ``torch.ops.llmkern_C.cpu_kernel(op, dtype, head_dim)`` ("avx512", "avx2",
+"portable" or "reference").
 """
 
 from __future__ import annotations
