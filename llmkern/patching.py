@@ -363,7 +363,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         swiglu: the MLP's ``silu(gate) * up`` → ``ops.silu_and_mul``.
         attention: attention runs llmkern's paged attention (``llmkern.attention``): ``model.generate()`` without a
             ``past_key_values`` argument then decodes over a ``PagedKVCache`` of ``block_size``-token pages, sized
-            by ``num_blocks`` / ``max_memory_bytes`` or, when neither is given, for each generate call.
+            by ``num_blocks`` / ``max_memory_bytes`` (a fixed pool) or, when neither is given, sized for the
+            generate call and grown as a later turn needs (``out.past_key_values`` can be fed back).
             ``None`` (default): on for a model on CUDA or CPU; ``False`` keeps transformers' attention and cache.
         linear: every ``nn.Linear`` in the decoder layers (q/k/v/o and gate/up/down projections) and the
             ``lm_head`` → ``ops.linear``. ``None`` (default): on for a model on a CPU where the C++ decode-sized
