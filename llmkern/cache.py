@@ -161,6 +161,7 @@ class StepPlan:
     step: int
     batch_size: int
     q_len: int  # S, query columns of this forward (padding included)
+    device: torch.device  # where the tensors below live (PagedKVCache.plan gives one plan per device)
     slot_mapping: torch.Tensor  # int64 [B * S], row-major over (b, s); -1 = padding
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     seq_lens: torch.Tensor  # int32 [B], real tokens of each sequence, this step's included
@@ -207,6 +208,12 @@ def _fmt_bytes(n: int) -> str:
 # The HF Cache
 
 
+def _query_length(q) -> int:
+    """The step's query length from what the installed transformers passes to ``get_mask_sizes``: the length itself
+    (5.2x), or ``cache_position``, a tensor of the step's positions (5.0)."""
+    return q if isinstance(q, int) else int(q.shape[0])
+
+
 class PagedLayer(CacheLayerMixin):
     """One layer's pages. Sequence bookkeeping is shared by all layers and lives in ``PagedKVCache``; a layer only
     holds ``keys``/``values`` = its K/V pages ``[num_blocks, block_size, Hkv, D]`` (None before the first step)."""
@@ -222,16 +229,19 @@ class PagedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self._cache._ensure_pages(key_states.dtype, key_states.device)
+        self._cache._ensure_layer(self.layer_idx, key_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        return self._cache.get_seq_length() + _query_length(query_length), 0
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers 5.0's CacheLayerMixin: no fixed maximum
+        return -1
 
     def get_max_length(self) -> int:
         return -1
@@ -481,8 +491,8 @@ class PagedKVCache(Cache):
         """Columns processed so far, padding included (HF's notion: ``input_ids[:, get_seq_length():]`` is new)."""
         return self._seen
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._seen + query_length, 0
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + _query_length(query_length), 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
