@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.llmkern-installed
 PYTEST_ARGS ?=
 # The declared floor of torch, triton and transformers (pyproject.toml) in a venv of its own: `make test-compat`.
 COMPAT  ?= .venv-compat
-COMPAT_TESTS ?= tests/test_patch.py tests/test_patch_paths.py tests/test_ops.py tests/test_user_paths.py
+COMPAT_TESTS ?= tests/test_patch.py tests/test_patch_paths.py tests/test_ops.py tests/test_user_paths.py tests/test_training.py
 
 .PHONY: all install demo test test-compat inspect bench clean
 

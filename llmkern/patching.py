@@ -55,19 +55,21 @@ HF_INTERNALS = {
     "apply_rotary_pos_emb": "the attention forward (below any decorator, e.g. 5.24's @deprecate_kwarg) calls the "
                             "module-global apply_rotary_pos_emb(q, k, cos, sin) with q/k [B, H, S, D] and cos/sin "
                             "[B, S, rotary_dim]; a decorator holds the function it wraps in a closure cell "
-                            "(functools.wraps). Checked: 5.0-5.23 (undecorated), 5.24 (@deprecate_kwarg).",
+                            "(functools.wraps). Checked: 5.4 (the floor, undecorated) and 5.24 (@deprecate_kwarg).",
     "decoder_layer": "a decoder layer has input_layernorm, self_attn, post_attention_layernorm, mlp and computes "
                      "x + attn(norm(x)), then h + mlp(norm(h)); its forward takes hidden_states plus keywords and "
                      "hands them to self_attn (the cache as past_key_values up to 5.23, as cache from 5.24). "
-                     "Checked: 5.0-5.24.",
+                     "Checked: 5.4 (the floor) and 5.24.",
     "rms_norm": "RMSNorm modules have .weight and .variance_epsilon; variance in fp32, cast back before the weight. "
-                "Checked: 5.0-5.24.",
-    "mlp": "the MLP has gate_proj/up_proj/down_proj and act_fn (SiLU): down(act(gate(x)) * up(x)). Checked: 5.0-5.24.",
+                "Checked: 5.4 (the floor) and 5.24.",
+    "mlp": "the MLP has gate_proj/up_proj/down_proj and act_fn (SiLU): down(act(gate(x)) * up(x)). "
+           "Checked: 5.4 (the floor) and 5.24.",
     "attention_interface": "AttentionInterface / AttentionMaskInterface registration and "
-                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.0-5.24.",
+                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.4 (the floor) "
+                           "and 5.24.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
-                           "Checked: 5.0-5.24.",
+                           "Checked: 5.4 (the floor) and 5.24.",
 }
 
 
@@ -79,13 +81,16 @@ class PatchError(RuntimeError):
 class PatchReport:
     """What ``patch`` did: ``entries`` are ``(module name, kernel)``; ``skipped`` are ``(what, why)`` for kernels that
     were asked for and could not be installed (each was a warning, or ``PatchError`` with ``strict=True``);
-    ``notes`` are ``(what, why)`` for kernels off by default on this model (nothing was asked for, nothing missed)."""
+    ``notes`` are ``(what, why)`` for kernels off by default on this model (nothing was asked for, nothing missed);
+    ``placement`` are ``(what, how)`` for a model sharded by ``tp_plan`` or spread by ``device_map``
+    (``llmkern.attention.Placement``)."""
 
     model_class: str
     options: dict
     entries: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
+    placement: list = dataclasses.field(default_factory=list)
 
     def counts(self) -> dict:
         out: dict = {}
@@ -105,6 +110,8 @@ class PatchReport:
             lines.append(f"  not patched: {what} — {why}")
         for what, why in self.notes:
             lines.append(f"  off: {what} — {why}")
+        for what, how in self.placement:
+            lines.append(f"  {what}: {how}")
         return "\n".join(lines)
 
 
@@ -277,8 +284,8 @@ def _check_supported(model: nn.Module) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model, PreTrainedModel) or model_type not in SUPPORTED:
         raise ValueError(
-            f"llmkern.patch supports Hugging Face Llama, Qwen2, Mistral and Qwen3 models ({', '.join(SUPPORTED_CLASSES)}"
-            f", their other heads and subclasses: model_type one of {sorted(SUPPORTED)}); got {cls} "
+            f"llmkern.patch supports Hugging Face Llama, Qwen2, Mistral and Qwen3 models "
+            f"({', '.join(SUPPORTED_CLASSES)}, their other heads and subclasses: model_type one of {sorted(SUPPORTED)}); got {cls} "
             f"(model_type={model_type!r})")
     _base, layers = _decoder_layers(model)
     for i, layer in enumerate(layers):
@@ -425,6 +432,9 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
     """Install the kernels ``options`` ask for; on any failure (or a skip under ``strict``) undo everything."""
     base, layers = _decoder_layers(model)
     report = PatchReport(model_class=type(model).__name__, options=options)
+    from llmkern.attention import placement
+
+    report.placement.extend(placement(model).notes())
     if linear_note is not None:
         report.notes.append(("linear", linear_note))
     state = _PatchState(report=report, swapped=[], extra_undo=[])
@@ -439,9 +449,10 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
                     fused_layers.add(layer.post_attention_layernorm)
                     report.entries.append((names[layer], "fused_add_rms_norm"))
                 else:
+                    norm_cls = type(layer.post_attention_layernorm).__name__
                     report.skipped.append((f"{names[layer]} (fused_add_rms_norm)",
-                                           f"its post-attention norm is a {type(layer.post_attention_layernorm).__name__}"
-                                           f", not an RMSNorm with weight and variance_epsilon"))
+                                           f"its post-attention norm is a {norm_cls}, not an RMSNorm with weight and "
+                                           f"variance_epsilon"))
             for m in list(model.modules()):
                 if m in fused_layers or not _is_rms_norm(m):
                     continue
