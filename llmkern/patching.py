@@ -285,8 +285,8 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel) or model_type not in SUPPORTED:
         raise ValueError(
             f"llmkern.patch supports Hugging Face Llama, Qwen2, Mistral and Qwen3 models "
-            f"({', '.join(SUPPORTED_CLASSES)}, their other heads and subclasses: model_type one of {sorted(SUPPORTED)}); got {cls} "
-            f"(model_type={model_type!r})")
+            f"({', '.join(SUPPORTED_CLASSES)}, their other heads and subclasses: model_type one of "
+            f"{sorted(SUPPORTED)}); got {cls} (model_type={model_type!r})")
     _base, layers = _decoder_layers(model)
     for i, layer in enumerate(layers):
         missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
