@@ -65,7 +65,8 @@ def _rope_tile(
         tl.store(o_row + (2 * HALF + p[None, :]) * stride_od, xp, mask=pmask)
 
 
-@triton.jit
+# S == 1 (decode) and the head counts gain nothing from separate compiles.
+@triton.jit(do_not_specialize=("S", "Hq", "Hk"))
 def _rope_kernel(
     q_ptr,  # [B, Hq, S, D]
     k_ptr,  # [B, Hk, S, D]
@@ -125,6 +126,12 @@ def rope_config(num_tokens: int, Hq: int, Hk: int, head_dim: int, rotary_dim: in
     return {"BLOCK_H": block_h, "BLOCK_HALF": block_half, "BLOCK_PASS": block_pass, "num_warps": num_warps}
 
 
+def rope_grid(num_tokens: int, Hq: int, Hk: int, head_dim: int, rotary_dim: int) -> tuple:
+    """Tokens on x (the only axis past 65535), q then k head blocks on y."""
+    bh = rope_config(num_tokens, Hq, Hk, head_dim, rotary_dim)["BLOCK_H"]
+    return (num_tokens, triton.cdiv(Hq, bh) + triton.cdiv(Hk, bh))
+
+
 def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
     """Launch ``_rope_kernel``. q/k/outs are 4-D ``[B, H, S, D]``; cos/sin are 3-D ``[Bc, S, RD]``."""
     B, Hq, S, D = q.shape
@@ -132,7 +139,7 @@ def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
     rd = cos.shape[-1]
     cfg = rope_config(B * S, Hq, Hk, D, rd)
     bh = cfg["BLOCK_H"]
-    grid = (B * S, triton.cdiv(Hq, bh) + triton.cdiv(Hk, bh))
+    grid = rope_grid(B * S, Hq, Hk, D, rd)
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
     sb = sin.stride(0) if sin.shape[0] > 1 else 0
     _rope_kernel[grid](
@@ -143,46 +150,50 @@ def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
     )
 
 
-# Head layouts of the supported models (Hq, Hkv, head_dim), for the GPU compile check (llmkern.inspect): SmolLM2
-# 9/3/64, Qwen2.5-0.5B 14/2/64, Qwen2.5-7B 28/4/128, Llama-3-8B/Mistral-7B 32/8/128, Llama-2-7B 32/32/128,
-# Qwen3-1.7B 16/8/128, Qwen3-14B 40/8/128. All rotate the full head (rotary_dim == head_dim).
-_SPEC_HEADS = ((9, 3, 64), (14, 2, 64), (28, 4, 128), (32, 8, 128), (32, 32, 128), (16, 8, 128), (40, 8, 128))
-_SPEC_TOKENS = (1, 2, 8, 64, 512, 4096, 16384)
 _SPEC_DTYPES = ("fp32", "fp16", "bf16")
 
 
 def compile_specs() -> list:
-    """Every (launch config, dtype) ``rope_config`` picks for the supported models' head layouts, specialised as HF's
-    launch is: q/k/outs are ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``, cos/sin ``[b, s, d]`` in q's dtype
-    (batch stride 0 when b == 1). Decode (b = tokens, s = 1) and prefill (b = 1, s = tokens) are both compiled:
-    ``S == 1`` and unit strides become constants, multiples of 16 are listed in ``meta["divisible_by_16"]``."""
+    """Every (launch config, dtype) ``rope_config`` picks for the head layouts of ``kernels/_layouts.py`` (every
+    decode batch, prefill up to batch x max context tokens), specialised as HF's launch is: q/k/outs are
+    ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``, cos/sin ``[b, s, d]`` in q's dtype (batch stride 0 when
+    b == 1). Unit strides become constants, multiples of 16 are listed in ``meta["divisible_by_16"]``; ``S`` and the
+    head counts are never specialised. All rotate the full head (rotary_dim == head_dim)."""
     from ._specs import CompileSpec
+    from llmkern.kernels import _layouts as L
 
     fn = _rope_kernel
+    served = {}
+    for lname, Hq, Hk, D, max_ctx, _ in L.head_layouts():
+        for tokens in L.token_counts(L.MAX_BATCH * max_ctx):
+            for B, S in {(tokens, 1), (1, tokens)}:
+                key = (Hq, Hk, D, B > 1, tuple(rope_config(B * S, Hq, Hk, D, D).items()))
+                served.setdefault(key, [])
+                if lname not in served[key]:
+                    served[key].append(lname)
     specs = {}
     for dt in _SPEC_DTYPES:
-        for Hq, Hk, D in _SPEC_HEADS:
-            for tokens in _SPEC_TOKENS:
-                for B, S in {(tokens, 1), (1, tokens)}:
-                    cfg = rope_config(B * S, Hq, Hk, D, D)
-                    bh, bhalf, bpass, nw = cfg["BLOCK_H"], cfg["BLOCK_HALF"], cfg["BLOCK_PASS"], cfg["num_warps"]
-                    ints = {"S": S, "Hq": Hq, "Hk": Hk, "HALF": D // 2, "PASS": 0}
-                    for t, H in (("q", Hq), ("k", Hk), ("qo", Hq), ("ko", Hk)):
-                        ints.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D,
-                                     f"stride_{t}d": 1})
-                    for t in ("c", "s"):
-                        ints.update({f"stride_{t}b": S * D if B > 1 else 0, f"stride_{t}s": D, f"stride_{t}d": 1})
-                    div16 = tuple(a for a, v in ints.items() if v != 1 and v % 16 == 0)
-                    sig = {a: "*" + dt for a in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")}
-                    sig.update({a: "i32" for a, v in ints.items() if v != 1})
-                    cx = {a: 1 for a, v in ints.items() if v == 1}
-                    cx.update(BLOCK_H=bh, BLOCK_HALF=bhalf, BLOCK_PASS=bpass)
-                    key = (dt, tuple(cx.items()), nw, div16)
-                    if key not in specs:
-                        tags = [f"BLOCK_H={bh}", f"BLOCK_HALF={bhalf}", f"warps={nw}", dt]
-                        tags += [f"{a}=1" for a, v in ints.items() if v == 1 and a[:7] != "stride_"]
-                        tags += [f"{a}%16!=0" for a, v in ints.items() if v % 16 and v != 1]
-                        specs[key] = CompileSpec(f"rope[{','.join(tags)}]", fn, sig, cx, nw, 3,
-                                                 {"divisible_by_16": div16, "shapes": []})
-                    specs[key].meta["shapes"].append(f"B={B},S={S},Hq={Hq},Hk={Hk},D={D}")
+        for (Hq, Hk, D, batched, cfg_items), layouts in served.items():
+            cfg = dict(cfg_items)
+            bh, bhalf, bpass, nw = cfg["BLOCK_H"], cfg["BLOCK_HALF"], cfg["BLOCK_PASS"], cfg["num_warps"]
+            S = 64  # not specialised; the strides below are multiples of D whatever S is
+            ints = {"HALF": D // 2, "PASS": 0}
+            for t, H in (("q", Hq), ("k", Hk), ("qo", Hq), ("ko", Hk)):
+                ints.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D,
+                             f"stride_{t}d": 1})
+            for t in ("c", "s"):
+                ints.update({f"stride_{t}b": S * D if batched else 0, f"stride_{t}s": D, f"stride_{t}d": 1})
+            div16 = tuple(a for a, v in ints.items() if v != 1 and v % 16 == 0)
+            sig = {a: "*" + dt for a in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "ko_ptr")}
+            sig.update({"S": "i32", "Hq": "i32", "Hk": "i32"})
+            sig.update({a: "i32" for a, v in ints.items() if v != 1})
+            cx = {a: 1 for a, v in ints.items() if v == 1}
+            cx.update(BLOCK_H=bh, BLOCK_HALF=bhalf, BLOCK_PASS=bpass)
+            key = (dt, tuple(cx.items()), nw, div16)
+            if key not in specs:
+                tags = [f"BLOCK_H={bh}", f"BLOCK_HALF={bhalf}", f"warps={nw}", dt]
+                tags += [f"{a}%16!=0" for a, v in ints.items() if v % 16 and v != 1]
+                specs[key] = CompileSpec(f"rope[{','.join(tags)}]", fn, sig, cx, nw, 3,
+                                         {"divisible_by_16": div16, "serves": []})
+            specs[key].meta["serves"] += [x for x in layouts if x not in specs[key].meta["serves"]]
     return list(specs.values())
