@@ -305,8 +305,39 @@ def _problem_row(module, kernel, error):
     return {"module": module, "kernel": kernel, "spec": None, "arch": None, "error": error}
 
 
+class Progress:
+    """tqdm on stderr when importable (as the benchmarks show theirs), else a counter line every ~5%."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.n, self.desc, self.bar, self.enabled = total, 0, desc, None, enabled and total > 0
+        self._next = 0
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(f"{desc}: {total} to compile", file=sys.stderr, flush=True)
+            return
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def step(self, label: str) -> None:
+        if not self.enabled:
+            return
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+        elif self.n >= self._next or self.n == self.total:
+            self._next = self.n + max(1, self.total // 20)
+            print(f"[{self.n}/{self.total}] {self.desc}: {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(archs=DEFAULT_ARCHS, modules=None, jobs: int | None = None, use_cache: bool = True,
-        _scan: dict | None = None) -> list[dict]:
+        _scan: dict | None = None, progress: bool = False) -> list[dict]:
     """Compile every spec of ``modules`` (default ``KERNEL_MODULES``) for each arch and return one row per
     (spec, arch): ``module, kernel, spec, arch, num_warps, num_stages, constexprs, regs, shared, shared_static,
     shared_dynamic, local, stack, spill_stores, spill_loads, blocks_per_sm, occupancy, limiter, compile_s, cached,
@@ -343,7 +374,8 @@ def run(archs=DEFAULT_ARCHS, modules=None, jobs: int | None = None, use_cache: b
             for arch in archs:
                 row = {"module": m, "kernel": spec.fn.__name__, "spec": spec.name, "arch": arch,
                        "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                       "constexprs": dict(spec.constexprs), "meta": dict(spec.meta), "cached": False, "error": None}
+                       "constexprs": dict(spec.constexprs), "signature": dict(spec.signature),
+                       "meta": dict(spec.meta), "cached": False, "error": None}
                 rows.append(row)
                 try:
                     path = os.path.join(cdir, _cache_key(spec, arch) + ".json")
@@ -363,22 +395,29 @@ def run(archs=DEFAULT_ARCHS, modules=None, jobs: int | None = None, use_cache: b
     if tasks:
         jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(tasks)))
         _TASKS[:] = [t for _, t in tasks]
+        bar = Progress(len(tasks), f"compiling ({jobs} jobs)", progress)
+
+        def done(i, res):
+            tasks[i][0].update(res)
+            bar.step(f"{tasks[i][0]['spec']} sm_{tasks[i][0]['arch']}")
+
         # Triton's own compile cache goes to a scratch dir: our cache keeps the results that matter.
         with triton.knobs.cache.scope(), tempfile.TemporaryDirectory(prefix="llmkern-inspect-") as scratch:
             triton.knobs.cache.dir = scratch
             try:
                 if jobs == 1 or not hasattr(os, "fork"):
                     for i, res in map(_work, range(len(tasks))):
-                        tasks[i][0].update(res)
+                        done(i, res)
                 else:
                     import multiprocessing as mp
 
                     # fork: workers inherit the collected specs (and the scratch cache dir) without re-importing.
                     with mp.get_context("fork").Pool(jobs) as pool:
                         for i, res in pool.imap_unordered(_work, range(len(tasks))):
-                            tasks[i][0].update(res)
+                            done(i, res)
             finally:
                 _TASKS.clear()
+                bar.close()
     for row in rows:
         if row["spec"] is not None and not row["error"]:
             row.update(derive(row, row["arch"]))
@@ -393,6 +432,68 @@ def spills(row: dict) -> bool:
 
 def row_failed(row: dict) -> bool:
     return bool(row.get("error")) or spills(row) or row.get("regs", 0) > 255
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Coverage: what the specs stand for, and which GPUs the built extension has code for
+
+
+def extension_archs() -> dict | None:
+    """The CUDA code in the built extension ``llmkern._C``: ``{"sass": ["sm_80", ...], "ptx": ["compute_90"]}``
+    (cubins run on their arch family; PTX is JIT-compiled by the driver on any newer GPU, e.g. sm_100/sm_120).
+    ``{"sass": [], "ptx": []}`` for a CPU-only build, None when the library or cuobjdump cannot be found."""
+    import glob
+
+    try:
+        cuobjdump = find_tools()["cuobjdump"]
+    except ToolsMissing:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    libs = glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd"))
+    if not libs:
+        return None
+    out = {}
+    for kind, flag, pat, fmt in (("sass", "--list-elf", r"\.sm_(\d+a?)\.cubin", "sm_{}"),
+                                 ("ptx", "--list-ptx", r"\.sm_(\d+a?)\.ptx", "compute_{}")):
+        res = subprocess.run([cuobjdump, flag, libs[0]], capture_output=True, text=True)
+        found = set(re.findall(pat, res.stdout))
+        out[kind] = [fmt.format(a) for a in sorted(found, key=lambda a: int(a.rstrip("a")))]
+    return out
+
+
+def coverage(scan: dict) -> dict:
+    """What the compiled specs cover: configs per kernel, generated by each module's launch heuristics over the
+    grid of ``llmkern.kernels._layouts`` (SM counts, layouts, batches, contexts)."""
+    from llmkern.kernels import _layouts as L
+
+    configs = {}
+    for m, e in scan.items():
+        for spec in e["specs"]:
+            k = f"{m}.{spec.fn.__name__}"
+            configs[k] = configs.get(k, 0) + 1
+    return {"configs": configs, "sm_counts": list(L.SM_COUNTS), "layouts": [lay.name for lay in L.LAYOUTS],
+            "extra_head_layouts": [x[0] for x in L.EXTRA_HEAD_LAYOUTS], "max_batch": L.MAX_BATCH,
+            "block_sizes": list(L.BLOCK_SIZES), "dtypes": list(L.DTYPES)}
+
+
+def _format_coverage(cov: dict, archs, ext) -> str:
+    lines = [f"coverage: {sum(cov['configs'].values())} configs, generated by the launch heuristics over "
+             f"{len(cov['layouts'])} model layouts (+{len(cov['extra_head_layouts'])} head layouts: "
+             f"{', '.join(cov['extra_head_layouts'])}), SM counts {', '.join(map(str, cov['sm_counts']))}, batch "
+             f"1..{cov['max_batch']}, contexts up to each layout's max_position_embeddings, "
+             f"{'/'.join(cov['dtypes'])}, page sizes {'/'.join(map(str, cov['block_sizes']))}"]
+    width = max([len(k) for k in cov["configs"]] + [6])
+    lines += [f"  {k:<{width}} {n:>4} configs" for k, n in cov["configs"].items()]
+    lines.append(f"archs: Triton kernels compiled here for {', '.join(f'sm_{a}' for a in archs)}; ")
+    if ext is None:
+        lines[-1] += "CUDA extension: not found or cuobjdump missing"
+    elif not ext["sass"] and not ext["ptx"]:
+        lines[-1] += "CUDA extension: built without CUDA code"
+    else:
+        lines[-1] += (f"CUDA extension: SASS {', '.join(ext['sass']) or 'none'}; PTX {', '.join(ext['ptx']) or 'none'}"
+                      + (" (JIT-compiled by the driver on newer GPUs)" if ext["ptx"] else
+                         " (no PTX: GPUs newer than the SASS archs have no kernel image)"))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -444,19 +545,30 @@ def _summary(rows, archs, elapsed) -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m llmkern inspect [--arch 80,90] [--module NAME ...] [--json PATH|-] [--jobs N] [--no-cache]``.
+    """``python -m llmkern inspect [--arch 80,90] [--module NAME ...] [--json PATH|-] [--jobs N] [--no-cache] [-q]
+    [--no-progress]``.
 
-    Prints one line per spec (registers, shared memory bytes, spilled bytes — the largest of LOCAL, STACK and ptxas's
+    Prints the coverage (configs per kernel, SM counts, layouts, archs, and the CUDA extension's SASS/PTX archs),
+    a progress bar on stderr while compiling, one line per spec (registers, shared memory bytes, spilled bytes — the largest of LOCAL, STACK and ptxas's
     spill stores — and theoretical occupancy, per arch) and a summary. Exit status: 0 all clean, 1 a spill / compile
     error / kernel without specs, 2 the check cannot run here.
     """
     p = argparse.ArgumentParser(prog="llmkern inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)), help="compute capabilities, e.g. 80,90")
-    p.add_argument("--module", action="append", choices=KERNEL_MODULES, help="only these kernel modules")
-    p.add_argument("--json", metavar="PATH", help="also write JSON results to PATH ('-' for stdout, table to stderr)")
-    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: min(2, cores))")
-    p.add_argument("--no-cache", action="store_true", help="recompile everything (results are still cached)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--arch", default=",".join(map(str, DEFAULT_ARCHS)),
+                   help="compute capabilities to compile for, comma-separated (default: %(default)s)")
+    p.add_argument("--module", action="append", choices=KERNEL_MODULES,
+                   help="only this kernel module; repeat for several (default: all of them)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write JSON results to PATH, '-' for stdout with the table on stderr (default: none)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="compile processes (default: min(2, cores) = %d here)" % min(2, os.cpu_count() or 1))
+    p.add_argument("--no-cache", action="store_true",
+                   help=f"recompile everything; results are still written to the cache (default: read the cache, "
+                        f"{cache_dir()})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the coverage and the summary, no per-spec table (default: off)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr while compiling (default: shown whenever anything compiles)")
     args = p.parse_args(argv)
     try:
         archs = tuple(int(a) for a in args.arch.split(",") if a.strip())
@@ -470,7 +582,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         scan = scan_modules(args.module)
-        rows = run(archs, jobs=args.jobs, use_cache=not args.no_cache, _scan=scan)
+        cov = coverage(scan)
+        ext = extension_archs()
+        print(_format_coverage(cov, archs, ext), file=text_out, flush=True)
+        rows = run(archs, jobs=args.jobs, use_cache=not args.no_cache, _scan=scan, progress=not args.no_progress)
     except CheckUnavailable as e:
         print(f"llmkern inspect: {e}", file=sys.stderr)
         return 2
@@ -492,7 +607,7 @@ def main(argv=None) -> int:
           + ", ".join(f"{m} {e['status']}" for m, e in modules.items()), file=text_out)
     if args.json:
         doc = {"ok": summary["failures"] == 0, "archs": list(archs), "summary": summary, "modules": modules,
-               "rows": rows}
+               "coverage": cov, "extension": ext, "rows": rows}
         text = json.dumps(doc, indent=1, default=repr)
         if args.json == "-":
             sys.stdout.write(text + "\n")
