@@ -27,7 +27,10 @@ is redone on the full path, whose checks raise the error that names the argument
 Under torch.compile or a TorchFunctionMode every layer takes the full path.
 
 ``install(model)`` switches the instance's attention implementation (its config only) and makes ``generate`` create a
-``PagedKVCache`` when the caller passes none; ``uninstall(model)`` restores both exactly.
+``PagedKVCache`` when the caller passes none; ``uninstall(model)`` restores both exactly. That cache is laid out the
+way the model is (``placement``): each layer's pages on the device its K/V come out on (``device_map``), and sized
+for the KV heads this process holds (a rank's shard under tensor parallelism, ``tp_plan``), read from the
+projections' shapes, not from the config.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ import types
 import torch
 
 from llmkern import backends, paged_ops
-from llmkern.cache import PagedKV, PagedKVCache, StepPlan
+from llmkern.cache import PagedKV, PagedKVCache, StepPlan, _decoder_dims
 
 NAME = "llmkern_paged"  # no "flash", "sdpa", "flex" or "/": transformers special-cases those
 _STATE_ATTR = "_llmkern_paged_state"
 
-__all__ = ["NAME", "PagedMask", "install", "is_installed", "paged_attention_forward", "paged_mask", "register",
-           "uninstall"]
+__all__ = ["NAME", "PagedMask", "Placement", "install", "is_installed", "paged_attention_forward", "paged_mask",
+           "placement", "register", "uninstall"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,14 +350,133 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
             # recipe) must take a longer turn, though the caller never sized it.
             n = _pages_for_generate(options["block_size"], rows, max_cache_length)
             growable = True
+        # Each layer's pages are made on the device its K/V come out on (a device_map spreads layers; accelerate
+        # runs offloaded ones on an execution device), at its first K/V; sized for the KV heads this process holds.
+        num_layers = _decoder_dims(self.config)[0]
         model_kwargs[key] = PagedKVCache(
             self.config, block_size=options["block_size"], num_blocks=n, growable=growable,
-            max_memory_bytes=options["max_memory_bytes"], dtype=self.dtype, device=self.device)
+            max_memory_bytes=options["max_memory_bytes"], dtype=self.dtype, device=dict.fromkeys(range(num_layers)),
+            num_kv_heads=placement(self).kv_heads)
         return None
 
     d["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
     d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
                                    options=options, hooked=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where the model is: devices per layer, tensor-parallel shards
+
+
+@dataclasses.dataclass
+class Placement:
+    """How a model's decoder layers are laid out in this process (``placement(model)``)."""
+
+    devices: list  # per decoder layer: where its K/V come out (None: not known before they do)
+    kv_heads: int | None  # KV heads this process holds per layer (None: not readable, or layers differ)
+    q_heads: int | None  # query heads this process holds per layer
+    config_kv_heads: int
+    config_q_heads: int
+    tp_size: int = 1  # ranks the model is sharded over (1: not sharded)
+    tp_rank: int = 0
+    tp_plan: dict = dataclasses.field(default_factory=dict)  # module pattern -> style, as transformers applied it
+    offloaded: list = dataclasses.field(default_factory=list)  # layers whose weights are off their device
+
+    def notes(self) -> list:
+        """``(what, how)`` lines for ``PatchReport.placement``: nothing for a model on one device."""
+        out = []
+        if self.tp_size > 1:
+            styles: dict = {}
+            for pattern, style in self.tp_plan.items():
+                styles.setdefault(style, []).append(pattern.rsplit(".", 1)[-1])
+            plan = "; ".join(f"{', '.join(names)} {style}" for style, names in styles.items())
+            heads = (f"this rank holds {self.q_heads} of {self.config_q_heads} query heads and {self.kv_heads} of "
+                     f"{self.config_kv_heads} KV heads per layer" if self.kv_heads is not None else
+                     "the KV heads each rank holds are read from the first K/V each layer is handed")
+            out.append(("tensor parallel", f"sharded over {self.tp_size} ranks by tp_plan (this is rank "
+                                           f"{self.tp_rank}; {plan}): {heads}, and the paged KV cache holds those. "
+                                           f"The modules the plan shards keep transformers' tensor-parallel forward "
+                                           f"(its hook replaces their forward): llmkern's linear does not run on "
+                                           f"them"))
+        known = [d for d in self.devices if d is not None]
+        if len(set(known)) > 1 or self.offloaded:
+            spans = []
+            for i, d in enumerate(self.devices):
+                if spans and spans[-1][0] == d:
+                    spans[-1][2] = i
+                else:
+                    spans.append([d, i, i])
+            where = ", ".join(f"{'the device of its K/V' if d is None else d} ({a}-{b})" if a != b else
+                              f"{'the device of its K/V' if d is None else d} ({a})" for d, a, b in spans)
+            text = f"decoder layers over {where}: each layer's KV pages live on its device"
+            if self.offloaded:
+                text += (f"; layers {self.offloaded} have offloaded weights (accelerate hooks): their pages live on "
+                         f"the execution device")
+            out.append(("device_map", text))
+        return out
+
+
+def _decoder_layer_list(model) -> list:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def _local_rows(linear) -> int | None:
+    """Output features this process holds of a Linear (its shard when the weight is a DTensor)."""
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    local = w.to_local() if hasattr(w, "to_local") else w
+    return local.shape[0]
+
+
+def _layer_device(layer) -> tuple[torch.device | None, bool]:
+    """Where a decoder layer's K/V come out, and whether its weights are offloaded (accelerate keeps them off the
+    device, on meta here, and moves them in for each forward: its hook's execution_device is where it runs)."""
+    hook = getattr(layer, "_hf_hook", None)
+    param = next(layer.parameters(), None)
+    offloaded = param is not None and param.device.type == "meta"
+    run = getattr(hook, "execution_device", None)
+    if run is not None:
+        return torch.device(run if not isinstance(run, int) else f"cuda:{run}"), offloaded
+    if param is None or offloaded:
+        return None, offloaded
+    return param.device, False
+
+
+def placement(model) -> Placement:
+    """How ``model``'s decoder layers sit in this process: each layer's device, and under tensor parallelism
+    (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``) the query/KV heads this rank holds — read from
+    the q/k projections' local shapes (a DTensor's shard), never from the config, which gives the whole model's."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    n_q = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
+    layers = _decoder_layer_list(model)
+    devices, offloaded, kv, q = [], [], set(), set()
+    for i, layer in enumerate(layers):
+        dev, off = _layer_device(layer)
+        devices.append(dev)
+        if off:
+            offloaded.append(i)
+        attn = getattr(layer, "self_attn", None)
+        head_dim = getattr(attn, "head_dim", None)
+        rows_k, rows_q = _local_rows(getattr(attn, "k_proj", None)), _local_rows(getattr(attn, "q_proj", None))
+        kv.add(rows_k // head_dim if rows_k and head_dim and rows_k % head_dim == 0 else None)
+        q.add(rows_q // head_dim if rows_q and head_dim and rows_q % head_dim == 0 else None)
+    tp_size, tp_rank = 1, 0
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            tp_size, tp_rank = mesh.size(), mesh.get_local_rank()
+            break
+    kv_heads = kv.pop() if len(kv) == 1 else None
+    q_heads = q.pop() if len(q) == 1 else None
+    if kv_heads is not None and not 1 <= kv_heads <= n_kv:
+        kv_heads = None  # a packed or quantized weight whose rows are not heads: the first K/V will say
+    tp_plan = dict(getattr(model, "tp_plan", None) or {}) if tp_size > 1 else {}
+    return Placement(devices=devices, kv_heads=kv_heads, q_heads=q_heads, config_kv_heads=n_kv, config_q_heads=n_q,
+                     tp_size=tp_size, tp_rank=tp_rank, tp_plan=tp_plan, offloaded=offloaded)
 
 
 def _warn_once(model, what: str, message: str) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -208,12 +209,6 @@ def _fmt_bytes(n: int) -> str:
 # The HF Cache
 
 
-def _query_length(q) -> int:
-    """The step's query length from what the installed transformers passes to ``get_mask_sizes``: the length itself
-    (5.2x), or ``cache_position``, a tensor of the step's positions (5.0)."""
-    return q if isinstance(q, int) else int(q.shape[0])
-
-
 class PagedLayer(CacheLayerMixin):
     """One layer's pages. Sequence bookkeeping is shared by all layers and lives in ``PagedKVCache``; a layer only
     holds ``keys``/``values`` = its K/V pages ``[num_blocks, block_size, Hkv, D]`` (None before the first step)."""
@@ -234,13 +229,13 @@ class PagedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         return self._cache.update(key_states, value_states, self.layer_idx)
 
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        return self._cache.get_seq_length() + _query_length(query_length), 0
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
 
-    def get_max_cache_shape(self) -> int:  # abstract in transformers 5.0's CacheLayerMixin: no fixed maximum
+    def get_max_cache_shape(self) -> int:  # abstract in transformers' CacheLayerMixin up to 5.2x: no fixed maximum
         return -1
 
     def get_max_length(self) -> int:
@@ -291,7 +286,15 @@ class PagedKVCache(Cache):
             included, allocated up front. Too small for one block of every layer is a ``ValueError``.
         dtype, device: of the pages. Default: the first K/V written (a cache with a fixed capacity allocates at
             construction with ``dtype`` or the config's dtype and ``device`` or CPU, and moves to the K/V's dtype and
-            device on the first write when those were not given explicitly).
+            device on the first write when those were not given explicitly). ``device`` may also map every layer
+            index to a device (a model spread over devices, ``device_map``): each layer's pages live on its own
+            device, and the step's block tables and lengths are copied once to each device that needs them; a
+            ``None`` entry means "where the layer's first K/V are" (allocated then, not at construction). K/V on
+            another device than the one given for its layer is a ``ValueError``.
+        num_kv_heads: KV heads this process holds per layer. Default: the config's. Under tensor parallelism each
+            rank holds a shard (``tp_plan``: config's count / number of ranks); pass it to size the pool for the
+            shard. Without it, a layer whose first K/V hold fewer heads than the config's (a shard) gets pages of
+            that many heads when it is first written (the pool keeps its block count).
         max_batch_size: largest batch accepted. Without ``num_blocks``/``max_memory_bytes`` it also sizes the cache:
             ``max_batch_size`` sequences of ``config.max_position_embeddings`` tokens. When none of the three is
             given the pool grows (doubling) whenever a step needs more pages.
@@ -309,8 +312,8 @@ class PagedKVCache(Cache):
 
     def __init__(self, config, *, block_size: int = 16, num_blocks: int | None = None,
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, max_batch_size: int | None = None,
-                 growable: bool | None = None):
+                 device=None, max_batch_size: int | None = None, growable: bool | None = None,
+                 num_kv_heads: int | None = None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
@@ -328,21 +331,32 @@ class PagedKVCache(Cache):
         if growable and max_memory_bytes is not None:
             raise ValueError(f"max_memory_bytes={max_memory_bytes} sizes a fixed pool; it cannot be growable=True")
 
-        self.num_layers, self.num_kv_heads, self.head_dim = _decoder_dims(config)
+        self.num_layers, self.config_kv_heads, self.head_dim = _decoder_dims(config)
+        if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
+                                         or not 1 <= num_kv_heads <= self.config_kv_heads):
+            raise ValueError(f"num_kv_heads must be an int in 1..{self.config_kv_heads} (the config's KV heads, or "
+                             f"the shard this process holds under tensor parallelism) or None, got {num_kv_heads!r}")
+        self._explicit_kv_heads = num_kv_heads
+        self._kv_heads = num_kv_heads or self.config_kv_heads  # what the pool is sized with before pages exist
         self.block_size = block_size
         self._max_batch_size = max_batch_size
-        self._explicit_dtype, self._explicit_device = dtype, (torch.device(device) if device is not None else None)
-        self.dtype = dtype or _config_dtype(config) or torch.float32
-        self.device = self._explicit_device or torch.device("cpu")
+        self._explicit_dtype = dtype
+        self._layer_devices = self._parse_device(device)  # per layer: the device asked for, None = the K/V's
+        self._default_dtype = dtype or _config_dtype(config) or torch.float32
+        # Pages of a layer whose device is not known yet are made at its first K/V; a cache given no device at all
+        # allocates a fixed pool up front on CPU, as before device maps (and moves on the first write).
+        self._default_device = (torch.device("cpu") if device is None
+                                else next((d for d in self._layer_devices if d is not None), torch.device("cpu")))
+        upfront = ([torch.device("cpu")] * self.num_layers if device is None else self._layer_devices)
 
         if max_memory_bytes is not None:
-            per_block = self._bytes_per_block(self.dtype)
+            per_block = self._bytes_per_block(self._default_dtype)
             num_blocks = max_memory_bytes // per_block
             if num_blocks < 1:
                 raise ValueError(f"max_memory_bytes must hold at least one block of every layer, {per_block} bytes "
                                  f"here (K and V of {block_size} tokens x {self.num_layers} layers x "
-                                 f"{self.num_kv_heads} KV heads x head_dim {self.head_dim} in "
-                                 f"{str(self.dtype).replace('torch.', '')}), got {max_memory_bytes}")
+                                 f"{self._kv_heads} KV heads x head_dim {self.head_dim} in "
+                                 f"{str(self._default_dtype).replace('torch.', '')}), got {max_memory_bytes}")
         elif num_blocks is None and max_batch_size is not None:
             max_pos = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
             if max_pos is None:
@@ -354,77 +368,132 @@ class PagedKVCache(Cache):
 
         super().__init__(layers=[PagedLayer(self, i) for i in range(self.num_layers)])
         self.allocator = BlockAllocator(0 if num_blocks is None else num_blocks)
-        self._k_pages: list[torch.Tensor] = []
-        self._v_pages: list[torch.Tensor] = []
-        if self.allocator.num_blocks:
-            self._allocate_pages(self.allocator.num_blocks, self.dtype, self.device)
+        # Per layer, K and V pages [num_blocks, block_size, Hkv, D] (None until made): each layer has its own
+        # device, dtype and KV head count, taken from the K/V it is handed unless given.
+        self._k_pages: list[torch.Tensor | None] = [None] * self.num_layers
+        self._v_pages: list[torch.Tensor | None] = [None] * self.num_layers
         self._clear_sequences()
+        if self.allocator.num_blocks:
+            for i, dev in enumerate(upfront):
+                if dev is not None:
+                    self._make_layer(i, self._kv_heads, self._default_dtype, dev)
+
+    def _parse_device(self, device) -> list:
+        if device is None:
+            return [None] * self.num_layers
+        if not isinstance(device, Mapping):
+            return [torch.device(device)] * self.num_layers
+        keys = set(device)
+        if keys != set(range(self.num_layers)):
+            raise ValueError(f"device, as a mapping, must name every layer index 0..{self.num_layers - 1} (a device "
+                             f"or None each), got keys {sorted(keys, key=str)}")
+        return [None if device[i] is None else torch.device(device[i]) for i in range(self.num_layers)]
 
     # -- sizes -----------------------------------------------------------------------------------------------------
 
     def _bytes_per_block(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.block_size * self._kv_heads * self.head_dim * itemsize
+
+    def _pages_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._k_pages, *self._v_pages) if t is not None)
+
+    def _first_pages(self) -> torch.Tensor | None:
+        return next((k for k in self._k_pages if k is not None), None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The pages' dtype (the first layer that has pages; before any: what they will be made with)."""
+        k = self._first_pages()
+        return self._default_dtype if k is None else k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first layer's pages (``devices`` lists every layer's)."""
+        k = self._first_pages()
+        return self._default_device if k is None else k.device
+
+    @property
+    def devices(self) -> list:
+        """Per layer, the device of its pages (None for a layer that has none yet)."""
+        return [None if k is None else k.device for k in self._k_pages]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads per layer's pages (a rank's shard under tensor parallelism); before any pages exist, or when
+        layers differ, the count the pool is sized with (``num_kv_heads`` given, else the config's)."""
+        heads = {k.shape[2] for k in self._k_pages if k is not None}
+        return heads.pop() if len(heads) == 1 else self._kv_heads
 
     # -- pages -----------------------------------------------------------------------------------------------------
 
-    def _allocate_pages(self, num_blocks: int, dtype, device) -> None:
+    def _make_layer(self, i: int, heads: int, dtype: torch.dtype, device) -> None:
         # Zeroed, not empty: a kernel never reads past seq_len, but garbage pages would make a bug look random.
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self._k_pages, self._v_pages = [], []  # the old pages (another dtype or device) go before the new come
-        self._sync_layer_views()
-        self._k_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self._v_pages = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
-        self.dtype, self.device = dtype, torch.device(device)
-        self._sync_layer_views()
-        self._peak_bytes = max(self._peak_bytes, self._bytes_per_block(dtype) * num_blocks)
+        shape = (self.allocator.num_blocks, self.block_size, heads, self.head_dim)
+        self._k_pages[i] = self._v_pages[i] = None  # the old pages (another dtype, device, heads) go first
+        self._sync_layer_view(i)
+        self._k_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
+        self._v_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
+        self._sync_layer_view(i)
+        self._peak_bytes = max(self._peak_bytes, self._pages_bytes())
 
-    def _sync_layer_views(self) -> None:
-        for i, layer in enumerate(self.layers):
-            layer.keys = self._k_pages[i] if self._k_pages else None
-            layer.values = self._v_pages[i] if self._v_pages else None
-            layer.is_initialized = bool(self._k_pages)
+    def _sync_layer_view(self, i: int) -> None:
+        layer, k = self.layers[i], self._k_pages[i]
+        layer.keys, layer.values, layer.is_initialized = k, self._v_pages[i], k is not None
+        if k is not None:
+            layer.dtype, layer.device = k.dtype, k.device
 
-    def _ensure_pages(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Make the pages match the model's K/V (called at the first step, before anything is written)."""
-        device = torch.device(device)
-        same_dev = self._k_pages and self._k_pages[0].device == device
-        if self._k_pages and self.dtype == dtype and same_dev:
+    def _ensure_layer(self, i: int, key: torch.Tensor) -> None:
+        """Make layer ``i``'s pages match its K/V ``key [B, Hkv, S, D]`` (heads, dtype, device), before anything of
+        the step is written: created at its first K/V, re-created while it holds no tokens."""
+        k = self._k_pages[i]
+        heads, dtype, device = key.shape[1], key.dtype, key.device
+        if k is not None and k.shape[2] == heads and k.dtype == dtype and k.device == device:
             return
         if self._explicit_dtype is not None and dtype != self._explicit_dtype:
             raise TypeError(f"PagedKVCache was created with dtype={self._explicit_dtype} but the model's keys are "
                             f"{dtype}")
-        if self._explicit_device is not None and not _same_device(device, self._explicit_device):
-            raise ValueError(f"PagedKVCache was created with device={self._explicit_device} but the model's keys "
-                             f"are on {device}")
-        if self.allocator.num_used:
-            raise RuntimeError(f"PagedKVCache holds tokens as {self.dtype} on {self.device}; it cannot take "
-                               f"{dtype} keys on {device} (reset() it first)")
-        self._allocate_pages(self.allocator.num_blocks, dtype, device)
+        want = self._layer_devices[i]
+        if want is not None and not _same_device(device, want):
+            raise ValueError(f"PagedKVCache was created with device={want} for layer {i} but the model's keys of "
+                             f"that layer are on {device}")
+        if self._explicit_kv_heads is not None and heads != self._explicit_kv_heads:
+            raise ValueError(f"PagedKVCache was created with num_kv_heads={self._explicit_kv_heads} but the keys of "
+                             f"layer {i} hold {heads} KV heads")
+        if k is not None and i in self._filled and self.allocator.num_used:
+            raise RuntimeError(f"PagedKVCache layer {i} holds tokens as {k.dtype} with {k.shape[2]} KV heads on "
+                               f"{k.device}; it cannot take {dtype} keys with {heads} KV heads on {device} (reset() "
+                               f"it first)")
+        self._make_layer(i, heads, dtype, device)
 
     def _grow(self, min_blocks: int) -> None:
         """Grow the pool to at least ``min_blocks`` (doubling), one layer's K or V pages at a time: each is copied
-        into its larger replacement and released before the next, so the pages never hold more than the new pool
-        plus one old layer's K (or V) pages. (A ``torch.cat`` of every layer would hold old and new pools at once.)"""
+        into its larger replacement (on its own device) and released before the next, so the pages never hold more
+        than the new pool plus one old layer's K (or V) pages. (A ``torch.cat`` of every layer would hold old and
+        new pools at once.) Layers without pages yet get the new size when they are made."""
         old = self.allocator.num_blocks
         new = max(min_blocks, 2 * old, 1)
-        shape = (new, self.block_size, self.num_kv_heads, self.head_dim)
-        for pages, attr in ((self._k_pages, "keys"), (self._v_pages, "values")):
-            for i in range(len(pages)):
-                grown = torch.empty(shape, dtype=self.dtype, device=self.device)
-                grown[:old].copy_(pages[i])
+        one_old = max((t.numel() * t.element_size() for t in self._k_pages if t is not None), default=0)
+        for pages in (self._k_pages, self._v_pages):
+            for i, t in enumerate(pages):
+                if t is None:
+                    continue
+                grown = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                grown[:old].copy_(t)
                 grown[old:].zero_()
                 pages[i] = grown  # the last references to the old pages: this list and the layer's view
-                setattr(self.layers[i], attr, grown)
-        if self._k_pages:
-            one_old = self._bytes_per_block(self.dtype) * old // (2 * self.num_layers)
-            self._peak_bytes = max(self._peak_bytes, self._bytes_per_block(self.dtype) * new + one_old)
+                del t
+                self._sync_layer_view(i)
         self.allocator.grow(new)
-        self._sync_layer_views()
+        self._peak_bytes = max(self._peak_bytes, self._pages_bytes() + one_old)
 
     def pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k_pages, v_pages)`` of a layer, each ``[num_blocks, block_size, Hkv, D]``."""
-        return self._k_pages[layer_idx], self._v_pages[layer_idx]
+        """``(k_pages, v_pages)`` of a layer, each ``[num_blocks, block_size, Hkv, D]`` on the layer's device."""
+        k = self._k_pages[layer_idx]
+        if k is None:
+            raise RuntimeError(f"layer {layer_idx} of the PagedKVCache has no pages yet: they are made from the first "
+                               f"K/V it is handed (update)")
+        return k, self._v_pages[layer_idx]
 
     # -- sequences -------------------------------------------------------------------------------------------------
 
@@ -436,12 +505,15 @@ class PagedKVCache(Cache):
         self._bt_host = torch.zeros((0, 0), dtype=torch.int32)  # mirror of _tables, padded with 0
         self._step = 0
         self._step_layers: set[int] = set()
-        self._plan: StepPlan | None = None
+        self._plan: StepPlan | None = None  # on the device of the step's first layer
+        self._plans: dict = {}  # device -> the step's plan there (other devices of a device_map)
+        self._filled: set[int] = set()  # layers handed K/V since the last reset: their pages may hold tokens
 
     def _new_step(self) -> None:
         self._step += 1
         self._step_layers = set()
         self._plan = None
+        self._plans = {}
 
     def _rebuild_bt_host(self) -> None:
         width = max([len(t) for t in self._tables], default=0)
@@ -477,12 +549,18 @@ class PagedKVCache(Cache):
         (``write``), once the step's slot mapping is planned from the padding mask."""
         if not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx must be in 0..{self.num_layers - 1}, got {layer_idx}")
-        if key_states.dim() != 4 or key_states.shape[1] != self.num_kv_heads or key_states.shape[3] != self.head_dim:
-            raise ValueError(f"key_states must be 4-D (batch, num_kv_heads, seq, head_dim) with the config's "
-                             f"{self.num_kv_heads} KV heads and head_dim {self.head_dim}, got shape "
-                             f"{tuple(key_states.shape)}")
+        if (key_states.dim() != 4 or not 1 <= key_states.shape[1] <= self.config_kv_heads
+                or key_states.shape[3] != self.head_dim):
+            raise ValueError(f"key_states must be 4-D (batch, KV heads, seq, head_dim) with head_dim "
+                             f"{self.head_dim} and the config's {self.config_kv_heads} KV heads or fewer (the shard "
+                             f"of a rank under tensor parallelism), got shape {tuple(key_states.shape)}")
+        if value_states.shape != key_states.shape:
+            raise ValueError(f"value_states must have key_states' shape {tuple(key_states.shape)}, got "
+                             f"{tuple(value_states.shape)}")
         if layer_idx in self._step_layers:  # layers run in order: seeing one again means a new forward
             self._new_step()
+        self._ensure_layer(layer_idx, key_states)
+        self._filled.add(layer_idx)
         self._step_layers.add(layer_idx)
         handle = PagedKV(self, layer_idx, key_states, value_states, self._step)
         return handle, handle
@@ -491,8 +569,8 @@ class PagedKVCache(Cache):
         """Columns processed so far, padding included (HF's notion: ``input_ids[:, get_seq_length():]`` is new)."""
         return self._seen
 
-    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
-        return self._seen + _query_length(query_length), 0
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -588,13 +666,15 @@ class PagedKVCache(Cache):
         step's; None = no padding. Checks the whole step's demand first: on ``CacheExhaustedError`` nothing changed.
         """
         if self._plan is not None and self._plan.step == handle.step:
-            return self._plan
+            if handle.key.device == self._plan.device:
+                return self._plan
+            return self._plan_on(handle.key.device)
         if handle.step != self._step:
             raise RuntimeError("stale PagedKV handle: the cache has moved on to a later forward since this handle was "
                                "made (a handle is only valid within the forward whose update() returned it)")
         key = handle.key
         B, S = key.shape[0], key.shape[2]
-        self._ensure_pages(key.dtype, key.device)
+        dev = key.device
         if self.max_batch_size is not None and B > self.max_batch_size:
             raise ValueError(f"batch of {B} sequences exceeds the cache's max_batch_size={self.max_batch_size}")
         if self._lens and B != len(self._lens):
@@ -660,10 +740,14 @@ class PagedKVCache(Cache):
                     src.append(last)
                     dst.append(fresh)
         if src:
-            s = torch.tensor(src, dtype=torch.int64, device=self.device)
-            d = torch.tensor(dst, dtype=torch.int64, device=self.device)
+            index: dict = {}  # device -> (src, dst) there
             for k, v in zip(self._k_pages, self._v_pages):
-                paged_ops.copy_blocks(k, v, s, d)
+                if k is None:  # made later at its first K/V, zeroed: it holds nothing to copy
+                    continue
+                if k.device not in index:
+                    index[k.device] = (torch.tensor(src, dtype=torch.int64, device=k.device),
+                                       torch.tensor(dst, dtype=torch.int64, device=k.device))
+                paged_ops.copy_blocks(k, v, *index[k.device])
         for b in range(B):
             if new_blocks[b]:
                 for blk in self.allocator.allocate(new_blocks[b]):
@@ -689,11 +773,11 @@ class PagedKVCache(Cache):
         is_suffix = real.long().cummax(1).values.bool().eq(real).all().item()  # no real token before a padding one
         if not is_suffix:
             order = torch.argsort(real.long(), dim=1, stable=True)  # padding columns first, then real in order
-            q_index = order.to(self.device)
+            q_index = order.to(dev)
 
-        dev = self.device
+        self._plans = {}
         self._plan = StepPlan(
-            step=self._step, batch_size=B, q_len=S,
+            step=self._step, batch_size=B, q_len=S, device=dev,
             slot_mapping=slots.reshape(-1).to(dev),
             # A copy on purpose (B x blocks int32, once per step): the slice aliases the mutable host mirror.
             block_tables=bt_host.contiguous().to(dev),
@@ -704,6 +788,19 @@ class PagedKVCache(Cache):
             q_index=q_index,
         )
         return self._plan
+
+    def _plan_on(self, device: torch.device) -> StepPlan:
+        """The step's plan with its tensors on ``device`` (a layer of a device_map on another device than the
+        step's first layer): copied once per step and device, shared by every layer there."""
+        plan = self._plans.get(device)
+        if plan is None:
+            p = self._plan
+            plan = dataclasses.replace(
+                p, device=device, slot_mapping=p.slot_mapping.to(device), block_tables=p.block_tables.to(device),
+                seq_lens=p.seq_lens.to(device), q_lens=p.q_lens.to(device),
+                q_index=None if p.q_index is None else p.q_index.to(device), num_splits={}, direct=set())
+            self._plans[device] = plan
+        return plan
 
     def write(self, handle: PagedKV, plan: StepPlan) -> None:
         """Write a layer's new K/V into its pages at the plan's slots (padding skipped)."""
@@ -718,10 +815,14 @@ class PagedKVCache(Cache):
 
     def memory(self) -> CacheMemory:
         """Bytes reserved by the pages vs bytes holding tokens (see ``CacheMemory``)."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        per_token = 0  # K + V of one token over all layers (a layer without pages yet: as it will be made)
+        for k in self._k_pages:
+            if k is None:
+                per_token += 2 * self._kv_heads * self.head_dim * self._default_dtype.itemsize
+            else:
+                per_token += 2 * k.shape[2] * self.head_dim * k.element_size()
         per_block = per_token * self.block_size
-        reserved = per_block * self.allocator.num_blocks if self._k_pages else 0
+        reserved = self._pages_bytes()
         filled: dict[int, int] = {}
         for t, n in zip(self._tables, self._lens):
             for j, blk in enumerate(t):
@@ -741,6 +842,6 @@ class PagedKVCache(Cache):
                 f"block_size={self.block_size}, {str(self.dtype).replace('torch.', '')}, {kind})")
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def _same_device(a: torch.device, b: torch.device) -> bool:  # "cuda" (None index) matches any cuda:i
     a, b = torch.device(a), torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
