@@ -14,22 +14,26 @@ Decode (flash-decoding), two launches:
     padded to ``BLOCK_G >= 16`` (``tl.dot``'s minimum) and masked. Sequence b's visible range (all tokens, or the last
     ``window``) is cut into BLOCK_N tiles and the tiles into ``num_splits`` contiguous chunks, per sequence, so a
     ragged batch spreads each sequence's own work evenly; the last splits of a short sequence hold no tiles. Online
-    softmax in base 2 (``exp2``; the scale carries log2(e)); fp32 accumulation. Writes the normalised partial output
-    ``[B, Hq, num_splits, D]`` and its log-sum-exp (base 2) ``[B, Hq, num_splits]``. A split with no tokens writes
-    LSE = -inf and a zero partial, never 0/0.
-  * stage 2, grid ``(B, Hq)``: weights ``exp2(lse_i - max lse)`` (an empty split weighs exactly 0), fixed order, so
-    the result is deterministic. With ``num_splits == 1`` stage 1 writes the final output itself and stage 2 is
-    skipped.
+    softmax in base 2 (``exp2``; the scale carries log2(e), applied after the max is subtracted); fp32 accumulation.
+    Writes the normalised partial output ``[B, Hq, num_splits, D]`` and each split's running max m and sum l
+    ``[B, Hq, 2, num_splits]``. A split with no tokens writes m = -inf, l = 0 and a zero partial, never 0/0.
+  * stage 2, grid ``(B, Hq)``, walks the splits 16 at a time: weights ``l_i * exp2((m_i - max m) * c)`` (an empty
+    split weighs exactly 0), fixed order, so the result is deterministic. With ``num_splits == 1`` stage 1 writes
+    the final output itself and stage 2 is skipped.
 
-Prefill, one launch, grid ``(B, Hkv, cdiv(S * G, BLOCK_M))``: the GQA group's query rows are flattened with the
-sequence rows (row r = s * G + g) so again one program's K/V tiles serve the whole group. Row s of sequence b is at
-position ``seq_lens[b] - S + s``; rows ``s < S - q_lens[b]`` are left padding and get zeros. Each program walks only
-the K/V tiles its rows can see (causal, and the window), and masks per element.
+Prefill, one launch, grid ``(cdiv(S * G, BLOCK_M), Hkv, B)`` (row tiles on x, the only axis past 65535): the GQA
+group's query rows are flattened with the sequence rows (row r = s * G + g) so again one program's K/V tiles serve
+the whole group. Row s of sequence b is at position ``seq_lens[b] - S + s``; rows ``s < S - q_lens[b]`` are left
+padding and get zeros. Each program walks only the K/V tiles its rows can see (causal, and the window), and masks
+per element.
 
 Casting follows flash-attention practice and matches eager's rounding points: logits in fp32, probabilities cast to
 the K/V dtype before the PV product (eager casts softmax output to the input dtype too), fp32 accumulation. fp32
-inputs use ``input_precision="tf32x3"`` (three TF32 tensor-core products, near-fp32 accuracy; plain TF32 would
-exceed eager's fp32 error and IEEE FMA dots spill at these tile sizes).
+inputs compute the logits in fp64 (q and k widened, so products are exact and the sum is fp64, rounded once to
+fp32) and P @ V as an fp32 FMA dot (``input_precision="ieee"``). With GPU numerics emulated in the tests, 3xTF32
+dots used up to 97% of eager's fp32 tolerance and plain fp32 logits (whose rounding error grows with |logit|) up to
+85%; fp64 logits bring the worst case near 50%. Decode is memory-bound, so the wider arithmetic costs little there.
+The final normalisations divide with div.rn (``/`` is div.full.f32, 2 ulp).
 """
 
 import functools
@@ -50,9 +54,24 @@ MIN_TILES_PER_SPLIT = 4
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without inf/inf for large |x|.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def _tanh(x, ACCURATE: tl.constexpr):
+    """tanh for the softcap, whose cap multiplies its error into every logit.
+
+    ``ACCURATE`` (fp32 inputs): to about an ulp of the result. |x| < 0.25: odd Taylor series to x^9 (the next term is
+    below 2^-26 of the result); above, (e - 1) / (e + 1) with e = exp(2|x|) and a correctly rounded divide; |x| is
+    clamped at 15, where tanh is 1 in fp32 and e stays finite. Otherwise (16-bit inputs, whose tolerance is far
+    looser, and whose 64 x 64 prefill tiles spill with the longer form): 1 - 2 / (exp(2x) + 1), which saturates to
+    +-1 without inf/inf but loses relative accuracy to cancellation as tanh approaches 0."""
+    if ACCURATE:
+        a = tl.minimum(tl.abs(x), 15.0)
+        a2 = a * a
+        small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
+                                                                                       + a2 * 0.021869488536155203))))
+        e = tl.exp(2.0 * a)
+        t = tl.where(a < 0.25, small, tl.math.div_rn(e - 1.0, e + 1.0))
+        return tl.where(x < 0.0, -t, t)
+    else:
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -80,8 +99,9 @@ def _page_offsets(
 
 @triton.jit
 def _online_softmax_pv(
-    s,  # [R, BLOCK_N] fp32 base-2 logits of this tile, -inf where not visible
-    m_i,  # [R] running max
+    s,  # [R, BLOCK_N] fp32 logits of this tile in the units of m_i (see c), -inf where not visible
+    c,  # base-2 factor: exp(scaled logit) = exp2((s - m) * c)
+    m_i,  # [R] running max of s
     l_i,  # [R] running sum of exp2
     acc,  # [R, BLOCK_D] fp32 running P @ V
     vc_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] value pages
@@ -105,11 +125,16 @@ def _online_softmax_pv(
     F32_DOT: tl.constexpr,
 ):
     """Fold one tile into the online softmax and accumulate P @ V; shared by the decode and prefill kernels. A row
-    that has seen only -inf keeps m = -inf and shifts by 0, so it never produces NaN."""
+    that has seen only -inf keeps m = -inf and shifts by 0, so it never produces NaN.
+
+    The max is subtracted before the scale is applied: ``exp2((s - m) * c)``, not ``exp2(s * c - m * c)``. The
+    rounding error of a scaled logit is relative to its size, so scaling first puts an error of |logit| x 2^-24 in
+    every exponent (several ulp of the probabilities at logits of ~10); ``s - m`` is exact for the logits close to
+    the max, the ones that weigh."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2((m_i - m_safe) * c)
+    p = tl.exp2((s - m_safe[:, None]) * c)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_off = k_off
     if (stride_vb != stride_kb) | (stride_vs != stride_ks):
@@ -118,13 +143,22 @@ def _online_softmax_pv(
     v = tl.load(vc_ptr + (v_off + kvh64 * stride_vh)[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     if F32_DOT:
         p_in = p.to(vc_ptr.dtype.element_ty).to(tl.float32)  # rounded as the native path rounds it
-        acc = acc * alpha[:, None] + tl.dot(p_in, v.to(tl.float32), input_precision="tf32x3")
+        acc = acc * alpha[:, None] + tl.dot(p_in, v.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
-@triton.jit
+# Integer arguments Triton would otherwise specialise on (== 1 -> constant, % 16 == 0 -> divisibility) although the
+# code gains nothing from it: each would double the compiled variants (and the compile gate's specs) for nothing.
+# The q/out and cache strides stay specialised: their divisibility decides vectorised loads and stores (without it
+# the 16-bit D = 256 prefill and the fp32 D = 128 prefill spill).
+_DECODE_NO_SPEC = ("window", "num_splits", "G", "stride_btb", "stride_lb", "stride_lh")
+_REDUCE_NO_SPEC = ("Hq", "num_splits")
+_PREFILL_NO_SPEC = ("window", "S", "G", "stride_btb")
+
+
+@triton.jit(do_not_specialize=_DECODE_NO_SPEC)
 def _paged_decode_split_kernel(
     q_ptr,  # [B, Hq, D] strided
     kc_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] strided
@@ -132,7 +166,7 @@ def _paged_decode_split_kernel(
     bt_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     o_ptr,  # [B, Hq, num_splits, D]: fp32 partials (or the final [B, Hq, D] output when STORE_LSE is False)
-    lse_ptr,  # [B, Hq, num_splits] fp32, base-2 log-sum-exp of each split
+    lse_ptr,  # [B, Hq, 2, num_splits] fp32: each split's running max m (logit units), then its sum l
     qk_scale,  # scale * log2(e), or scale alone when SOFTCAP
     softcap,
     window,
@@ -165,7 +199,7 @@ def _paged_decode_split_kernel(
     USE_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
-    F32_DOT: tl.constexpr,  # dots on fp32 operands, 3xTF32 (fp32 inputs; bf16 in the interpreter)
+    F32_DOT: tl.constexpr,  # fp32 inputs (or bf16 in a plain interpreter run): fp64 logits, fp32 FMA P @ V
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -205,33 +239,38 @@ def _paged_decode_split_kernel(
         k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask,
                     other=0.0)  # [BLOCK_N, BLOCK_D]
         if F32_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+            s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
         else:
             s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N] fp32
+        c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
         if SOFTCAP:
-            s = (softcap * _tanh(s * qk_scale / softcap)) * 1.4426950408889634
-        else:
-            s = s * qk_scale
+            s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
+            c = 1.4426950408889634
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_pv(s, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+        m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
                                            tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
                                            stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
-    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    # Correctly rounded division (div.rn), once per output element: `/` compiles to div.full.f32 (2 ulp), which
+    # alone would use up fp32's tolerance.
+    out = tl.where(has[:, None], tl.math.div_rn(acc, tl.where(has, l_i, 1.0)[:, None]), 0.0)
     o_mask = gmask[:, None] & dmask[None, :]
     tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=o_mask)
     if STORE_LSE:
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+        # m and l, not a log-sum-exp: log2 then exp2 in the reduce would add errors relative to |m * c|.
+        ml = lse_ptr + b64 * stride_lb + heads * stride_lh + split
+        tl.store(ml, m_i, mask=gmask)
+        tl.store(ml + num_splits, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_REDUCE_NO_SPEC)
 def _paged_decode_reduce_kernel(
-    po_ptr,  # [B, Hq, num_splits, D] fp32 contiguous partial outputs
-    lse_ptr,  # [B, Hq, num_splits] fp32 contiguous, base 2
+    po_ptr,  # [B, Hq, num_splits, D] fp32 contiguous partial outputs, each normalised by its own l
+    lse_ptr,  # [B, Hq, 2, num_splits] fp32 contiguous: m (logit units), then l, of each split
     o_ptr,  # [B, Hq, D] output
+    c,  # base-2 factor of the logits (as in the split kernel)
     Hq,
     D,
     num_splits,
@@ -241,26 +280,40 @@ def _paged_decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Splits are walked BLOCK_S at a time (two passes: the max m, then the weighted sum), so the registers held
+    # are one [BLOCK_S, BLOCK_D] chunk whatever the split count (a whole [num_splits, BLOCK_D] tile spilled on sm_90
+    # at 128+ splits).
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    smask = sp < num_splits
     dmask = d < D
     row = (b.to(tl.int64) * Hq + h) * num_splits
-    lse = tl.load(lse_ptr + row + sp, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
+    ml = lse_ptr + 2 * row
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m = tl.maximum(m, tl.load(ml + s0 + sp, mask=s0 + sp < num_splits, other=float("-inf")))
+    m = tl.max(m, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)  # exactly 0 for empty splits (lse = -inf)
-    used = smask & (w > 0.0)
-    po = tl.load(po_ptr + (row + sp)[:, None] * D + d[None, :], mask=used[:, None] & dmask[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * po, 0) / tl.where(total > 0.0, total, 1.0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        smask = s0 + sp < num_splits
+        m_s = tl.load(ml + s0 + sp, mask=smask, other=float("-inf"))
+        l_s = tl.load(ml + num_splits + s0 + sp, mask=smask, other=0.0)
+        w = tl.exp2((m_s - m_safe) * c) * l_s  # exactly 0 for empty splits (m = -inf, l = 0)
+        used = smask & (w > 0.0)
+        po = tl.load(po_ptr + (row + s0 + sp)[:, None] * D + d[None, :], mask=used[:, None] & dmask[None, :],
+                     other=0.0)
+        acc += tl.sum(w[:, None] * po, 0)
+        total += w
+    total_s = tl.sum(total, 0)
+    out = tl.math.div_rn(acc, tl.where(total_s > 0.0, total_s, 1.0))  # div.rn: see the split kernel
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PREFILL_NO_SPEC)
 def _paged_prefill_kernel(
     q_ptr,  # [B, Hq, S, D] strided
     kc_ptr,  # [num_blocks, BLOCK_SIZE, Hkv, D] strided
@@ -299,11 +352,11 @@ def _paged_prefill_kernel(
     BLOCK_D: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
-    F32_DOT: tl.constexpr,  # dots on fp32 operands, 3xTF32 (fp32 inputs; bf16 in the interpreter)
+    F32_DOT: tl.constexpr,  # fp32 inputs (or bf16 in a plain interpreter run): fp64 logits, fp32 FMA P @ V
 ):
-    b = tl.program_id(0)
+    mt = tl.program_id(0)  # row tiles on x: up to 2^31 - 1 of them (y and z stop at 65535)
     kvh = tl.program_id(1)
-    mt = tl.program_id(2)
+    b = tl.program_id(2)
     b64 = b.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b)
     q_len = tl.load(q_lens_ptr + b)
@@ -343,23 +396,25 @@ def _paged_prefill_kernel(
         k_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
         k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         if F32_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+            s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
         else:
             s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+        c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
         if SOFTCAP:
-            s = (softcap * _tanh(s * qk_scale / softcap)) * 1.4426950408889634
-        else:
-            s = s * qk_scale
+            s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
+            c = 1.4426950408889634
         vis = real[:, None] & valid[None, :] & (pos[None, :] <= qpos[:, None])
         if USE_WINDOW:
             vis = vis & (pos[None, :] > qpos[:, None] - window)
         s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_pv(s, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+        m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
                                            tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
                                            stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
-    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    # Correctly rounded division (div.rn), once per output element: `/` compiles to div.full.f32 (2 ulp), which
+    # alone would use up fp32's tolerance.
+    out = tl.where(has[:, None], tl.math.div_rn(acc, tl.where(has, l_i, 1.0)[:, None]), 0.0)
     tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + srow.to(tl.int64)[:, None] * stride_os
              + d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -386,15 +441,15 @@ def decode_config(G: int, D: int, fp32: bool = False) -> dict:
 
     ``BLOCK_G = max(16, next_pow2(G))`` (tl.dot needs 16 rows); ``BLOCK_D = next_pow2(D)`` (80 and 96 pad to 128).
     16-bit inputs: ``BLOCK_N`` 64 tokens (32 for D = 256) so a K and a V tile stay at 16 KB, 4 warps for D = 128 and
-    8 otherwise, 3 stages (the combination that compiles with no spill for every spec on sm_80 and sm_90). fp32
-    inputs run 3xTF32 dots, whose hi/lo operand splits double the operand registers: ``BLOCK_N`` 32 (16 for
-    D = 256) and 8 warps keep them out of local memory.
+    8 otherwise. fp32 inputs (logits from an fp64 dot, P @ V an fp32 FMA dot): ``BLOCK_N`` 32 (16 for D = 256), 4
+    warps. 2 stages: with 3, ptxas spills a few bytes in some variants (fp32 D = 64 / 256 on sm_80, 16-bit D = 128
+    with 1-token pages on sm_90); the compile gate checks every config on sm_80 and sm_90.
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(G))
     if fp32:
         block_n = 32 if block_d <= 128 else 16
-        num_warps = 8
+        num_warps = 4
     else:
         block_n = 64 if block_d <= 128 else 32
         # 4 warps are enough for D = 128; for D = 64 ptxas then caps some variants at 64 registers and spills a
@@ -402,32 +457,56 @@ def decode_config(G: int, D: int, fp32: bool = False) -> dict:
         num_warps = 4 if block_d == 128 else 8
     if block_g >= 64:  # very wide groups (no supported model): keep the S tile and accumulator in registers
         block_n = min(block_n, 32)
-    return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 3}
+    return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
+
+
+def _splits_for_occupancy(B: int, Hkv: int, sms: int) -> int:
+    """Splits that give about two waves of the GPU: ``2 * sms`` programs over ``B * Hkv``."""
+    return triton.cdiv(2 * sms, max(1, B * Hkv))
+
+
+def _splits_for_length(max_seq_len: int, D: int, sliding_window, G: int) -> int:
+    """Splits that keep ``MIN_TILES_PER_SPLIT`` BLOCK_N tiles each over the longest visible range."""
+    visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window + 64)
+    block_n = decode_config(G, D)["BLOCK_N"]
+    return triton.cdiv(max(visible, 1), block_n) // MIN_TILES_PER_SPLIT
+
+
+def _clamp_splits(by_occupancy: int, by_length: int) -> int:
+    return int(max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS)))
 
 
 def decode_num_splits(B: int, Hkv: int, max_seq_len: int, D: int, sliding_window=None, sms: int = NOMINAL_SMS,
                       G: int = 1) -> int:
-    """Splits per sequence: enough programs for about two waves of the GPU (``2 * sms`` over ``B * Hkv`` programs),
-    but every split keeps at least ``MIN_TILES_PER_SPLIT`` tiles of the longest visible range; at most
+    """Splits per sequence: enough programs for about two waves of the GPU (``2 * sms`` over ``B * Hkv``
+    programs), but every split keeps at least ``MIN_TILES_PER_SPLIT`` tiles of the longest visible range; at most
     ``MAX_NUM_SPLITS``. A large batch gets 1 split (no reduce launch); one long sequence gets many."""
-    visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window + 64)
-    block_n = decode_config(G, D)["BLOCK_N"]
-    tiles = triton.cdiv(max(visible, 1), block_n)
-    want = triton.cdiv(2 * sms, max(1, B * Hkv))
-    return int(max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_NUM_SPLITS)))
+    return _clamp_splits(_splits_for_occupancy(B, Hkv, sms), _splits_for_length(max_seq_len, D, sliding_window, G))
 
 
 def reduce_config(num_splits: int, D: int) -> dict:
-    return {"BLOCK_S": max(2, triton.next_power_of_2(num_splits)), "BLOCK_D": max(16, triton.next_power_of_2(D)),
-            "num_warps": 8 if num_splits * D >= 8192 else (4 if num_splits * D >= 2048 else 2)}
+    """Stage 2 walks the splits ``BLOCK_S = 16`` at a time whatever their number; warps so that a thread holds at
+    most 32 fp32 values of the ``[BLOCK_S, BLOCK_D]`` chunk."""
+    block_d = max(16, triton.next_power_of_2(D))
+    return {"BLOCK_S": 16, "BLOCK_D": block_d, "num_warps": max(1, min(8, 16 * block_d // 1024))}
+
+
+def decode_grids(B: int, Hq: int, Hkv: int, num_splits: int) -> tuple:
+    """``(stage-1 grid, stage-2 grid or None)``."""
+    return (B, Hkv, num_splits), ((B, Hq) if num_splits > 1 else None)
+
+
+def prefill_grid(B: int, Hkv: int, S: int, G: int, block_m: int) -> tuple:
+    """Row tiles of the flattened (s, group head) rows on x (up to 2^31 - 1), KV heads on y, sequences on z."""
+    return (triton.cdiv(S * G, block_m), Hkv, B)
 
 
 def prefill_config(G: int, D: int, fp32: bool = False) -> dict:
     """Prefill tiles: ``BLOCK_M`` flattened (query row, group head) rows, ``BLOCK_N`` tokens,
     ``BLOCK_D = next_pow2(D)``, 8 warps (4 warps reach 255 registers: the per-row position/mask vectors and the
     gathered int64 K/V row offsets come on top of the usual flash-attention tiles). 16-bit: 64 x 64 (64 x 32 for
-    D = 256). fp32 (3xTF32 dots, operand registers doubled): 32 x 32 for D <= 64, 32 x 16 for D = 128, 16 x 16 for
-    D = 256 -- the largest tiles that compile without spills for sm_80 and sm_90."""
+    D = 256). fp32 (fp64 logits, FMA dots): 32 x 32 for D <= 64, 32 x 16 for D = 128, 16 x 16 for D = 256, which
+    compile without spills for sm_80 and sm_90."""
     block_d = max(16, triton.next_power_of_2(D))
     if fp32:
         block_m, block_n = (32, 32) if block_d <= 64 else ((32, 16) if block_d <= 128 else (16, 16))
@@ -440,12 +519,17 @@ def prefill_config(G: int, D: int, fp32: bool = False) -> dict:
 # Launchers (inputs validated by llmkern.paged_ops)
 
 
+# The Triton interpreter's tl.dot multiplies numpy arrays and numpy has no bf16: left alone it cannot run a bf16
+# dot, so on CPU tensors bf16 takes the F32_DOT path (the operands go in as fp32 copies: the same numbers a bf16
+# tensor-core dot computes, since bf16 products are exact in fp32 and accumulation is fp32). tests/conftest.py teaches
+# the interpreter bf16 dots and sets this, so the tests run the bf16 tensor-core path a GPU compiles.
+INTERPRETER_BF16_DOT = False
+
+
 def _f32_dot(q) -> bool:
-    # fp32 inputs: 3xTF32 dots (near-fp32 accuracy on tensor cores), to stay within eager's fp32 error. bf16 under
-    # the interpreter (CPU tensors): its tl.dot multiplies numpy arrays and numpy has no bf16, so the operands go in
-    # as fp32 copies -- the same numbers a bf16 tensor-core dot computes (bf16 products are exact in fp32,
-    # accumulation is fp32).
-    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type != "cuda")
+    # fp32 inputs: fp64 logits and fp32 FMA dots, to keep a margin within eager's fp32 error (see the module doc).
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type != "cuda"
+                                        and not INTERPRETER_BF16_DOT)
 
 
 def _scales(scale: float, softcap):
@@ -466,20 +550,20 @@ def paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale: fl
                   USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     common = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride())
-    grid = (B, Hkv, num_splits)
+    grid, reduce_grid = decode_grids(B, Hq, Hkv, num_splits)
     if num_splits == 1:
         _paged_decode_split_kernel[grid](
             q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, cap, window, 1, G, D, *common,
             out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, STORE_LSE=False, **consts)
         return
     part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, Hq, 2, num_splits), dtype=torch.float32, device=q.device)
     _paged_decode_split_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, part, lse, qk_scale, cap, window, num_splits, G, D, *common,
         *part.stride(), lse.stride(0), lse.stride(1), STORE_LSE=True, **consts)
     rcfg = reduce_config(num_splits, D)
-    _paged_decode_reduce_kernel[(B, Hq)](
-        part, lse, out, Hq, D, num_splits, *out.stride(),
+    _paged_decode_reduce_kernel[reduce_grid](
+        part, lse, out, qk_scale if softcap is None else LOG2E, Hq, D, num_splits, *out.stride(),
         BLOCK_S=rcfg["BLOCK_S"], BLOCK_D=rcfg["BLOCK_D"], num_warps=rcfg["num_warps"])
 
 
@@ -492,7 +576,7 @@ def paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, 
     cfg = prefill_config(G, D, q.dtype == torch.float32)
     qk_scale, cap = _scales(scale, softcap)
     window = int(sliding_window) if sliding_window is not None else 0
-    grid = (B, Hkv, triton.cdiv(S * G, cfg["BLOCK_M"]))
+    grid = prefill_grid(B, Hkv, S, G, cfg["BLOCK_M"])
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, qk_scale, cap, window, S, G, D,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
@@ -506,22 +590,19 @@ def paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, 
 
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# (Hq, Hkv, D): SmolLM2-135M, Qwen2.5-0.5B, Qwen2.5-7B, Llama-3-8B, Llama-2-7B, and head_dim 80/96/256 variants.
-SPEC_LAYOUTS = [(9, 3, 64), (14, 2, 64), (28, 4, 128), (32, 8, 128), (32, 32, 128), (32, 8, 80), (32, 32, 96),
-                (16, 8, 256)]
-SPEC_BLOCK_SIZES = (16, 1)
 
 
-def _spec(fn, name: str, args: dict, constexprs: dict, cfg: dict, meta: dict) -> CompileSpec:
+def _spec(fn, name: str, args: dict, constexprs: dict, cfg: dict, meta: dict, no_spec=()) -> CompileSpec:
     """A spec as a launch with these argument values would specialise it: integer args equal to 1 become constexprs,
-    multiples of 16 are marked divisible (Triton does both at launch). ``args``: name -> (type, value or None)."""
+    multiples of 16 are marked divisible (Triton does both at launch), except the kernel's ``do_not_specialize``
+    arguments (``no_spec``). ``args``: name -> (type, value or None)."""
     sig, const, div = {}, dict(constexprs), []
     for a, (ty, val) in args.items():
-        if ty in ("i32", "i64") and val == 1:
+        if ty in ("i32", "i64") and val == 1 and a not in no_spec:
             const[a] = 1
             continue
         sig[a] = ty
-        if ty in ("i32", "i64") and val is not None and val % 16 == 0:
+        if ty in ("i32", "i64") and val is not None and val % 16 == 0 and a not in no_spec:
             div.append(a)
     return CompileSpec(name=name, fn=fn, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
                        num_stages=cfg.get("num_stages", 3), meta={**meta, "divisible_by_16": div})
@@ -535,54 +616,84 @@ def _cache_args(Hkv: int, D: int, bs: int) -> dict:
     return c
 
 
+def reachable_splits(Hkv: int, D: int, G: int, max_context: int, sliding_window=None) -> set:
+    """Every split count ``decode_num_splits`` picks for this head layout over the compile gate's grid (each SM
+    count, batch 1..MAX_BATCH, context 1..max_context). Its two factors are independent (one of batch and SMs, one
+    of the context), so the set is the clamp of every pair of their values: the same set as the full product."""
+    from llmkern.kernels import _layouts as L
+
+    occ = {_splits_for_occupancy(B, Hkv, sms) for sms in L.SM_COUNTS for B in L.batches()}
+    length = {_splits_for_length(c, D, sliding_window, G) for c in L.contexts(max_context)}
+    return {_clamp_splits(o, n) for o in occ for n in length}
+
+
+def _key(spec: CompileSpec) -> tuple:
+    """What decides the compiled code: kernel, argument types, constexprs, divisibility, warps, stages."""
+    return (spec.fn.__name__, tuple(sorted(spec.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
+            tuple(sorted(spec.meta["divisible_by_16"])), spec.num_warps, spec.num_stages)
+
+
 def compile_specs() -> list:
-    specs = []
-    max_blocks = 131  # a block-table row length with no special divisibility
-    for dtype, ptr in _PTR.items():
-        dt = _DT[dtype]
-        for Hq, Hkv, D in SPEC_LAYOUTS:
-            G = Hq // Hkv
-            meta = {"Hq": Hq, "Hkv": Hkv, "D": D, "dtype": dt}
+    """The launch configs the heuristics (``decode_config``, ``decode_num_splits``, ``reduce_config``,
+    ``prefill_config``) pick for every layout of ``kernels/_layouts.py`` at every SM count, batch 1..256 and context
+    up to the layout's max_position_embeddings, in fp32/fp16/bf16, page sizes 16 and 1; one spec per distinct
+    compiled kernel. ``meta["serves"]`` names the layouts a spec serves. The sliding window comes with the layouts
+    that have one; a window + softcap variant (no supported model uses softcap) is compiled for every head_dim."""
+    from llmkern.kernels import _layouts as L
+
+    specs = {}
+
+    def add(spec, layout):
+        spec = specs.setdefault(_key(spec), spec)
+        if layout not in spec.meta["serves"]:
+            spec.meta["serves"].append(layout)
+
+    max_blocks = 131  # a block-table row length with no special divisibility (not specialised anyway)
+    for lname, Hq, Hkv, D, max_ctx, window in L.head_layouts():
+        G = Hq // Hkv
+        splits = reachable_splits(Hkv, D, G, max_ctx, window)
+        for dtype, ptr in _PTR.items():
+            dt = _DT[dtype]
             fp32 = dtype == torch.float32
+            meta = {"dtype": dt, "serves": []}
             dcfg = decode_config(G, D, fp32)
             pcfg = prefill_config(G, D, fp32)
-            for bs in SPEC_BLOCK_SIZES:
-                # Sliding window + softcap only for one layout per dtype: they add a mask and a tanh, not registers.
-                variants = [(False, False)] + ([(True, True)] if (Hq, Hkv, D) == (14, 2, 64) else [])
+            variants = [(window is not None, False), (True, True)]
+            for bs in L.BLOCK_SIZES:
                 for use_window, use_softcap in variants:
                     tag = ("W" if use_window else "") + ("C" if use_softcap else "")
-                    for splits in (1, 8):
-                        store_lse = splits > 1
-                        S_ = splits
+                    win = (window or 4096) if use_window else 0
+                    for store_lse in sorted({n > 1 for n in splits}):
+                        S_ = max(splits) if store_lse else 1
                         out_ptr = "*fp32" if store_lse else ptr
                         args = {
                             "q_ptr": (ptr, None), "kc_ptr": (ptr, None), "vc_ptr": (ptr, None),
                             "bt_ptr": ("*i32", None), "seq_lens_ptr": ("*i32", None), "o_ptr": (out_ptr, None),
                             "lse_ptr": ("*fp32" if store_lse else ptr, None), "qk_scale": ("fp32", None),
-                            "softcap": ("fp32", None), "window": ("i32", 4096 if use_window else 0),
-                            "num_splits": ("i32", splits), "G": ("i32", G), "D": ("i32", D),
+                            "softcap": ("fp32", None), "window": ("i32", win),
+                            "num_splits": ("i32", S_), "G": ("i32", G), "D": ("i32", D),
                             "stride_qb": ("i32", Hq * D), "stride_qh": ("i32", D), "stride_qd": ("i32", 1),
                             **_cache_args(Hkv, D, bs),
                             "stride_btb": ("i32", max_blocks), "stride_btn": ("i32", 1),
                             "stride_ob": ("i32", Hq * S_ * D), "stride_oh": ("i32", S_ * D),
                             "stride_os": ("i32", D if store_lse else 0), "stride_od": ("i32", 1),
-                            "stride_lb": ("i32", Hq * S_ if store_lse else 0),
-                            "stride_lh": ("i32", S_ if store_lse else 0),
+                            "stride_lb": ("i32", Hq * 2 * S_ if store_lse else 0),
+                            "stride_lh": ("i32", 2 * S_ if store_lse else 0),
                         }
                         const = dict(BLOCK_SIZE=bs, BLOCK_G=dcfg["BLOCK_G"], BLOCK_N=dcfg["BLOCK_N"],
                                      BLOCK_D=dcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap,
-                                     STORE_LSE=store_lse, F32_DOT=dtype == torch.float32)
-                        specs.append(_spec(
-                            _paged_decode_split_kernel,
-                            f"paged_decode_split[{Hq}/{Hkv}/{D},BLOCK_SIZE={bs},splits={splits}{tag and ',' + tag},"
-                            f"{dt}]", args, const, dcfg, meta))
+                                     STORE_LSE=store_lse, F32_DOT=fp32)
+                        add(_spec(_paged_decode_split_kernel,
+                                  f"paged_decode_split[G={G},D={D},BLOCK_SIZE={bs},"
+                                  f"{'splits>1' if store_lse else 'splits=1'}{tag and ',' + tag},{dt}]",
+                                  args, const, dcfg, meta, _DECODE_NO_SPEC), lname)
                     S = 64
                     args = {
                         "q_ptr": (ptr, None), "kc_ptr": (ptr, None), "vc_ptr": (ptr, None), "bt_ptr": ("*i32", None),
                         "seq_lens_ptr": ("*i32", None), "q_lens_ptr": ("*i32", None), "o_ptr": (ptr, None),
                         "qk_scale": ("fp32", None), "softcap": ("fp32", None),
-                        "window": ("i32", 4096 if use_window else 0), "S": ("i32", None), "G": ("i32", G),
-                        "D": ("i32", D),
+                        "window": ("i32", win), "S": ("i32", S), "G": ("i32", G), "D": ("i32", D),
                         # HF's q is a [b, s, H, d] buffer viewed as [b, H, s, d].
                         "stride_qb": ("i32", S * Hq * D), "stride_qh": ("i32", D), "stride_qs": ("i32", Hq * D),
                         "stride_qd": ("i32", 1), **_cache_args(Hkv, D, bs),
@@ -591,18 +702,22 @@ def compile_specs() -> list:
                         "stride_od": ("i32", 1),
                     }
                     const = dict(BLOCK_SIZE=bs, BLOCK_M=pcfg["BLOCK_M"], BLOCK_N=pcfg["BLOCK_N"],
-                                 BLOCK_D=pcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap,
-                                 F32_DOT=dtype == torch.float32)
-                    specs.append(_spec(_paged_prefill_kernel,
-                                       f"paged_prefill[{Hq}/{Hkv}/{D},BLOCK_SIZE={bs}{tag and ',' + tag},{dt}]",
-                                       args, const, pcfg, meta))
-        for D in sorted({d for _, _, d in SPEC_LAYOUTS}):
-            for splits in (8, 64):
-                rcfg = reduce_config(splits, D)
+                                 BLOCK_D=pcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap, F32_DOT=fp32)
+                    add(_spec(_paged_prefill_kernel,
+                              f"paged_prefill[BLOCK_M={pcfg['BLOCK_M']},D={D},BLOCK_SIZE={bs}{tag and ',' + tag},{dt}]",
+                              args, const, pcfg, meta, _PREFILL_NO_SPEC), lname)
+            for n in sorted(x for x in splits if x > 1):
+                rcfg = reduce_config(n, D)
                 args = {"po_ptr": ("*fp32", None), "lse_ptr": ("*fp32", None), "o_ptr": (ptr, None),
-                        "Hq": ("i32", None), "D": ("i32", D), "num_splits": ("i32", splits),
-                        "stride_ob": ("i32", None), "stride_oh": ("i32", D), "stride_od": ("i32", 1)}
-                specs.append(_spec(_paged_decode_reduce_kernel, f"paged_decode_reduce[D={D},splits={splits},{dt}]",
-                                   args, {"BLOCK_S": rcfg["BLOCK_S"], "BLOCK_D": rcfg["BLOCK_D"]}, rcfg,
-                                   {"D": D, "dtype": dt}))
-    return specs
+                        "c": ("fp32", None), "Hq": ("i32", Hq), "D": ("i32", D), "num_splits": ("i32", n),
+                        "stride_ob": ("i32", Hq * D), "stride_oh": ("i32", D), "stride_od": ("i32", 1)}
+                spec = _spec(_paged_decode_reduce_kernel,
+                             f"paged_decode_reduce[BLOCK_S={rcfg['BLOCK_S']},D={D},{dt}]", args,
+                             {"BLOCK_S": rcfg["BLOCK_S"], "BLOCK_D": rcfg["BLOCK_D"]}, rcfg,
+                             {"dtype": dt, "serves": [], "num_splits": []}, _REDUCE_NO_SPEC)
+                spec = specs.setdefault(_key(spec), spec)
+                if lname not in spec.meta["serves"]:
+                    spec.meta["serves"].append(lname)
+                if n not in spec.meta["num_splits"]:
+                    spec.meta["num_splits"].append(n)
+    return list(specs.values())

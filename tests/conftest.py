@@ -69,3 +69,162 @@ def _interpreter_bf16_rtne(monkeypatch):
 
     monkeypatch.setattr(interpreter, "_convert_float", _convert_float)
     yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU numerics in the interpreter
+#
+# The interpreter computes in exact numpy arithmetic; compiled kernels do not. On sm_80/sm_90, Triton lowers fp32
+# ``tl.exp`` / ``tl.exp2`` to ex2.approx (after an fp32 multiply by log2(e) for exp), ``tl.log2`` to lg2.approx, ``/``
+# to div.full.f32, ``tl.sqrt`` to sqrt.approx and ``1 / sqrt`` forms to rsqrt.approx: a couple of ulp each (the PTX
+# ISA's bounds). ``tl.dot`` on fp32 operands runs on tensor cores: ``input_precision="tf32"`` rounds both operands to
+# TF32 (10 mantissa bits, round to nearest away: cvt.rna.tf32.f32), ``"tf32x3"`` splits each into a TF32 high part
+# and a TF32 low part and adds three products (the low x low one dropped), small ones first; fp32 accumulation. While
+# tests run, the interpreter does the same, so a tolerance that holds here holds on the GPU: approximate functions
+# return the exact result times (1 + u * bound), u a deterministic pseudo-random number in [-1, 1] and bound the PTX
+# ISA's maximum relative error (ex2.approx 2^-22.5, lg2.approx and div.full 2^-22, sqrt/rsqrt.approx 2^-23), flushed
+# to zero below the normal range as the .ftz forms do. bf16 operands of ``tl.dot`` (which numpy cannot multiply) are widened to fp32,
+# exactly as a bf16 tensor-core dot does, and llmkern.kernels.paged_attention.INTERPRETER_BF16_DOT makes the
+# attention kernels take their bf16 tensor-core path, the one a GPU runs.
+
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+def _rel_jitter(exact: np.ndarray, key: np.ndarray, rel: float) -> np.ndarray:
+    """``exact`` (fp64) times ``1 + u * rel``, ``u`` in [-1, 1] pseudo-random from ``key``'s bits (a given input
+    always lands the same way), rounded to fp32 and flushed to zero below the normal range (.ftz)."""
+    h = (np.ascontiguousarray(key, dtype=np.float32).view(np.uint32).astype(np.uint64) * 0x9E3779B1) & 0xFFFFFFFF
+    u = (h >> 8).astype(np.float64) / float(1 << 23) - 1.0
+    with np.errstate(all="ignore"):
+        out = np.where(np.isfinite(exact), exact * (1.0 + u * rel), exact).astype(np.float32)
+    return np.where(np.abs(out) < _TINY, np.float32(0.0) * np.sign(out), out).astype(np.float32)
+
+
+def _tf32(a: np.ndarray) -> np.ndarray:
+    """fp32 -> TF32, round to nearest with ties away from zero (cvt.rna.tf32.f32); inf/NaN unchanged."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    bits = a.view(np.uint32)
+    rounded = ((bits.astype(np.uint64) + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(a) & np.isfinite(rounded), rounded, a).astype(np.float32)
+
+
+def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+GPU_NUMERICS = ("tf32", "bf16_dot", "exp", "log2", "div", "sqrt")
+
+
+def emulate_gpu_numerics(monkeypatch, parts=GPU_NUMERICS) -> None:
+    """Make the Triton interpreter compute as compiled sm_80/sm_90 code does (see above). ``parts``: which of
+    ``GPU_NUMERICS`` to emulate (all by default; a subset shows what each costs)."""
+    from triton.runtime import interpreter
+    import triton.language as tl
+
+    B = interpreter.InterpreterBuilder
+    TH = interpreter.TensorHandle
+    dot, exp, exp2, log2, fdiv, sqrt, rsqrt = (B.create_dot, B.create_exp, B.create_exp2, B.create_log2,
+                                               B.create_fdiv, B.create_sqrt, B.create_rsqrt)
+
+    def mm(x, y):
+        return np.matmul(x.astype(np.float32), y.astype(np.float32), dtype=np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        at, bt = a.dtype.scalar, b.dtype.scalar
+        if at == tl.bfloat16 and bt == tl.bfloat16:
+            return TH((mm(_bf16_bits_to_f32(a.data), _bf16_bits_to_f32(b.data)) + d.data).astype(np.float32),
+                      d.dtype.scalar)
+        if "tf32" in parts and at == tl.float32 and bt == tl.float32 and d.data.dtype == np.float32:
+            prec = str(input_precision).lower()
+            if "tf32x3" in prec:
+                a_hi, b_hi = _tf32(a.data), _tf32(b.data)
+                a_lo, b_lo = _tf32(a.data - a_hi), _tf32(b.data - b_hi)
+                acc = mm(a_lo, b_hi) + d.data
+                acc = mm(a_hi, b_lo) + acc
+                return TH((mm(a_hi, b_hi) + acc).astype(np.float32), d.dtype.scalar)
+            if "tf32" in prec:
+                return TH((mm(_tf32(a.data), _tf32(b.data)) + d.data).astype(np.float32), d.dtype.scalar)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def approx(orig, fn, span):  # span: the maximum relative error
+        def create(self, *args):
+            if args[0].data.dtype != np.float32:
+                return orig(self, *args)
+            with np.errstate(all="ignore"):
+                exact = fn(*[x.data.astype(np.float64) for x in args]).astype(np.float32)
+            return TH(_rel_jitter(exact, args[0].data, span), args[0].dtype.scalar)
+        return create
+
+    log2e = np.float32(1.4426950408889634)
+
+    def exp_via_ex2(x):  # fp32 multiply by log2(e) first, as the compiled tl.exp does
+        return np.exp2((x.astype(np.float32) * log2e).astype(np.float64))
+
+    monkeypatch.setattr(B, "create_dot", create_dot)
+    if "exp" in parts:
+        monkeypatch.setattr(B, "create_exp", approx(exp, exp_via_ex2, 2.0**-22.5))
+        monkeypatch.setattr(B, "create_exp2", approx(exp2, np.exp2, 2.0**-22.5))
+    if "log2" in parts:
+        monkeypatch.setattr(B, "create_log2", approx(log2, np.log2, 2.0**-22))
+    if "div" in parts:
+        monkeypatch.setattr(B, "create_fdiv", approx(fdiv, np.divide, 2.0**-22))
+    if "sqrt" in parts:
+        monkeypatch.setattr(B, "create_sqrt", approx(sqrt, np.sqrt, 2.0**-23))
+        monkeypatch.setattr(B, "create_rsqrt", approx(rsqrt, lambda x: 1.0 / np.sqrt(x), 2.0**-23))
+    if "bf16_dot" in parts:
+        from llmkern.kernels import paged_attention
+
+        monkeypatch.setattr(paged_attention, "INTERPRETER_BF16_DOT", True)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_gpu_numerics(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        emulate_gpu_numerics(monkeypatch)
+    yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A real margin for attention (issue #12)
+#
+# With GPU numerics emulated, every attention case must stay within MARGIN of the tolerance rule's allowance
+# (1.5 x eager's error + one ulp), so what passes here keeps headroom on a GPU, whose accumulation orders differ
+# from the interpreter's. The paged-attention tests' assert_no_worse_than_eager gets the tighter bound; the worst
+# usage per test is listed at the end of the run.
+
+MARGIN = 0.70
+_MARGIN_MODULES = ("test_paged_attention",)
+_USAGE: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _attention_margin(request, monkeypatch):
+    mod = request.module
+    if mod is None or mod.__name__.rsplit(".", 1)[-1] not in _MARGIN_MODULES or \
+            not hasattr(mod, "assert_no_worse_than_eager"):
+        yield
+        return
+    from llmkern import testing
+
+    def with_margin(out, eager, oracle, *, what="", scale=None):
+        testing.assert_no_worse_than_eager(out, eager, oracle, what=what, scale=scale)
+        e_out, e_eager = testing.max_err(out, oracle), testing.max_err(eager, oracle)
+        if scale is None:
+            scale = oracle.double().abs().max().item()
+        allowed = 1.5 * e_eager + testing.ulp(out.dtype) * scale
+        used = e_out / allowed if allowed > 0 else 0.0
+        key = request.node.nodeid.split("::", 1)[-1]
+        _USAGE[key] = max(_USAGE.get(key, 0.0), used)
+        if used > MARGIN:
+            raise AssertionError(f"{what}: error {e_out:.3e} uses {used:.0%} of the allowance {allowed:.3e}, more "
+                                 f"than the {MARGIN:.0%} margin kept for GPU numerics ({out.dtype})")
+
+    monkeypatch.setattr(mod, "assert_no_worse_than_eager", with_margin)
+    yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _USAGE:
+        worst = sorted(_USAGE.items(), key=lambda kv: -kv[1])[:8]
+        terminalreporter.write_line(f"attention tolerance used (worst of {len(_USAGE)} cases, margin {MARGIN:.0%}): "
+                                    + ", ".join(f"{k} {v:.0%}" for k, v in worst))

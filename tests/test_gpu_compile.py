@@ -146,3 +146,106 @@ def test_occupancy(arch, regs, smem, warps, blocks, limiter):
     assert occ["blocks_per_sm"] == blocks
     assert occ["limiter"] == limiter
     assert occ["occupancy"] == blocks * warps / 64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The gate covers what the heuristics pick (issue #12): sampled here independently of the modules' compile_specs()
+
+
+def _element_type(row):
+    """The data type a spec is for: its meta's dtype (attention specs, whose first pointers may be fp32 scratch), else
+    the type of its first pointer argument."""
+    if row["meta"].get("dtype"):
+        return "*" + row["meta"]["dtype"]
+    return next(t for t in row["signature"].values() if t.startswith("*") and t not in ("*i32", "*i64"))
+
+
+def _compiled(report):
+    """kernel -> [(constexprs, num_warps, element type)] of the specs that compiled clean for every arch."""
+    archs, rows = {}, {}
+    for r in _spec_rows(report):
+        if not r["error"] and not ki.row_failed(r):
+            archs.setdefault((r["kernel"], r["spec"]), set()).add(r["arch"])
+            rows[(r["kernel"], r["spec"])] = r
+    out = {}
+    for k, r in rows.items():
+        if archs[k] == set(ARCHS):
+            out.setdefault(r["kernel"], []).append((r["constexprs"], r["num_warps"], _element_type(r)))
+    return out
+
+
+def _want(kernel, cfg, dtype):
+    """(kernel, key): the constexprs the heuristic decides, its warps, the element type."""
+    consts = tuple(sorted((k, v) for k, v in cfg.items() if k.isupper()))
+    return kernel, (consts, cfg["num_warps"], "*" + dtype)
+
+
+def _has(compiled, kernel, key):
+    consts, warps, ptr = key
+    return any(w == warps and p == ptr and all(c.get(k) == v for k, v in consts)
+               for c, w, p in compiled.get(kernel, ()))
+
+
+def _sampled_launches(n=4000, seed=0):
+    """(kernel, key, description) of launches the heuristics pick for random points of the supported grid: a layout,
+    an SM count, batch 1..256, a context up to the layout's max (log-uniform), a dtype; norms also at random widths
+    past one tile, up to the widest row llmkern.ops accepts."""
+    import math
+    import random
+
+    from llmkern.kernels import _layouts as L, cache_ops, paged_attention as PA, rms_norm, rope, swiglu
+
+    rng = random.Random(seed)
+    layouts = list(L.LAYOUTS)
+    heads = L.head_layouts()
+    for _ in range(n):
+        name, Hq, Hkv, D, max_ctx, win = rng.choice(heads)
+        sms, B, dt = rng.choice(L.SM_COUNTS), rng.randint(1, L.MAX_BATCH), rng.choice(L.DTYPES)
+        ctx = max(1, int(math.exp(rng.uniform(0, math.log(max_ctx)))))
+        G, fp32 = Hq // Hkv, dt == "fp32"
+        where = f"{name} sms={sms} B={B} ctx={ctx} {dt}"
+        splits = PA.decode_num_splits(B, Hkv, ctx, D, win, sms, G)
+        dcfg = {k: v for k, v in PA.decode_config(G, D, fp32).items() if k != "num_stages"}
+        yield (*_want("_paged_decode_split_kernel", dcfg, dt), where)
+        if splits > 1:
+            yield (*_want("_paged_decode_reduce_kernel", PA.reduce_config(splits, D), dt), f"{where} splits={splits}")
+        pcfg = {k: v for k, v in PA.prefill_config(G, D, fp32).items() if k != "num_stages"}
+        yield (*_want("_paged_prefill_kernel", pcfg, dt), where)
+        yield (*_want("_reshape_and_cache_kernel", cache_ops.cache_tile_config(Hkv, D), dt), where)
+        lay = rng.choice(layouts)
+        M = rng.choice([B, B * ctx])
+        for N in (lay.hidden, rng.randint(rms_norm.MAX_TILE_N + 1, rms_norm.MAX_N)):
+            cfg = rms_norm.rms_norm_config(M, N)
+            yield (*_want("_fused_add_rms_norm_kernel", cfg, dt), f"{lay.name} M={M} N={N} {dt}")
+            yield (*_want("_rms_norm_kernel", cfg, dt), f"{lay.name} M={M} N={N} {dt}")
+        yield (*_want("_silu_and_mul_kernel", swiglu.silu_and_mul_config(M, lay.intermediate), dt), where)
+        yield (*_want("_rope_kernel", rope.rope_config(M, lay.Hq, lay.Hkv, lay.D, lay.D), dt), where)
+
+
+def test_sampled_heuristic_configs_are_compiled_clean(report):
+    """A config the heuristics pick anywhere on the supported grid has a spec that compiled without spills for
+    every arch. Today's issue cases: 132 splits on an H100 (reduce BLOCK_S = 256), norms of 32K+ rows."""
+    compiled = _compiled(report)
+    missing, seen = {}, set()
+    for kernel, key, where in _sampled_launches():
+        if (kernel, key) not in seen:
+            seen.add((kernel, key))
+            if not _has(compiled, kernel, key):
+                missing[(kernel, key)] = where
+    assert not missing, f"{len(missing)} heuristic configs never compiled clean, e.g.:\n" + "\n".join(
+        f"{k} {key}: {w}" for (k, key), w in list(missing.items())[:15])
+
+
+@pytest.mark.parametrize("sms, Hkv, D, ctx", [(132, 2, 128, 34 * 1024), (148, 2, 128, 262144),
+                                              (108, 2, 256, 131072), (108, 2, 64, 32768)])
+def test_decode_reduce_at_high_split_counts_is_compiled_clean(report, sms, Hkv, D, ctx):
+    """The issue's spills: 132 splits (H100 SXM, Hkv 2, head_dim 128, batch 1, ~34k tokens) and 128 splits at
+    head_dim 256 (here 108). The reduce config for them compiles without spills on every arch."""
+    from llmkern.kernels import paged_attention as PA
+
+    n = PA.decode_num_splits(1, Hkv, ctx, D, None, sms, 4)
+    assert n > 64
+    compiled = _compiled(report)
+    for dt in ("fp32", "fp16", "bf16"):
+        kernel, key = _want("_paged_decode_reduce_kernel", PA.reduce_config(n, D), dt)
+        assert _has(compiled, kernel, key), f"reduce for {n} splits, D={D}, {dt} ({key}) not compiled clean"
