@@ -491,7 +491,7 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
 LINEAR_MAX_ROWS = 16
 
 _K_LINEAR = ("linear", "cpp")
-# Dtypes the C++ linear serves on this CPU (its AVX-512 kernel; fp16 never). Filled in place once, on the first full
+# Dtypes the C++ linear serves on this CPU (AVX-512 or AVX2 kernel; fp16 never). Filled in place once, on the first full
 # path call (``_linear_cpp_dtypes``); the direct path only runs after a full path call chose cpp.
 _LINEAR_CPP_DTYPES: set = set()
 _LINEAR_PROBED: list = []
@@ -577,7 +577,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ``[..., N]`` contiguous, x's dtype.
 
     Backend: ``cpp`` for CPU tensors when the extension has a kernel for the dtype on this CPU (fp32 and bf16 on
-    AVX-512-BF16 CPUs), ``weight.stride(1) == 1`` and x has at most ``LINEAR_MAX_ROWS`` rows
+    AVX2 and AVX-512 CPUs), ``weight.stride(1) == 1`` and x has at most ``LINEAR_MAX_ROWS`` rows
     (``x.numel() // K``); otherwise ``reference`` (``F.linear``).
 
     Example:

@@ -397,7 +397,8 @@ def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       softcap: float | None) -> torch.Tensor:
     _refuse_grad("paged_prefill_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
-    # The C++ prefill kernel is the AVX-512 one; elsewhere (another CPU, or a head_dim it lacks) the reference runs.
+    # The C++ prefill kernels are the AVX-512 and AVX2 ones; elsewhere (a CPU without AVX2, or a head_dim they lack)
+    # the reference runs.
     cpp_ok = q.device.type != "cpu" or _cpp_prefill_ok(q.dtype, q.shape[-1])
     backend = backends.select("paged_prefill_attention", q.device, cpp=cpp_ok)
     if backend == "cpp":

@@ -499,7 +499,7 @@ def _linear_backend(x, weight, bias=None) -> str:
 
 def _need_cpp_linear(dtype, device):
     if device != "cpu" or not _cpp_linear(dtype):
-        pytest.skip(f"no C++ linear for {_name(dtype)} here (cpu_linear_supported is False: needs AVX-512-BF16, "
+        pytest.skip(f"no C++ linear for {_name(dtype)} here (cpu_linear_supported is False: needs AVX2 or AVX-512, "
                     f"or a {device} device)")
 
 
