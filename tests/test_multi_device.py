@@ -1,0 +1,296 @@
+"""llmkern on a model spread over several processes or devices (issue #10).
+
+* Tensor parallelism: a tiny model saved with ``save_pretrained`` is loaded with ``tp_plan="auto"`` on 2 ranks
+  (gloo, CPU), patched, and generates greedily on a ragged left-padded batch; every rank's tokens must equal
+  single-process eager's. The ranks run this very file as a script (``--tp-worker``), started the way ``torchrun``
+  starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT) but by this test, so that each can be killed by its pid: torchrun
+  puts every worker in a session of its own, and a hung rank outlives a killed torchrun. A rank that does not finish
+  in time, or whose peer failed, is killed and fails the test. The workers run without ``TRITON_INTERPRET``: the
+  CPU kernels a user gets run, not the Triton interpreter.
+* device_map: the cache keeps each layer's pages on the device given (or handed) for it, with the step's tables and
+  lengths once per device. On CPU the second device is ``meta`` (the ops' fake implementations write there) and an
+  accelerate disk offload stands in for a multi-device map; a 2-GPU run is under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import testing
+from llmkern.cache import PagedKVCache
+
+# name -> (tiny layout, overrides): Llama 8 query / 2 KV heads (1 KV head, group 4 per rank); Qwen2.5's 14 / 2
+# (1 KV head, group 7 per rank), with Qwen2's qkv bias sharded along with the weights.
+TP_LAYOUTS = {
+    "llama": ("llama-tiny", dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
+                                 intermediate_size=512)),
+    "qwen2": ("qwen2-tiny", dict(num_attention_heads=14, num_key_value_heads=2, hidden_size=448,
+                                 intermediate_size=896)),
+}
+RANKS = 2
+NEW_TOKENS = 32
+TP_TIMEOUT_S = 300  # both layouts, 2 ranks on 2 shared cores: ~30-60 s when healthy
+PAGED_OPS = {"reshape_and_cache", "paged_prefill_attention", "paged_decode_attention"}
+ROW_OPS = {"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"}
+
+
+def _prompts(vocab_size: int, pad=(0, 4, 9), s=11, seed=1):
+    """A ragged batch: row i has ``pad[i]`` left-padding tokens (id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (len(pad), s), generator=g)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pad):
+        mask[i, :p] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _generate(model, ids, mask, **kw):
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0) | kw
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+def _cache_of(out):
+    """The cache generate returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    return out.get("cache") or out.get("past_key_values")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism: the worker (run by torchrun) and the tests
+
+
+def _tp_worker(root: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    rank = int(os.environ["RANK"])
+    prompts = json.loads(open(os.path.join(root, "prompts.json")).read())
+    result = {}
+    for name in TP_LAYOUTS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # tp_plan= as a keyword: deprecated for a config in 5.2x
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(root, name), tp_plan="auto",
+                                                         dtype=torch.float32).eval()
+        ids, mask = (torch.tensor(t) for t in prompts[name])
+        report = llmkern.patch(model)
+        with llmkern.track() as ran:
+            out = _generate(model, ids, mask, return_dict_in_generate=True)
+        cache = _cache_of(out)
+        result[name] = {
+            "tokens": out.sequences.tolist(),
+            "ran": sorted({f"{op}/{backend}" for op, backend in ran}),
+            "placement": dict(report.placement),
+            "report": str(report),
+            "cache": type(cache).__name__,
+            "page_heads": [cache.pages(i)[0].shape[2] for i in range(cache.num_layers)],
+            "num_kv_heads": cache.num_kv_heads,
+        }
+        llmkern.unpatch(model)
+    with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.fixture(scope="module")
+def tp_run():
+    """Save the tiny models, run eager in this process, launch the 2-rank patched run; ``(eager, per-rank results)``."""
+    with tempfile.TemporaryDirectory(prefix="llmkern-tp-") as root:
+        eager, prompts = {}, {}
+        for name, (layout, overrides) in TP_LAYOUTS.items():
+            model = testing.tiny_model(layout, **overrides)
+            model.save_pretrained(os.path.join(root, name))
+            ids, mask = _prompts(model.config.vocab_size)
+            prompts[name] = [ids.tolist(), mask.tolist()]
+            eager[name] = _generate(model, ids, mask).tolist()
+        with open(os.path.join(root, "prompts.json"), "w") as f:
+            json.dump(prompts, f)
+        failure = _run_ranks(root, RANKS, TP_TIMEOUT_S)
+        if failure:
+            logs = "".join(f"\n--- rank {r} ---\n" + open(os.path.join(root, f"rank{r}.log")).read()[-4000:]
+                           for r in range(RANKS))
+            pytest.fail(f"the {RANKS}-rank run {failure}; output:{logs}")
+        ranks = [json.loads(open(os.path.join(root, f"rank{r}.json")).read()) for r in range(RANKS)]
+    return eager, ranks
+
+
+def _run_ranks(root: str, n: int, timeout_s: float) -> str | None:
+    """Run ``n`` ranks of this file's worker with torchrun's environment; None when all exit 0, else what went
+    wrong. Every rank still running at the deadline, or once a peer has failed (it would wait in a collective), is
+    killed by its pid."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    procs = []
+    for r in range(n):
+        with open(os.path.join(root, f"rank{r}.log"), "w") as log:
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--tp-worker", root], cwd=root,
+                                          env=env | dict(RANK=str(r), LOCAL_RANK=str(r)), stdout=log,
+                                          stderr=subprocess.STDOUT))
+    deadline, failure = time.monotonic() + timeout_s, None
+    while failure is None and any(p.poll() is None for p in procs):
+        failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+        if failed:
+            failure = f"failed: rank(s) {failed} exited with {[procs[r].returncode for r in failed]}"
+        elif time.monotonic() > deadline:
+            hung = [r for r, p in enumerate(procs) if p.poll() is None]
+            failure = f"did not finish within {timeout_s} s: rank(s) {hung} hung"
+        else:
+            time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    if failure is None and any(p.returncode for p in procs):
+        failure = f"failed: exit codes {[p.returncode for p in procs]}"
+    return failure
+
+
+@pytest.mark.parametrize("name", list(TP_LAYOUTS))
+def test_tensor_parallel_generate_equals_single_process_eager(tp_run, name):
+    eager, ranks = tp_run
+    _layout, overrides = TP_LAYOUTS[name]
+    q, kv = overrides["num_attention_heads"], overrides["num_key_value_heads"]
+    for rank, results in enumerate(ranks):
+        got = results[name]
+        assert got["tokens"] == eager[name], f"rank {rank}: tokens differ from single-process eager"
+        # The paged cache holds this rank's shard: pages of kv / RANKS heads, sized so by generate's hook.
+        assert got["cache"] == "PagedKVCache"
+        assert got["page_heads"] == [kv // RANKS] * 2 and got["num_kv_heads"] == kv // RANKS, got
+        ran = {entry.split("/")[0] for entry in got["ran"]}
+        assert PAGED_OPS | ROW_OPS <= ran, got["ran"]
+        # The report says the model is sharded, and how.
+        note = got["placement"].get("tensor parallel", "")
+        assert f"sharded over {RANKS} ranks" in note and f"this is rank {rank}" in note, got["report"]
+        assert f"{q // RANKS} of {q} query heads and {kv // RANKS} of {kv} KV heads" in note, note
+        assert "k_proj" in note and "colwise" in note and "rowwise" in note, note
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# device_map: pages on each layer's device
+
+CFG3 = testing.tiny_config("llama-tiny", num_hidden_layers=3)  # 2 KV heads, head_dim 32
+HKV, D = 2, 32
+
+
+def _kv(b, s, device, heads=HKV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, heads, s, D, generator=g).to(device), torch.randn(b, heads, s, D, generator=g).to(device))
+
+
+def test_cache_honours_a_layer_to_device_map():
+    devices = {0: "cpu", 1: "meta", 2: "cpu"}
+    cache = PagedKVCache(CFG3, block_size=4, num_blocks=8, device=devices)
+    assert cache.devices == [torch.device(devices[i]) for i in range(3)]  # allocated up front, each on its own
+    for step, mask in enumerate((torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.ones(2, 6, dtype=torch.long))):
+        plans, written = {}, {}
+        new_columns = mask.shape[1] - cache.get_seq_length()
+        for layer in range(3):
+            k, v = _kv(2, new_columns, devices[layer], seed=10 * step + layer)
+            h, _ = cache.update(k, v, layer)
+            plan = cache.plan(h, mask.to(devices[layer]))
+            assert plan is cache.plan(h, mask)  # once per step and device
+            assert {plan.device, plan.block_tables.device, plan.seq_lens.device,
+                    plan.slot_mapping.device} == {torch.device(devices[layer])}
+            cache.write(h, plan)
+            plans[layer], written[layer] = plan, k
+        assert plans[0] is plans[2] and plans[1] is not plans[0]  # the cpu layers share the step's plan
+        assert plans[1].seq_lens.shape == plans[0].seq_lens.shape
+        for layer in (0, 2):  # what was written landed in the layer's own pages
+            kc, _ = cache.pages(layer)
+            t = cache.block_tables()[1]
+            n = cache.seq_lens()[1]
+            assert torch.equal(kc[t[(n - 1) // 4], (n - 1) % 4], written[layer][1, :, -1])
+    assert cache.seq_lens() == [4, 6]
+    assert [cache.pages(i)[0].device for i in range(3)] == [torch.device(devices[i]) for i in range(3)]
+    # K/V on another device than the map gives for the layer: an error naming the layer and both devices.
+    with pytest.raises(ValueError, match=r"device=meta for layer 1 but the model's keys of that layer are on cpu"):
+        cache.update(*_kv(2, 1, "cpu"), 1)
+    with pytest.raises(ValueError, match=r"device, as a mapping, must name every layer index 0\.\.2"):
+        PagedKVCache(CFG3, device={0: "cpu", 1: "cpu"})
+
+
+def test_pages_made_lazily_from_the_kv_each_layer_is_handed():
+    # None entries: pages appear at a layer's first K/V, with its heads (a tensor-parallel shard), dtype and device.
+    cache = PagedKVCache(CFG3, block_size=4, num_blocks=4, device=dict.fromkeys(range(3)))
+    assert cache.devices == [None] * 3 and cache.memory().reserved_bytes == 0
+    mask = torch.ones(1, 3, dtype=torch.long)
+    for layer in range(3):
+        h, _ = cache.update(*_kv(1, 3, "cpu", heads=1), layer)
+        cache.write(h, cache.plan(h, mask))
+    assert [cache.pages(i)[0].shape[2] for i in range(3)] == [1, 1, 1] and cache.num_kv_heads == 1
+    assert cache.memory().reserved_bytes == 3 * 2 * 4 * 4 * 1 * D * 4
+    # A layer holding tokens keeps its pages: other K/V is an error that says what it holds.
+    with pytest.raises(RuntimeError, match=r"layer 0 holds tokens as torch.float32 with 1 KV heads"):
+        cache.update(*_kv(1, 1, "cpu", heads=2), 0)
+    with pytest.raises(ValueError, match=r"the config's 2 KV heads or fewer .* got shape \(1, 3, 1, 32\)"):
+        cache.update(*_kv(1, 1, "cpu", heads=3), 0)
+    # num_kv_heads given (a rank's shard): K/V with another count is refused.
+    sharded = PagedKVCache(CFG3, num_blocks=2, num_kv_heads=1)
+    assert sharded.num_kv_heads == 1 and sharded.pages(0)[0].shape[2] == 1
+    with pytest.raises(ValueError, match="created with num_kv_heads=1 but the keys of layer 0 hold 2 KV heads"):
+        sharded.update(*_kv(1, 1, "cpu"), 0)
+    with pytest.raises(ValueError, match=r"num_kv_heads must be an int in 1\.\.2"):
+        PagedKVCache(CFG3, num_kv_heads=4)
+
+
+def test_offloaded_layer_generates_like_eager_and_is_reported(tmp_path):
+    # An accelerate device map on CPU: layer 1's weights on disk, brought in by its hook for each forward (the
+    # hook's execution device is where its K/V, hence its pages, are).
+    from transformers import AutoModelForCausalLM
+
+    testing.tiny_model("llama-tiny").save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map, dtype=torch.float32,
+                                                 offload_folder=str(tmp_path / "offload")).eval()
+    ids, mask = _prompts(model.config.vocab_size)
+    n = 12  # the paged ops run in the Triton interpreter in this process (conftest): a short run
+    eager = _generate(model, ids, mask, max_new_tokens=n, min_new_tokens=n)
+    report = llmkern.patch(model)
+    with llmkern.track() as ran:
+        out = _generate(model, ids, mask, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, eager)
+    assert PAGED_OPS <= ran.ops(), dict(ran)
+    assert _cache_of(out).devices == [torch.device("cpu")] * 2
+    placement = dict(report.placement)
+    assert "layers [1] have offloaded weights" in placement["device_map"], str(report)
+    # accelerate's hooks set forward on the instances: said, since patch()'s class-level kernels do not run there.
+    assert "llmkern's row ops and Linear do not run" in placement["instance forwards"], str(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for a device_map across GPUs")
+def test_device_map_across_two_gpus(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    testing.tiny_model("llama-tiny", num_hidden_layers=4).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                 dtype=torch.float32).eval()
+    ids, mask = (t.to("cuda:0") for t in _prompts(model.config.vocab_size))
+    eager = _generate(model, ids, mask)
+    report = llmkern.patch(model)
+    with llmkern.track() as ran:
+        out = _generate(model, ids, mask, return_dict_in_generate=True)
+    assert torch.equal(out.sequences.cpu(), eager.cpu())
+    assert PAGED_OPS <= ran.ops(), dict(ran)
+    want = [torch.device("cuda", i) for i in (0, 0, 1, 1)]
+    assert _cache_of(out).devices == want
+    assert "cuda:0 (0-1), cuda:1 (2-3)" in dict(report.placement)["device_map"], str(report)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--tp-worker"]:
+    _tp_worker(sys.argv[2])
