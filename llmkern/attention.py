@@ -381,7 +381,6 @@ class Placement:
     tp_rank: int = 0
     tp_plan: dict = dataclasses.field(default_factory=dict)  # module pattern -> style, as transformers applied it
     offloaded: list = dataclasses.field(default_factory=list)  # layers whose weights are off their device
-    hooked: list = dataclasses.field(default_factory=list)  # modules whose forward is set on the instance
 
     def notes(self) -> list:
         """``(what, how)`` lines for ``PatchReport.placement``: nothing for a model on one device."""
@@ -412,12 +411,6 @@ class Placement:
                 text += (f"; layers {self.offloaded} have offloaded weights (accelerate hooks): their pages live on "
                          f"the execution device")
             out.append(("device_map", text))
-        if self.hooked:
-            out.append(("instance forwards", f"{len(self.hooked)} modules have a forward set on the instance "
-                                             f"(transformers' tensor-parallel plan, accelerate's device_map hooks; "
-                                             f"e.g. {', '.join(self.hooked[:3])}): it runs in place of the class "
-                                             f"forward patch() installs, so llmkern's row ops and Linear do not run "
-                                             f"on those modules; paged attention does"))
         return out
 
 
@@ -480,9 +473,8 @@ def placement(model) -> Placement:
     if kv_heads is not None and not 1 <= kv_heads <= n_kv:
         kv_heads = None  # a packed or quantized weight whose rows are not heads: the first K/V will say
     tp_plan = dict(getattr(model, "tp_plan", None) or {}) if tp_size > 1 else {}
-    hooked = [name for name, m in model.named_modules() if "forward" in vars(m)]
     return Placement(devices=devices, kv_heads=kv_heads, q_heads=q_heads, config_kv_heads=n_kv, config_q_heads=n_q,
-                     tp_size=tp_size, tp_rank=tp_rank, tp_plan=tp_plan, offloaded=offloaded, hooked=hooked)
+                     tp_size=tp_size, tp_rank=tp_rank, tp_plan=tp_plan, offloaded=offloaded)
 
 
 def _warn_once(model, what: str, message: str) -> None:

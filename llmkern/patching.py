@@ -255,8 +255,33 @@ def _patched_class(cls: type, role: str, forward, label: str) -> type:
 
 
 def _swap(state: _PatchState, module: nn.Module, new_cls: type) -> None:
+    """Give ``module`` the patched class. A forward set on the instance shadows the class's: accelerate's hooks
+    (``device_map`` dispatch, offload) keep the real forward in ``_old_forward``, which is pointed at the patched one
+    (and back on unpatch); any other instance forward (a tensor-parallel plan's wrapper, a user's hook) would bypass
+    the kernel, so the module is reported instead (``_CannotPatch``)."""
+    inst = vars(module)
+    if "forward" in inst:
+        old = inst.get("_old_forward")
+        if getattr(old, "__self__", None) is not module or getattr(old, "__func__", None) is not type(module).forward:
+            fwd = inst["forward"]
+            raise _CannotPatch(f"its forward is set on the instance ({getattr(fwd, '__qualname__', type(fwd).__name__)}"
+                               f"), e.g. by a tensor-parallel plan or a hook, and would bypass the kernel")
+        state.extra_undo.append(lambda m=module, o=old: setattr(m, "_old_forward", o))
+        module._old_forward = types.MethodType(new_cls.forward, module)
     state.swapped.append((module, type(module)))
     module.__class__ = new_cls
+
+
+def _install(state: _PatchState, report: PatchReport, name: str, module: nn.Module, new_cls: type,
+             kernel: str) -> bool:
+    """``_swap`` and record it in ``report``: an entry, or a skipped line with the reason. True when installed."""
+    try:
+        _swap(state, module, new_cls)
+    except _CannotPatch as e:
+        report.skipped.append((f"{name} ({kernel})", str(e)))
+        return False
+    report.entries.append((name, kernel))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -443,11 +468,15 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
         fused_layers = set()
         if options["rms_norm"]:
             for layer in layers:
-                if _is_rms_norm(layer.post_attention_layernorm):
+                if "forward" in vars(layer.post_attention_layernorm):
+                    # A hook of its own (accelerate's offload loads the weight in it): fusing would read the weight
+                    # without running the hook. The norm gets the rms_norm kernel below, behind its hook.
+                    report.notes.append((f"{names[layer]} (fused_add_rms_norm)",
+                                         "its post-attention norm has a forward hook of its own; rms_norm runs there"))
+                elif _is_rms_norm(layer.post_attention_layernorm):
                     cls = _patched_class(type(layer), "decoder", _decoder_layer_forward, "fused_add_rms_norm")
-                    _swap(state, layer, cls)
-                    fused_layers.add(layer.post_attention_layernorm)
-                    report.entries.append((names[layer], "fused_add_rms_norm"))
+                    if _install(state, report, names[layer], layer, cls, "fused_add_rms_norm"):
+                        fused_layers.add(layer.post_attention_layernorm)
                 else:
                     norm_cls = type(layer.post_attention_layernorm).__name__
                     report.skipped.append((f"{names[layer]} (fused_add_rms_norm)",
@@ -456,8 +485,8 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
             for m in list(model.modules()):
                 if m in fused_layers or not _is_rms_norm(m):
                     continue
-                _swap(state, m, _patched_class(type(m), "rms_norm", _rms_norm_forward, "rms_norm"))
-                report.entries.append((names[m], "rms_norm"))
+                _install(state, report, names[m], m, _patched_class(type(m), "rms_norm", _rms_norm_forward,
+                                                                     "rms_norm"), "rms_norm")
         if options["rope"]:
             for layer in layers:
                 attn = layer.self_attn
@@ -470,8 +499,7 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
                         report.skipped.append((f"{names[attn]} (apply_rope)", str(e)))
                         continue
                     _patched_class(cls, "rope", forward, "apply_rope")
-                _swap(state, attn, _CLASS_CACHE[key])
-                report.entries.append((names[attn], "apply_rope"))
+                _install(state, report, names[attn], attn, _CLASS_CACHE[key], "apply_rope")
         if options["swiglu"]:
             for layer in layers:
                 mlp = layer.mlp
@@ -481,8 +509,8 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
                                            f"activation {type(getattr(mlp, 'act_fn', None)).__name__} is not SiLU "
                                            f"or the MLP lacks gate_proj/up_proj/down_proj"))
                     continue
-                _swap(state, mlp, _patched_class(type(mlp), "swiglu", _mlp_forward, "silu_and_mul"))
-                report.entries.append((names[mlp], "silu_and_mul"))
+                _install(state, report, names[mlp], mlp, _patched_class(type(mlp), "swiglu", _mlp_forward,
+                                                                        "silu_and_mul"), "silu_and_mul")
         cpu_linear_missing = (options["linear"] and _device_type(model) == "cpu"
                               and _cpp_linear_note(_dtype(model)))
         if cpu_linear_missing:  # asked for explicitly: every Linear would run F.linear, recorded as the reference
@@ -497,8 +525,8 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
                     report.skipped.append((f"{names[m]} (linear)", f"{type(m).__name__} is a subclass of nn.Linear "
                                                                    f"with its own forward"))
                     continue
-                _swap(state, m, _patched_class(nn.Linear, "linear", _linear_forward, "linear"))
-                report.entries.append((names[m], "linear"))
+                _install(state, report, names[m], m, _patched_class(nn.Linear, "linear", _linear_forward, "linear"),
+                         "linear")
         if options["attention"]:
             from llmkern import attention as paged
 
