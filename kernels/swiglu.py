@@ -1,9 +1,10 @@
 """SwiGLU activation: ``silu(gate) * up`` as Hugging Face's LlamaMLP computes it.
 
 Eager runs ``act_fn(gate)`` as its own op, which rounds silu's result to the storage dtype before the multiply;
-the kernel rounds at the same point (STYLE.md #7), so in fp16/bf16 it matches eager to the bit wherever the
-fp32 silu does. Launchers see 2-D views ``[M, I]``; gate and up may be any strided views — in particular the two
-halves of one ``[M, 2I]`` gate_up projection, which is how ``silu_and_mul_fused`` reaches this kernel without a copy.
+the kernel rounds at the same point (docs/design.md, "Numerics"), so in fp16/bf16 it matches eager to the bit
+wherever the fp32 silu does. Launchers see 2-D views ``[M, I]``; gate and up may be any strided views — in
+particular the two halves of one ``[M, 2I]`` gate_up projection, which is how ``silu_and_mul_fused`` reaches this
+kernel without a copy.
 """
 
 import triton

@@ -17,8 +17,9 @@ The pieces, in the order a forward meets them:
   such as ``DynamicCache``) it falls back to transformers' SDPA with the 4-D mask HF would have built, so a model
   with llmkern attention installed still runs any forward correctly.
 
-Decode fast path (plan once, run per layer — FlashInfer's plan/run, STYLE.md 12): the public paged ops cost ~20 µs
-of Python each (validation, dispatcher round trip), ~1.5 ms per token for 30 layers, against a C++ write of ~2 µs.
+Decode fast path (plan once, run per layer — FlashInfer's plan/run; docs/design.md, "Code habits"): the public
+paged ops cost ~20 µs of Python each (validation, dispatcher round trip), ~1.5 ms per token for 30 layers, against
+a C++ write of ~2 µs.
 Every layer of a decode step passes the same plan tensors and caches of one shape, dtype and device, so the step's
 first layer runs both ops on the full path (validated, backend chosen and recorded); when both ran on the C++ CPU
 backend, the later layers with the same scalar arguments call the C++ kernels directly and record each call as

@@ -1,6 +1,6 @@
 """A paged KV cache for Hugging Face decoders: a block allocator and ``PagedKVCache``, a ``transformers.Cache``.
 
-Storage (per layer, DESIGN.md "Paged KV cache"): K and V pages ``[num_blocks, block_size, Hkv, D]``. A sequence
+Storage (per layer, docs/design.md "Paged KV cache"): K and V pages ``[num_blocks, block_size, Hkv, D]``. A sequence
 (one batch row) owns a list of pages, its *block table*; token ``p`` of the sequence lives in page
 ``table[p // block_size]`` at row ``p % block_size``. Only real tokens are stored: HF left padding
 (``attention_mask == 0``) gets slot -1 and is skipped, so position ``p`` in the cache is the token's real position,
@@ -16,8 +16,9 @@ How a forward runs through it (``llmkern.attention`` holds the other half):
 3. The first attention call of the forward calls ``plan(handle, mask)``: from the padding mask it checks the whole
    step's block demand against the free list (and raises ``CacheExhaustedError`` before touching anything), copies
    shared partial pages (copy-on-write), allocates pages, and builds the step's slot mapping, block tables, seq_lens
-   and q_lens on the device — once; every later layer of the forward reuses the plan (STYLE.md 12, FlashInfer's
-   plan/run). Each layer then writes its K/V (``write``) and runs the paged attention op on ``pages(layer_idx)``.
+   and q_lens on the device — once; every later layer of the forward reuses the plan (docs/design.md "Code habits",
+   FlashInfer's plan/run). Each layer then writes its K/V (``write``) and runs the paged attention op on
+   ``pages(layer_idx)``.
 
 The write is deferred from ``update`` to the attention call because the slot mapping depends on the padding mask,
 which only the attention call has; both run back to back in the same layer, so nothing can observe the difference.

@@ -1,4 +1,4 @@
-"""GPU compile check without a GPU (DESIGN.md "Verifying GPU code on a machine with no GPU", check 2).
+"""GPU compile check without a GPU (docs/design.md "Verifying GPU code without a GPU", check 2).
 
 Every Triton kernel of ``llmkern.kernels``, in every launch config its heuristic picks for the supported models'
 shapes (the modules' ``compile_specs()``), compiles for sm_80 and sm_90 with zero spilled (LOCAL) bytes and at most

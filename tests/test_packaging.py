@@ -152,3 +152,21 @@ def test_import_llmkern_keeps_a_user_default_dtype(tmp_path, dtype):
     )
     r = _python(code, cwd=tmp_path)
     assert r.stdout == ""
+
+
+def test_the_repository_stands_alone():
+    """Docstrings, comments and docs cite files that are in the repository: no design notes kept elsewhere."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip(f"not a git checkout: {tracked.stderr.strip()}")
+    outside = ("DESIGN.md", "STYLE.md", "../shared")
+    hits = []
+    for rel in tracked.stdout.split():
+        path = REPO / rel
+        if path.suffix not in (".py", ".cpp", ".h", ".cu", ".cuh", ".inc", ".md", ".toml", ".yml", ".txt") \
+                or rel == "tests/test_packaging.py" or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        hits += [f"{rel}: {name}" for name in outside if name in text]
+    assert hits == [], hits
+    assert (REPO / "docs" / "design.md").is_file()
