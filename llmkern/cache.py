@@ -149,11 +149,20 @@ class PagedKV:
         # a key tensor (`.shape`, `.dtype`, ...). Say what happened and what to do instead of "has no attribute".
         if name.startswith("__"):
             raise AttributeError(name)
-        raise TypeError(
-            f"a PagedKVCache reached an attention implementation that is not llmkern's (it asked the key for "
-            f"`.{name}`): a PagedKVCache works only on a model whose attention runs llmkern's paged attention. Call "
-            f"llmkern.patch(model) (or llmkern.attention.install(model)) first, or pass a transformers DynamicCache "
-            f"(or no cache) to this model.")
+        raise TypeError(_not_llmkern_attention(f"it asked the key for `.{name}`"))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # The same mistake where the foreign attention hands the handle straight to a torch function (transformers
+        # 5.4's SDPA path calls torch's scaled_dot_product_attention with it, touching no attribute first).
+        raise TypeError(_not_llmkern_attention(f"it passed the key to {getattr(func, '__name__', func)}"))
+
+
+def _not_llmkern_attention(how: str) -> str:
+    return (f"a PagedKVCache reached an attention implementation that is not llmkern's ({how}): a PagedKVCache "
+            f"works only on a model whose attention runs llmkern's paged attention. Call llmkern.patch(model) (or "
+            f"llmkern.attention.install(model)) first, or pass a transformers DynamicCache (or no cache) to this "
+            f"model.")
 
 
 @dataclasses.dataclass

@@ -77,6 +77,10 @@ def _check_scale(scale) -> float:
 def _check_opt_int(v, name: str, lo: int, hi: int | None = None):
     if v is None:
         return None
+    if isinstance(v, torch.SymInt):  # torch.compile with dynamic shapes: a symbolic int, checked as one
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"{name} must be {f'>= {lo}' if hi is None else f'in {lo}..{hi}'}, got {v}")
+        return v
     if isinstance(v, bool) or not isinstance(v, Integral):
         raise TypeError(f"{name} must be an int or None, got {type(v).__name__}")
     v = int(v)

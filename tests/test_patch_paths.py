@@ -306,3 +306,17 @@ def test_missing_private_torch_api_falls_back_to_the_public_path(monkeypatch):
     monkeypatch.delattr(torch._C, "_dispatch_call_boxed")
     fallback = backends._boxed_call(overload)
     assert fallback is overload and torch.equal(fallback(x, x), x * x)
+
+
+def test_torch_compile_of_a_patched_model_generates_eager_tokens():
+    """torch.compile(dynamic=True) over a patched model with the paged cache: the fake implementations take symbolic
+    sizes (two equal sizes may be different symbols; lengths may be SymInts) and the tokens are eager's."""
+    model = testing.tiny_model("llama-tiny")
+    ids = _prompt(model)
+    eager = _greedy(model, ids, 6)
+    llmkern.patch(model)
+    model.forward = torch.compile(model.forward, dynamic=True)
+    try:
+        assert torch.equal(_greedy(model, ids, 6), eager)
+    finally:
+        del model.forward
