@@ -60,15 +60,21 @@ def main() -> int:
     path = converted(llama_cpp, args.gguf, args.ftype, args.cache_dir, args.threads)
     llm = llama_cpp.Llama(model_path=path, n_ctx=args.ctx + args.steps + 8, n_batch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # The last evaluated token's logits, read from llama.cpp (Llama.scores keeps them only with logits_all).
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+
     rng = random.Random(args.ctx * 31 + 1)
-    prompt = [rng.randrange(3, llm.n_vocab()) for _ in range(args.ctx)]
+    prompt = [rng.randrange(3, n_vocab) for _ in range(args.ctx)]
     start = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     stamps = [time.perf_counter()]
     for _ in range(args.steps):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         stamps.append(time.perf_counter())
     gaps = [(b - a) * 1e6 for a, b in zip(stamps, stamps[1:])]
     print(json.dumps({"us": gaps, "prefill_s": stamps[0] - start, "model": os.path.basename(path),
