@@ -442,7 +442,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         report = _apply(model, options, linear_note)
     except BaseException:
         if previous is not None:  # put the previous patch back: a failed re-patch changes nothing
-            _apply(model, previous.report.options, None)
+            _apply(model, previous.report.options, dict(previous.report.notes).get("linear"))
         raise
     if report.skipped:
         lines = "\n".join(f"  {what}: {why}" for what, why in report.skipped)
