@@ -299,7 +299,11 @@ def versions() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         if sha:
-            parts.append(f"git={sha}")
+            # Uncommitted edits to the package's code change what was measured: say so in every row.
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "llmkern", "kernels",
+                                    "csrc"], capture_output=True, text=True, timeout=5,
+                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+            parts.append(f"git={sha}" + ("+uncommitted(llmkern/kernels/csrc)" if dirty else ""))
     except (OSError, subprocess.SubprocessError):
         pass
     return " ".join(parts)

@@ -1,5 +1,29 @@
-"""End-to-end decode: ms/token and tokens/s of a whole model, eager against ``llmkern.patch(model)`` (and against
-``llmkern.patch`` + paged attention when ``llmkern.attention`` is importable, and torch.compile with ``--compile``).
+"""End-to-end decode: ms/token and tokens/s of a whole model, eager against ``llmkern.patch(model)``, with and
+without torch.compile, and against llama.cpp.
+
+Providers (``--providers list`` prints those that can run here; eager is always run, as the baseline):
+
+* ``eager``: the model as transformers loads it, ``generate`` with its default DynamicCache.
+* ``llmkern``: ``llmkern.patch(model, attention=False)``: fused RMSNorm/RoPE/SwiGLU and the CPU Linear, with
+  transformers' attention and cache.
+* ``llmkern-paged``: ``llmkern.patch(model)``, the default: the same plus paged attention over a ``PagedKVCache``.
+* ``eager+compile`` (with ``--compile``, or named): the unpatched model on transformers' torch.compile path, as
+  transformers documents it: ``generate(..., cache_implementation="static", compile_config=CompileConfig(
+  fullgraph=True, backend="inductor"))`` with ``compile_config._compile_all_devices = True`` (without it
+  transformers compiles only on CUDA/XPU/...). The prefill runs uncompiled; every decode step runs the compiled
+  forward over the static cache.
+* ``llmkern+compile``: ``llmkern.patch(model)`` (the default, paged attention) then the same ``generate`` call:
+  the patched model creates a reserved (capturable) ``PagedKVCache`` for ``cache_implementation="static"``. Its
+  uncompiled counterpart is ``llmkern-paged``.
+* ``llmkern-sdpa+compile``: ``llmkern.patch(model, attention=False)`` then the same ``generate`` call, over
+  transformers' StaticCache and attention. Its uncompiled counterpart is ``llmkern``.
+* ``llama.cpp``: see below.
+
+A compiled provider first runs one untimed warm-up ``generate`` of exactly the timed shapes (same batch, prompt
+length and steps): that is where compilation happens, and its wall time is reported as the compile (warm-up) time.
+The timed run must not compile anything: dynamo's counters are read around it, and graph breaks, graphs and
+recompiles are reported per provider (a timed run that recompiled is flagged). ``--no-fullgraph`` compiles with
+``fullgraph=False`` (graph breaks then become counts instead of errors).
 
 How a decode step is timed: ``model.generate`` on a prompt of ``context`` random tokens (batch B), with a logits
 processor that timestamps every step; the prefill is step 0 and is excluded, the gaps between later steps are the
@@ -15,6 +39,12 @@ shapes (``--layers``, 24 = the real depth; quick uses 4).
 
     python benchmarks/bench_e2e.py --quick
     python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128,8k --batches 1 --dtype bf16
+    python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128 --batches 1,8 --threads 1 \
+        --providers eager,llmkern,llmkern-paged,eager+compile,llmkern+compile,llmkern-sdpa+compile
+
+Besides the per-row table, the output has one line per shape with every provider's p50 ms/token and its ratio to
+eager (eager p50 / provider p50, same run), a torch.compile section and a list of the providers that failed (a
+failing provider is reported and the others still run; the exit status is then 1).
 
 Against what a CPU user would pick instead: the ``llama.cpp`` provider runs llama.cpp (``llama-cpp-python``, never a
 dependency of llmkern; install it in any venv) on the same SmolLM2 weights at the same dtype — the package's GGUF
@@ -109,8 +139,8 @@ def step_bytes(model, B: int, ctx: int) -> int:
     return w + kv
 
 
-def decode_steps(model, B: int, ctx: int, steps: int, device,
-                 prefill_chunk: int | None = None) -> tuple[list[float], torch.Tensor, float]:
+def decode_steps(model, B: int, ctx: int, steps: int, device, prefill_chunk: int | None = None,
+                 generate_kwargs: dict | None = None) -> tuple[list[float], torch.Tensor, float]:
     """µs of each decode step (prefill excluded), the generated tokens, and the prefill's seconds."""
     from transformers import LogitsProcessorList
 
@@ -122,11 +152,37 @@ def decode_steps(model, B: int, ctx: int, steps: int, device,
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
                              min_new_tokens=steps + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]),
-                             pad_token_id=0, **chunk)
+                             pad_token_id=0, **chunk, **(generate_kwargs or {}))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     gaps = [(b - a) * 1e6 for a, b in zip(clock.stamps, clock.stamps[1:])]
     return gaps, out[:, ctx:], clock.stamps[0] - start
+
+
+def compile_generate_kwargs(args) -> dict:
+    """transformers' torch.compile recipe: a static cache and a CompileConfig; generate compiles the decode forward
+    (``get_compiled_call``) and runs the prefill uncompiled. On a CPU it does so only when the config's
+    ``_compile_all_devices`` is set (``GenerationMixin._valid_auto_compile_criteria``)."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(fullgraph=args.fullgraph, backend="inductor")
+    cc._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cc}
+
+
+def dynamo_counts() -> dict[str, int]:
+    """What dynamo has done in this process so far: frames it converted (each compile or recompile), graphs it
+    produced, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "breaks": int(sum(counters["graph_break"].values()))}
+
+
+def graph_break_reasons(limit: int = 3) -> list[str]:
+    from torch._dynamo.utils import counters
+
+    return [f"{n}x {reason.splitlines()[0][:160]}" for reason, n in counters["graph_break"].most_common(limit)]
 
 
 LLAMACPP = "llama.cpp"
@@ -160,7 +216,23 @@ def llamacpp_steps(args, ctx: int) -> tuple[list[float], float, str]:
     return out["us"], out["prefill_s"], f"llama.cpp {out['llama_cpp']}, {out['model']}, {out['threads']} threads"
 
 
+PROVIDERS = {  # name -> what it runs (the module docstring says more)
+    "eager": "the model as loaded, DynamicCache",
+    "llmkern": "patch(model, attention=False): fused row ops + CPU Linear, transformers' attention and cache",
+    "llmkern-paged": "patch(model), the default: plus paged attention over a PagedKVCache",
+    LLAMACPP: "llama.cpp on the same weights (another process, batch 1)",
+    "eager+compile": "unpatched; generate(cache_implementation='static', compile_config=...): compiled decode steps",
+    "llmkern+compile": "patch(model) (paged attention, reserved PagedKVCache) + the same static-cache compile path",
+    "llmkern-sdpa+compile": "patch(model, attention=False) + the same static-cache compile path (StaticCache)",
+}
+COMPILED = tuple(n for n in PROVIDERS if n.endswith("+compile"))
+PAGED = ("llmkern-paged", "llmkern+compile")  # patched with paged attention; the other llmkern ones attention=False
+
+
 def provider_names(args) -> tuple[list[str], list[str]]:
+    """The providers to run and notes on the others. Without ``--providers``: eager, llmkern, llmkern-paged,
+    llama.cpp when a Python has it, and the compiled ones with ``--compile``. ``--providers`` may name any provider
+    that can run here (a compiled one needs no ``--compile``)."""
     names, notes = ["eager", "llmkern"], []
     if llamacpp_python(args):
         names.append(LLAMACPP)
@@ -171,46 +243,55 @@ def provider_names(args) -> tuple[list[str], list[str]]:
         names.append("llmkern-paged")
     else:
         notes.append("llmkern-paged: llmkern.attention not importable yet")
+    can_run = names + [n for n in COMPILED if n != "llmkern+compile" or "llmkern-paged" in names]
     if args.compile:
-        names += ["eager+compile", "llmkern+compile"]
+        names = can_run
     else:
-        notes.append("torch.compile: off (pass --compile)")
+        notes.append(f"torch.compile: off (pass --compile, or name {', '.join(COMPILED)} in --providers)")
     if args.providers and args.providers != "list":
         want = [n.strip() for n in args.providers.split(",") if n.strip()]
-        bad = [n for n in want if n not in names]
+        bad = [n for n in want if n not in can_run]
         if bad:
-            raise SystemExit(f"--providers: {bad} cannot run here; available: {', '.join(names)}")
-        names = ["eager"] + [n for n in want if n != "eager"]
+            raise SystemExit(f"--providers: {bad} cannot run here; available: {', '.join(can_run)}")
+        names = ["eager"] + [n for n in dict.fromkeys(want) if n != "eager"]
+    elif args.providers == "list":
+        names = can_run
     return names, notes
 
 
 class Configured:
-    """Puts a model into a provider's configuration and back."""
+    """Puts a model into a provider's configuration and back. A compiled provider starts from a clean slate:
+    dynamo's caches reset, and generate's compiled call and remembered static-cache length dropped (transformers
+    keeps both on the model: ``_compiled_call``, ``_previous_max_cache_length``, which would otherwise carry a
+    previous shape's graph or cache length into this one)."""
+
+    _GENERATE_STATE = ("_compiled_call", "_last_compile_config", "_previous_max_cache_length")
 
     def __init__(self, model, name: str):
         self.model, self.name = model, name
-        self.forward = None
+
+    def _clean(self):
+        if self.name in COMPILED:
+            torch._dynamo.reset()
+            for attr in self._GENERATE_STATE:
+                vars(self.model).pop(attr, None)
 
     def __enter__(self):
         import llmkern
 
         m = self.model
+        self._clean()
         if self.name.startswith("llmkern"):
-            # "llmkern": fused row ops with transformers' attention; "llmkern-paged": plus paged attention.
-            llmkern.patch(m, attention=self.name.startswith("llmkern-paged"))
-        if self.name.endswith("+compile"):
-            self.forward = m.forward
-            m.forward = torch.compile(m.forward, dynamic=True)
+            llmkern.patch(m, attention=self.name in PAGED)
         return m
 
     def __exit__(self, *exc):
         import llmkern
 
         m = self.model
-        if self.forward is not None:
-            m.forward = self.forward
         if self.name.startswith("llmkern"):
             llmkern.unpatch(m)
+        self._clean()
         return False
 
 
@@ -226,7 +307,11 @@ def main(argv=None) -> int:
                    help="a Python with llama-cpp-python installed: adds the llama.cpp provider (default: "
                         "$LLMKERN_LLAMACPP_PYTHON, or this Python if it has llama_cpp)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prefill prompts longer than N tokens N at a time (generate's prefill_chunk_size)")
+                   help="prefill prompts longer than N tokens N at a time (generate's prefill_chunk_size; not for "
+                        "the +compile providers, whose prefill transformers would then compile)")
+    p.add_argument("--no-fullgraph", dest="fullgraph", action="store_false",
+                   help="the +compile providers compile with CompileConfig(fullgraph=False): graph breaks are "
+                        "counted instead of raising (default: fullgraph=True)")
     args = H.finish_args(p, p.parse_args(argv))
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         p.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
@@ -239,8 +324,13 @@ def main(argv=None) -> int:
         models = ["qwen2.5-0.5b"]
     names, notes = provider_names(args)
     if args.providers == "list":
-        print("\n".join(names))
+        for n in names:
+            print(f"{n}  ({PROVIDERS[n]})")
         return 0
+    if any(n in COMPILED for n in names):
+        notes.append(f"+compile providers: transformers' static cache + CompileConfig(fullgraph={args.fullgraph}, "
+                     f"backend='inductor'), _compile_all_devices=True; each first runs one untimed warm-up "
+                     f"generate of the same shapes (compile time = its wall time)")
 
     import llmkern
 
@@ -251,6 +341,16 @@ def main(argv=None) -> int:
     bar = H.Progress(total, "e2e")
     summary = []
     prefills: list[tuple[str, str, float]] = []  # (shape, provider, seconds)
+    compiles: list[tuple[str, str, float, dict, dict]] = []  # (shape, provider, warm-up s, warm-up, timed counts)
+    failures: list[str] = []
+
+    def failed(name: str, shape: str, e: Exception) -> None:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        msg = f"FAILED {name} on {shape}: {type(e).__name__}: {(lines[0] if lines else '')[:300]}"
+        print(msg, file=sys.stderr, flush=True)
+        failures.append(msg)
+        args.exit_code = 1
+
     for mname in models:
         model, label = load(mname, args)
         if model is None:
@@ -280,8 +380,7 @@ def main(argv=None) -> int:
                     try:
                         gaps, prefill_s, lc_label = llamacpp_steps(args, ctx)
                     except Exception as e:
-                        print(f"FAILED {name} on {shape}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
-                        args.exit_code = 1
+                        failed(name, shape, e)
                         continue
                     q = H._quantiles(gaps)
                     r = H.Row("e2e_decode", name, shape, q, nbytes, "llama.cpp eval steps", x=ctx,
@@ -294,14 +393,36 @@ def main(argv=None) -> int:
                     prefills.append((shape, name, prefill_s))
                     rows.append(r)
                     continue
+                compiled = name in COMPILED
+                compile_note = ""
                 try:
                     with Configured(model, name) as m, llmkern.track() as ran:
-                        decode_steps(m, B, min(ctx, 16), 2, args.device)  # warm-up: lazy init, compilation
-                        gaps, tokens, prefill_s = decode_steps(m, B, ctx, args.steps, args.device, args.prefill_chunk)
+                        if compiled:
+                            # The warm-up is the timed call itself, once: same batch, prompt length and steps, so
+                            # the timed run meets exactly the shapes (and static-cache length) it compiled for.
+                            kw = compile_generate_kwargs(args)
+                            c0 = dynamo_counts()
+                            t0 = time.perf_counter()
+                            decode_steps(m, B, ctx, args.steps, args.device, None, kw)
+                            warm_s = time.perf_counter() - t0
+                            c1 = dynamo_counts()
+                            gaps, tokens, prefill_s = decode_steps(m, B, ctx, args.steps, args.device, None, kw)
+                            c2 = dynamo_counts()
+                            warm = {k: c1[k] - c0[k] for k in c0}
+                            timed = {k: c2[k] - c1[k] for k in c1}
+                            if warm["graphs"] == 0:
+                                raise RuntimeError("generate did not compile the decode step (no graph was "
+                                                   "produced): transformers' auto-compile criteria were not met")
+                            compiles.append((shape, name, warm_s, warm, timed))
+                            compile_note = (f"; compile (warm-up generate) {warm_s:.1f} s, {warm['graphs']} graphs, "
+                                            f"{warm['breaks']} graph breaks; timed run: {timed['frames']} "
+                                            f"recompiles, {timed['breaks']} graph breaks")
+                        else:
+                            decode_steps(m, B, min(ctx, 16), 2, args.device)  # warm-up: lazy init
+                            gaps, tokens, prefill_s = decode_steps(m, B, ctx, args.steps, args.device,
+                                                                   args.prefill_chunk)
                 except Exception as e:
-                    print(f"FAILED {name} on {shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                          file=sys.stderr)
-                    args.exit_code = 1
+                    failed(name, shape, e)
                     continue
                 q = H._quantiles(gaps)
                 r = H.Row("e2e_decode", name, shape, q, nbytes, "generate-steps", x=ctx, series=f"{mname} B={B}")
@@ -310,6 +431,7 @@ def main(argv=None) -> int:
                 r.tokens_per_s = B * 1e6 / q[1]
                 backends = sorted({b for (_o, b), n in ran.items() if n})
                 r.note = f"model={label}; prefill {prefill_s:.2f} s; llmkern backends ran: {','.join(backends) or 'none'}"
+                r.note += compile_note
                 prefills.append((shape, name, prefill_s))
                 if name == "eager":
                     ref_tokens, eager_us = tokens, q[1]
@@ -323,7 +445,7 @@ def main(argv=None) -> int:
     bar.close()
 
     print()
-    cols = f"{'model / shape':<34} {'provider':<16} {'ms/token p20/p50/p80':>24} {'tok/s':>8} {'GB/s':>7} " \
+    cols = f"{'model / shape':<34} {'provider':<21} {'ms/token p20/p50/p80':>24} {'tok/s':>8} {'GB/s':>7} " \
            f"{'%peak':>6} {'vs eager':>9}  tokens"
     print(cols)
     print("-" * len(cols))
@@ -331,7 +453,7 @@ def main(argv=None) -> int:
         ident = ("" if r.provider in ("eager", LLAMACPP)
                  else "same" if "identical to eager: yes" in r.note else "DIFFER")
         ms = "/".join(f"{u / 1e3:.1f}" for u in r.us)
-        print(f"{r.shape:<34} {r.provider:<16} {ms:>24} {r.tokens_per_s:>8.1f} {r.gbps:>7.2f} "
+        print(f"{r.shape:<34} {r.provider:<21} {ms:>24} {r.tokens_per_s:>8.1f} {r.gbps:>7.2f} "
               f"{H._fmt(r.pct_peak, '.0f'):>6} {H._fmt(r.speedup, '.2f') + 'x':>9}  {ident}")
     for r in rows:
         if r.provider != "eager" and r.speedup is not None:
@@ -339,11 +461,46 @@ def main(argv=None) -> int:
     if summary:
         print("\nspeedup (eager p50 / provider p50, measured here, same run):")
         print("\n".join("  " + s for s in summary))
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    if shapes:
+        ran_names = [n for n in names if any(r.provider == n for r in rows)
+                     or any(f" {n} on " in f for f in failures)]
+        by = {(r.shape, r.provider): r for r in rows}
+        print("\nms/token p50 (ratio to eager = eager p50 / provider p50, same run):")
+        w = max(14, *(len(n) for n in ran_names))
+        print(f"{'model / shape':<34} " + " ".join(f"{n:>{w}}" for n in ran_names))
+        for sh in shapes:
+            cells = []
+            for n in ran_names:
+                r = by.get((sh, n))
+                if r is not None:
+                    cells.append(f"{r.us[1] / 1e3:.1f} ({H._fmt(r.speedup, '.2f')}x)")
+                elif any(f.startswith(f"FAILED {n} on {sh}:") for f in failures):
+                    cells.append("FAILED")
+                else:
+                    cells.append("-")
+            print(f"{sh:<34} " + " ".join(f"{c:>{w}}" for c in cells))
+    if compiles:
+        print("\ntorch.compile (compile = wall time of the untimed warm-up generate of the same shapes, which "
+              "compiles the decode step; counts from torch._dynamo.utils.counters):")
+        print(f"  {'model / shape':<34} {'provider':<21} {'compile s':>9} {'graphs':>6} {'breaks':>6}  "
+              f"{'timed run: recompiles, breaks':>29}")
+        for sh, n, sec, warm, timed in compiles:
+            flag = "" if timed["frames"] == 0 and timed["breaks"] == 0 else "  <- RECOMPILED during the timed run"
+            print(f"  {sh:<34} {n:<21} {sec:9.1f} {warm['graphs']:>6} {warm['breaks']:>6}  "
+                  f"{timed['frames']:>17}, {timed['breaks']:>10}{flag}")
+        reasons = graph_break_reasons()
+        if reasons:
+            print("  graph break reasons (most frequent, last provider since its reset):")
+            print("\n".join("    " + x for x in reasons))
     if prefills:
-        chunk = f", {args.prefill_chunk}-token chunks" if args.prefill_chunk else ""
+        chunk = f", {args.prefill_chunk}-token chunks (not for +compile)" if args.prefill_chunk else ""
         print(f"\nprefill (not in the decode numbers above; one run each{chunk}):")
         for shape, name, sec in prefills:
-            print(f"  {shape:<34} {name:<16} {sec:8.2f} s")
+            print(f"  {shape:<34} {name:<21} {sec:8.2f} s")
+    if failures:
+        print(f"\nfailed providers ({len(failures)}; the rows above are the others'):")
+        print("\n".join("  " + f for f in failures))
     H.write_csv(args.csv, rows, args, pk, pk_src)
     if args.plot and rows:
         for path in H.plot(rows, args, pk, os.path.dirname(os.path.abspath(args.csv)), y="ms"):
