@@ -17,6 +17,8 @@
 #include "cpu/kernels.h"
 #ifdef LLMKERN_WITH_CUDA
 #include "cuda/launch.h"
+#include <ATen/DeviceGuard.h>   // at::device_of
+#include <c10/cuda/CUDAGuard.h>  // OptionalCUDAGuard: each CUDA op runs on its tensors' device
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that pulls cuSPARSE/cuBLAS headers
 #endif
 

@@ -10,6 +10,7 @@ row is read once and written once. Page offsets are computed in int64: ``num_blo
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _launch
 from llmkern.kernels._specs import CompileSpec
 
 _TILE_ELEMS = 4096
@@ -121,11 +122,13 @@ def reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping) -> None:
     T, H, D = key.shape
     cfg = cache_tile_config(H, D)
     grid = reshape_and_cache_grid(T, H, D)
-    _reshape_and_cache_kernel[grid](
-        key, value, k_cache, v_cache, slot_mapping, k_cache.shape[0] * k_cache.shape[1], H, D,
-        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(k_cache):
+        _launch.launch(
+            _reshape_and_cache_kernel, grid, key, value, k_cache, v_cache, slot_mapping,
+            k_cache.shape[0] * k_cache.shape[1], H, D, *key.stride(), *value.stride(), *k_cache.stride(),
+            *v_cache.stride(),
+            BLOCK_SIZE=k_cache.shape[1], BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
 
 
 def copy_blocks_fwd(k_cache, v_cache, src, dst) -> None:
@@ -134,10 +137,11 @@ def copy_blocks_fwd(k_cache, v_cache, src, dst) -> None:
     cfg = cache_tile_config(H, D)
     num_hb = triton.cdiv(H, cfg["BLOCK_H"])
     grid = copy_blocks_grid(src.shape[0], bs, H, D)
-    _copy_blocks_kernel[grid](
-        k_cache, v_cache, src, dst, H, D, *k_cache.stride(), *v_cache.stride(),
-        NUM_HB=num_hb, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(k_cache):
+        _launch.launch(
+            _copy_blocks_kernel, grid, k_cache, v_cache, src, dst, H, D, *k_cache.stride(), *v_cache.stride(),
+            NUM_HB=num_hb, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------

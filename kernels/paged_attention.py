@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _launch
 from llmkern.kernels._specs import CompileSpec
 
 LOG2E = 1.4426950408889634
@@ -551,20 +552,24 @@ def paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale: fl
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     common = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride())
     grid, reduce_grid = decode_grids(B, Hq, Hkv, num_splits)
-    if num_splits == 1:
-        _paged_decode_split_kernel[grid](
-            q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale, cap, window, 1, G, D, *common,
-            out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, STORE_LSE=False, **consts)
-        return
-    part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hq, 2, num_splits), dtype=torch.float32, device=q.device)
-    _paged_decode_split_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, part, lse, qk_scale, cap, window, num_splits, G, D, *common,
-        *part.stride(), lse.stride(0), lse.stride(1), STORE_LSE=True, **consts)
-    rcfg = reduce_config(num_splits, D)
-    _paged_decode_reduce_kernel[reduce_grid](
-        part, lse, out, qk_scale if softcap is None else LOG2E, Hq, D, num_splits, *out.stride(),
-        BLOCK_S=rcfg["BLOCK_S"], BLOCK_D=rcfg["BLOCK_D"], num_warps=rcfg["num_warps"])
+    with _launch.device_guard(q):
+        if num_splits == 1:
+            _launch.launch(
+                _paged_decode_split_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale,
+                cap, window, 1, G, D, *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0,
+                STORE_LSE=False, **consts)
+            return
+        part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, Hq, 2, num_splits), dtype=torch.float32, device=q.device)
+        _launch.launch(
+            _paged_decode_split_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, part, lse, qk_scale, cap,
+            window, num_splits, G, D, *common, *part.stride(), lse.stride(0), lse.stride(1), STORE_LSE=True,
+            **consts)
+        rcfg = reduce_config(num_splits, D)
+        _launch.launch(
+            _paged_decode_reduce_kernel, reduce_grid, part, lse, out, qk_scale if softcap is None else LOG2E, Hq, D,
+            num_splits, *out.stride(), BLOCK_S=rcfg["BLOCK_S"], BLOCK_D=rcfg["BLOCK_D"],
+            num_warps=rcfg["num_warps"])
 
 
 def paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, scale: float, sliding_window,
@@ -577,12 +582,14 @@ def paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, 
     qk_scale, cap = _scales(scale, softcap)
     window = int(sliding_window) if sliding_window is not None else 0
     grid = prefill_grid(B, Hkv, S, G, cfg["BLOCK_M"])
-    _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, qk_scale, cap, window, S, G, D,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
-        BLOCK_SIZE=bs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _launch.device_guard(q):
+        _launch.launch(
+            _paged_prefill_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, qk_scale, cap,
+            window, S, G, D, *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
+            *out.stride(),
+            BLOCK_SIZE=bs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ Casting order follows Hugging Face eager exactly (docs/design.md, "Numerics"):
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _launch
+
 # Widest row llmkern.ops accepts; no supported model comes near it (Llama-3-70B hidden is 8192).
 MAX_N = 65536
 # Widest row held in registers as one tile (16 warps, 16 fp32 values per thread); wider rows loop over chunks.
@@ -179,12 +181,13 @@ def rms_norm_fwd(x2d, weight, out2d, eps: float, offset: float) -> None:
     M, N = x2d.shape
     cfg = rms_norm_config(M, N)
     grid = rms_norm_grid(M, N)
-    _rms_norm_kernel[grid](
-        x2d, weight, out2d, M, N, x2d.stride(0), x2d.stride(1), out2d.stride(0), out2d.stride(1),
-        weight.stride(0), eps,
-        OFFSET=float(offset), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CHUNKED=cfg["CHUNKED"],
-        num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(x2d):
+        _launch.launch(
+            _rms_norm_kernel, grid, x2d, weight, out2d, M, N, x2d.stride(0), x2d.stride(1), out2d.stride(0),
+            out2d.stride(1), weight.stride(0), eps,
+            OFFSET=float(offset), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CHUNKED=cfg["CHUNKED"],
+            num_warps=cfg["num_warps"],
+        )
 
 
 def fused_add_rms_norm_fwd(x2d, r2d, weight, out2d, res_out2d, eps: float) -> None:
@@ -192,11 +195,12 @@ def fused_add_rms_norm_fwd(x2d, r2d, weight, out2d, res_out2d, eps: float) -> No
     M, N = x2d.shape
     cfg = rms_norm_config(M, N)
     grid = rms_norm_grid(M, N)
-    _fused_add_rms_norm_kernel[grid](
-        x2d, r2d, weight, out2d, res_out2d, M, N,
-        *x2d.stride(), *r2d.stride(), *out2d.stride(), *res_out2d.stride(), weight.stride(0), eps,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CHUNKED=cfg["CHUNKED"], num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(x2d):
+        _launch.launch(
+            _fused_add_rms_norm_kernel, grid, x2d, r2d, weight, out2d, res_out2d, M, N,
+            *x2d.stride(), *r2d.stride(), *out2d.stride(), *res_out2d.stride(), weight.stride(0), eps,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CHUNKED=cfg["CHUNKED"], num_warps=cfg["num_warps"],
+        )
 
 
 

@@ -16,6 +16,8 @@ they come with (HF passes ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``); 
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _launch
+
 
 @triton.jit
 def _rope_tile(
@@ -142,12 +144,13 @@ def rope_fwd(q, k, cos, sin, q_out, k_out) -> None:
     grid = rope_grid(B * S, Hq, Hk, D, rd)
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
     sb = sin.stride(0) if sin.shape[0] > 1 else 0
-    _rope_kernel[grid](
-        q, k, cos, sin, q_out, k_out, S, Hq, Hk, rd // 2, D - rd,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        cb, cos.stride(1), cos.stride(2), sb, sin.stride(1), sin.stride(2),
-        BLOCK_H=bh, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_PASS=cfg["BLOCK_PASS"], num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(q):
+        _launch.launch(
+            _rope_kernel, grid, q, k, cos, sin, q_out, k_out, S, Hq, Hk, rd // 2, D - rd,
+            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+            cb, cos.stride(1), cos.stride(2), sb, sin.stride(1), sin.stride(2),
+            BLOCK_H=bh, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_PASS=cfg["BLOCK_PASS"], num_warps=cfg["num_warps"],
+        )
 
 
 _SPEC_DTYPES = ("fp32", "fp16", "bf16")

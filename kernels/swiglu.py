@@ -10,6 +10,8 @@ kernel without a copy.
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _launch
+
 
 @triton.jit(do_not_specialize=("M",))  # M == 1 (one decode token) gains nothing from a separate compile
 def _silu_and_mul_kernel(
@@ -60,10 +62,11 @@ def silu_and_mul_fwd(gate2d, up2d, out2d) -> None:
     M, I = gate2d.shape
     cfg = silu_and_mul_config(M, I)
     grid = silu_and_mul_grid(M, I)
-    _silu_and_mul_kernel[grid](
-        gate2d, up2d, out2d, M, I, *gate2d.stride(), *up2d.stride(), *out2d.stride(),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"],
-    )
+    with _launch.device_guard(gate2d):
+        _launch.launch(
+            _silu_and_mul_kernel, grid, gate2d, up2d, out2d, M, I, *gate2d.stride(), *up2d.stride(), *out2d.stride(),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"],
+        )
 
 
 _SPEC_DTYPES = ("fp32", "fp16", "bf16")
