@@ -4,6 +4,7 @@ the harness's columns, and every common flag changes what comes out (a flag that
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,62 @@ def test_e2e_dry_run(tmp_path):
     assert all(r["op"] == "e2e_decode" and float(r["tokens_per_s"]) > 0 for r in rows)
     assert "tokens identical to eager: yes" in rows[1]["note"]  # fp32: the patched model decodes the same tokens
     assert "speedup" in p.stdout
+
+
+E2E_COMPILED = ["eager+compile", "llmkern+compile", "llmkern-sdpa+compile"]
+
+
+def _paged_cache_is_capturable() -> bool:
+    """PagedKVCache has its reserved (capturable) mode: generate(cache_implementation="static") on a patched model
+    then creates one, and llmkern+compile must run."""
+    import inspect
+
+    from llmkern.cache import PagedKVCache
+
+    return "max_cache_len" in inspect.signature(PagedKVCache.__init__).parameters
+
+
+def test_e2e_compiled_providers_dry_run(tmp_path):
+    """Each +compile provider decodes the tiny random model on transformers' static-cache compile path: a row with
+    its ratio to eager, a compile time and dynamo's counts (a graph compiled, no graph break, nothing recompiled in
+    the timed run), eager's tokens, and a column in the p50/ratio table. A provider that cannot run yet is a clear
+    FAILED line while the others still report."""
+    out = tmp_path / "e.csv"
+    p = _run("e2e", "--dry-run", "--providers", ",".join(E2E_COMPILED), "--csv", str(out), timeout=900)
+    _, rows = _rows(out)
+    got = {r["provider"]: r for r in rows}
+    must_run = ["eager", "eager+compile", "llmkern-sdpa+compile"]
+    if _paged_cache_is_capturable():
+        must_run.append("llmkern+compile")
+        assert p.returncode == 0, p.stdout + p.stderr
+    else:  # until the reserved PagedKVCache lands: the failure is said, the run goes on
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert "llmkern+compile" not in got
+        assert "FAILED llmkern+compile on qwen2-tiny B=1 ctx=16: ValueError:" in p.stdout
+    assert list(got) == [n for n in ["eager"] + E2E_COMPILED if n in must_run], p.stdout + p.stderr
+    shape_line = next(line for line in p.stdout.splitlines() if line.startswith("qwen2-tiny B=1 ctx=16 ")
+                      and "(1.00x)" in line)  # the p50/ratio table: eager's ratio to itself is 1
+    header = p.stdout.splitlines()[p.stdout.splitlines().index(shape_line) - 1].split()
+    assert header[3:] == ["eager"] + E2E_COMPILED, header
+    cells = re.findall(r"(\d+\.\d) \((\d+\.\d\d)x\)|FAILED", shape_line)
+    assert len(cells) == 1 + len(E2E_COMPILED), shape_line
+    for n in must_run[1:]:
+        r = got[n]
+        assert float(r["speedup_vs_eager"]) > 0 and float(r["tokens_per_s"]) > 0
+        m = re.search(r"compile \(warm-up generate\) ([\d.]+) s, (\d+) graphs, (\d+) graph breaks; "
+                      r"timed run: (\d+) recompiles, (\d+) graph breaks", r["note"])
+        assert m, r["note"]
+        assert float(m[1]) > 0 and int(m[2]) >= 1 and m[3] == "0" and m[4] == "0" and m[5] == "0", r["note"]
+        assert "tokens identical to eager: yes" in r["note"], r["note"]
+        assert re.search(rf"^  qwen2-tiny B=1 ctx=16 +{re.escape(n)} +[\d.]+ +\d+ +0 +0, +0$", p.stdout, re.M), \
+            p.stdout  # the torch.compile section: compile s, graphs, breaks, timed recompiles and breaks
+
+
+def test_e2e_compiled_providers_are_listed_and_named():
+    listed = [line.split()[0] for line in _run("e2e", "--providers", "list").stdout.splitlines() if line.strip()]
+    assert set(E2E_COMPILED) <= set(listed) and {"eager", "llmkern", "llmkern-paged"} <= set(listed)
+    p = _run("e2e", "--dry-run", "--providers", "eager+jit")
+    assert p.returncode != 0 and "eager+jit" in p.stderr and "cannot run here" in p.stderr
 
 
 def test_llmkern_bench_cli_runs_the_suite(tmp_path):
