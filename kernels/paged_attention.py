@@ -36,6 +36,7 @@ dots used up to 97% of eager's fp32 tolerance and plain fp32 logits (whose round
 The final normalisations divide with div.rn (``/`` is div.full.f32, 2 ulp).
 """
 
+import bisect
 import functools
 
 import torch
@@ -49,6 +50,13 @@ LOG2E = 1.4426950408889634
 # SM count used by the split heuristic when the tensors are not on a GPU (interpreter runs): an A100's.
 NOMINAL_SMS = 108
 MAX_NUM_SPLITS = 256
+# The split counts the heuristic picks: powers of two and 1.5x powers of two up to MAX_NUM_SPLITS. The count it
+# computes is rounded down to this ladder (at most 25% fewer splits than asked for), so a whole generation meets
+# at most these 16 launch shapes (scratch buffers, CUDA-graph captures) instead of one per context length, and
+# ``llmkern.warmup`` can list them without scanning lengths. The split count is not specialised on
+# (``_DECODE_NO_SPEC``), so the compiled kernels are the same for every value > 1: one split kernel with
+# STORE_LSE and one reduce kernel, plus the single-split kernel.
+SPLIT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # A split should hold at least this many BLOCK_N tiles: below that the q load, the partial write and the reduce
 # cost more than the parallelism gains.
 MIN_TILES_PER_SPLIT = 4
@@ -461,27 +469,44 @@ def decode_config(G: int, D: int, fp32: bool = False) -> dict:
     return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
 
 
+@functools.lru_cache(maxsize=None)
+def _block_n(G: int, D: int) -> int:
+    """16-bit ``decode_config(G, D)["BLOCK_N"]``, cached: the split heuristic runs once per decode step and a test
+    scans it over every context length."""
+    return decode_config(G, D)["BLOCK_N"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit-aware wrapper, ~30x slower: the split heuristic runs every step
+
+
 def _splits_for_occupancy(B: int, Hkv: int, sms: int) -> int:
     """Splits that give about two waves of the GPU: ``2 * sms`` programs over ``B * Hkv``."""
-    return triton.cdiv(2 * sms, max(1, B * Hkv))
+    return _cdiv(2 * sms, max(1, B * Hkv))
 
 
 def _splits_for_length(max_seq_len: int, D: int, sliding_window, G: int) -> int:
     """Splits that keep ``MIN_TILES_PER_SPLIT`` BLOCK_N tiles each over the longest visible range."""
     visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window + 64)
-    block_n = decode_config(G, D)["BLOCK_N"]
-    return triton.cdiv(max(visible, 1), block_n) // MIN_TILES_PER_SPLIT
+    block_n = _block_n(G, D)
+    return _cdiv(max(visible, 1), block_n) // MIN_TILES_PER_SPLIT
+
+
+def bucket_splits(n: int) -> int:
+    """The largest ``SPLIT_BUCKETS`` value ``<= n`` (1 for ``n <= 1``)."""
+    return SPLIT_BUCKETS[max(0, bisect.bisect_right(SPLIT_BUCKETS, n) - 1)]
 
 
 def _clamp_splits(by_occupancy: int, by_length: int) -> int:
-    return int(max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS)))
+    return bucket_splits(int(max(1, min(by_occupancy, by_length, MAX_NUM_SPLITS))))
 
 
 def decode_num_splits(B: int, Hkv: int, max_seq_len: int, D: int, sliding_window=None, sms: int = NOMINAL_SMS,
                       G: int = 1) -> int:
     """Splits per sequence: enough programs for about two waves of the GPU (``2 * sms`` over ``B * Hkv``
     programs), but every split keeps at least ``MIN_TILES_PER_SPLIT`` tiles of the longest visible range; at most
-    ``MAX_NUM_SPLITS``. A large batch gets 1 split (no reduce launch); one long sequence gets many."""
+    ``MAX_NUM_SPLITS``; rounded down to ``SPLIT_BUCKETS``. A large batch gets 1 split (no reduce launch); one long
+    sequence gets many. Non-increasing in ``B``, non-decreasing in ``max_seq_len``."""
     return _clamp_splits(_splits_for_occupancy(B, Hkv, sms), _splits_for_length(max_seq_len, D, sliding_window, G))
 
 
@@ -529,7 +554,9 @@ INTERPRETER_BF16_DOT = False
 
 def _f32_dot(q) -> bool:
     # fp32 inputs: fp64 logits and fp32 FMA dots, to keep a margin within eager's fp32 error (see the module doc).
-    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type != "cuda"
+    # Meta tensors stand for GPU tensors (launches planned without running: llmkern.warmup, the grid checks), so
+    # bf16 on meta takes the GPU's tensor-core path: warmup must compile the variant the GPU launches.
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type not in ("cuda", "meta")
                                         and not INTERPRETER_BF16_DOT)
 
 
@@ -626,7 +653,8 @@ def _cache_args(Hkv: int, D: int, bs: int) -> dict:
 def reachable_splits(Hkv: int, D: int, G: int, max_context: int, sliding_window=None) -> set:
     """Every split count ``decode_num_splits`` picks for this head layout over the compile gate's grid (each SM
     count, batch 1..MAX_BATCH, context 1..max_context). Its two factors are independent (one of batch and SMs, one
-    of the context), so the set is the clamp of every pair of their values: the same set as the full product."""
+    of the context), so the set is the clamp of every pair of their values: the same set as the full product.
+    Always a subset of ``SPLIT_BUCKETS``."""
     from llmkern.kernels import _layouts as L
 
     occ = {_splits_for_occupancy(B, Hkv, sms) for sms in L.SM_COUNTS for B in L.batches()}
