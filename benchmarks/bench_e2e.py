@@ -247,8 +247,6 @@ def provider_names(args) -> tuple[list[str], list[str]]:
     can_run = names + [n for n in COMPILED if n != "llmkern+compile" or "llmkern-paged" in names]
     if args.compile:
         names = can_run
-    else:
-        notes.append(f"torch.compile: off (pass --compile, or name {', '.join(COMPILED)} in --providers)")
     if args.providers and args.providers != "list":
         want = [n.strip() for n in args.providers.split(",") if n.strip()]
         bad = [n for n in want if n not in can_run]
@@ -257,6 +255,8 @@ def provider_names(args) -> tuple[list[str], list[str]]:
         names = ["eager"] + [n for n in dict.fromkeys(want) if n != "eager"]
     elif args.providers == "list":
         names = can_run
+    if not any(n in COMPILED for n in names):
+        notes.append(f"torch.compile: off (pass --compile, or name {', '.join(COMPILED)} in --providers)")
     return names, notes
 
 
