@@ -26,6 +26,18 @@ which only the attention call has; both run back to back in the same layer, so n
 Beam search: ``reorder_cache(beam_idx)`` reorders block tables and reference counts, never pages. Beams that share
 a partial last page get a private copy of it when they next write to it (``copy_blocks``); full shared pages are
 never written again and stay shared.
+
+Reserved mode (``max_cache_len=``, what ``generate(cache_implementation="static")`` creates on a patched model): the
+decode step can be captured (``torch.compile(fullgraph=True)``, CUDA graphs) because it makes no host sync, no
+host-to-device copy and no allocation. Every sequence holds, from its first forward on, pages for ``max_cache_len``
+tokens; the block tables ``[B, pages_per_sequence]``, the lengths, the column count and the history of which
+columns were real live in persistent device buffers, one set per device (``_Reserved``), and a decode step computes
+its slot mapping and advances the lengths there, from the padding mask's column, with device ops only. The host
+mirror (``_lens``, ``_history``, ``_seen``) is then stale; it is read back (one sync) only when host code asks
+(``seq_lens()``, ``memory()``, ``crop``, beam reorders, a prefill on top of the cache), and pushed to the device
+buffers again after the host changed it. A decode step past ``max_cache_len`` columns cannot raise inside a captured
+step: in eager it raises ``CacheExhaustedError`` before the step; a captured one stores nothing, keeps the lengths,
+and the error is raised at the next host read-back.
 """
 
 from __future__ import annotations
@@ -215,6 +227,22 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+@dataclasses.dataclass(eq=False)
+class _Reserved:
+    """The reserved mode's persistent buffers on one device (module docstring). A decode step updates them in place,
+    so their addresses never change while the batch keeps its size (what CUDA graphs and compiled steps need)."""
+
+    device: torch.device
+    block_tables: torch.Tensor  # int32 [B, pages_per_sequence]
+    seq_lens: torch.Tensor  # int32 [B], real tokens held
+    slot_mapping: torch.Tensor  # int64 [B], the decode step's slots (-1: not stored)
+    seen: torch.Tensor  # int64 0-d, columns processed (padding included)
+    history: torch.Tensor  # bool [B, max_cache_len], which columns were real tokens
+    overflow: torch.Tensor  # bool 0-d, a decode step ran past max_cache_len (raised at the next read-back)
+    plan: "StepPlan"  # the decode plan over these buffers, the same object every step
+    first_layer: int  # the first layer on this device: it advances the buffers once per step
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The HF Cache
 
@@ -223,7 +251,6 @@ class PagedLayer(CacheLayerMixin):
     """One layer's pages. Sequence bookkeeping is shared by all layers and lives in ``PagedKVCache``; a layer only
     holds ``keys``/``values`` = its K/V pages ``[num_blocks, block_size, Hkv, D]`` (None before the first step)."""
 
-    is_compileable = False
     is_croppable = True
     is_sliding = False
     supports_early_init = False
@@ -233,6 +260,10 @@ class PagedLayer(CacheLayerMixin):
         self._cache = cache
         self.layer_idx = layer_idx
 
+    @property
+    def is_compileable(self) -> bool:  # transformers asks the layers too
+        return self._cache.reserved
+
     def lazy_initialization(self, key_states, value_states) -> None:
         self._cache._ensure_layer(self.layer_idx, key_states)
 
@@ -240,7 +271,7 @@ class PagedLayer(CacheLayerMixin):
         return self._cache.update(key_states, value_states, self.layer_idx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache.get_seq_length() + query_length, 0
+        return self._cache.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._cache.get_seq_length()
@@ -308,6 +339,11 @@ class PagedKVCache(Cache):
         max_batch_size: largest batch accepted. Without ``num_blocks``/``max_memory_bytes`` it also sizes the cache:
             ``max_batch_size`` sequences of ``config.max_position_embeddings`` tokens. When none of the three is
             given the pool grows (doubling) whenever a step needs more pages.
+        max_cache_len: with ``max_batch_size``, the reserved (capturable) mode of the module docstring, transformers'
+            ``StaticCache`` sizing: up to ``max_batch_size`` sequences of up to ``max_cache_len`` columns each (padding
+            included), every sequence's pages reserved at its first forward, ``max_batch_size * ceil(max_cache_len /
+            block_size)`` pages per layer. ``is_compileable`` is then True and the decode step makes no host sync.
+            Excludes ``num_blocks``, ``max_memory_bytes`` and ``growable=True``.
         growable: whether the pool grows when a step needs more pages than are free. Default: only when none of
             ``num_blocks``, ``max_memory_bytes`` and ``max_batch_size`` is given. ``num_blocks=n, growable=True`` starts
             with n pages (what ``generate`` creates on its own: sized for the call, and able to serve a longer next
@@ -323,7 +359,7 @@ class PagedKVCache(Cache):
     def __init__(self, config, *, block_size: int = 16, num_blocks: int | None = None,
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
                  device=None, max_batch_size: int | None = None, growable: bool | None = None,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, max_cache_len: int | None = None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
@@ -331,7 +367,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"pass num_blocks or max_memory_bytes, not both; got num_blocks={num_blocks} and "
                              f"max_memory_bytes={max_memory_bytes}")
         for name, v in (("num_blocks", num_blocks), ("max_memory_bytes", max_memory_bytes),
-                        ("max_batch_size", max_batch_size)):
+                        ("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if dtype is not None and dtype not in _DTYPES:
@@ -340,6 +376,15 @@ class PagedKVCache(Cache):
             raise TypeError(f"growable must be True, False or None, got {type(growable).__name__}")
         if growable and max_memory_bytes is not None:
             raise ValueError(f"max_memory_bytes={max_memory_bytes} sizes a fixed pool; it cannot be growable=True")
+        if max_cache_len is not None:
+            if max_batch_size is None:
+                raise ValueError(f"max_cache_len={max_cache_len} reserves pages per sequence: pass max_batch_size "
+                                 f"too (the most sequences the cache takes at once)")
+            clash = [f"{n}={v}" for n, v in (("num_blocks", num_blocks), ("max_memory_bytes", max_memory_bytes),
+                                             ("growable", growable)) if v is not None and v is not False]
+            if clash:
+                raise ValueError(f"max_cache_len={max_cache_len} sizes a reserved pool of max_batch_size x "
+                                 f"max_cache_len tokens; it cannot be combined with {', '.join(clash)}")
 
         self.num_layers, self.config_kv_heads, self.head_dim = _decoder_dims(config)
         if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
@@ -367,6 +412,8 @@ class PagedKVCache(Cache):
                                  f"here (K and V of {block_size} tokens x {self.num_layers} layers x "
                                  f"{self._kv_heads} KV heads x head_dim {self.head_dim} in "
                                  f"{str(self._default_dtype).replace('torch.', '')}), got {max_memory_bytes}")
+        elif max_cache_len is not None:
+            num_blocks = max_batch_size * math.ceil(max_cache_len / block_size)
         elif num_blocks is None and max_batch_size is not None:
             max_pos = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
             if max_pos is None:
@@ -375,6 +422,12 @@ class PagedKVCache(Cache):
             num_blocks = max_batch_size * math.ceil(max_pos / block_size)
         self.growable = num_blocks is None if growable is None else growable
         self._peak_bytes = 0
+        self.max_cache_len = max_cache_len
+        self.reserved = max_cache_len is not None  # the capturable mode (module docstring)
+        self.pages_per_sequence = -(-max_cache_len // block_size) if self.reserved else None
+        self._rsv: dict = {}  # device -> _Reserved, the device buffers of the reserved mode
+        self._rsv_by_layer: list = [None] * _decoder_dims(config)[0]  # layer -> its device's _Reserved
+        self._dirty = False  # decode steps advanced the device buffers past the host mirror
 
         super().__init__(layers=[PagedLayer(self, i) for i in range(self.num_layers)])
         self.allocator = BlockAllocator(0 if num_blocks is None else num_blocks)
@@ -442,8 +495,12 @@ class PagedKVCache(Cache):
         shape = (self.allocator.num_blocks, self.block_size, heads, self.head_dim)
         self._k_pages[i] = self._v_pages[i] = None  # the old pages (another dtype, device, heads) go first
         self._sync_layer_view(i)
-        self._k_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
-        self._v_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # normal tensors: a crop or reorder outside inference mode writes them
+            self._k_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self._v_pages[i] = torch.zeros(shape, dtype=dtype, device=device)
+        if self.reserved:  # fixed addresses: a compiled step may treat them as static (CUDA graphs)
+            torch._dynamo.mark_static_address(self._k_pages[i])
+            torch._dynamo.mark_static_address(self._v_pages[i])
         self._sync_layer_view(i)
         self._peak_bytes = max(self._peak_bytes, self._pages_bytes())
 
@@ -488,9 +545,10 @@ class PagedKVCache(Cache):
             for i, t in enumerate(pages):
                 if t is None:
                     continue
-                grown = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                grown[:old].copy_(t)
-                grown[old:].zero_()
+                with torch.inference_mode(False):  # normal tensors, as _make_layer makes them
+                    grown = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    grown[:old].copy_(t)
+                    grown[old:].zero_()
                 pages[i] = grown  # the last references to the old pages: this list and the layer's view
                 del t
                 self._sync_layer_view(i)
@@ -518,6 +576,9 @@ class PagedKVCache(Cache):
         self._plan: StepPlan | None = None  # on the device of the step's first layer
         self._plans: dict = {}  # device -> the step's plan there (other devices of a device_map)
         self._filled: set[int] = set()  # layers handed K/V since the last reset: their pages may hold tokens
+        self._primed = False  # reserved mode: the device buffers hold this batch (decode steps run on the device)
+        self._dirty = False
+        self._cols_bound = 0  # reserved mode: columns as the host counts them (eager decode steps raise past it)
 
     def _new_step(self) -> None:
         self._step += 1
@@ -545,7 +606,8 @@ class PagedKVCache(Cache):
         return len(self._lens)
 
     def seq_lens(self) -> list[int]:
-        """Real tokens held per batch row."""
+        """Real tokens held per batch row (reserved mode: read back from the device, one sync)."""
+        self._pull()
         return list(self._lens)
 
     def block_tables(self) -> list[list[int]]:
@@ -567,6 +629,11 @@ class PagedKVCache(Cache):
         if value_states.shape != key_states.shape:
             raise ValueError(f"value_states must have key_states' shape {tuple(key_states.shape)}, got "
                              f"{tuple(value_states.shape)}")
+        if self._primed and key_states.shape[2] == 1:
+            # Reserved mode, decode: the step runs on the device buffers (plan -> _advance); no host state is read
+            # or written here, so a compiled step sees the same Python state every time. step -1 marks it.
+            handle = PagedKV(self, layer_idx, key_states, value_states, -1)
+            return handle, handle
         if layer_idx in self._step_layers:  # layers run in order: seeing one again means a new forward
             self._new_step()
         self._ensure_layer(layer_idx, key_states)
@@ -575,11 +642,17 @@ class PagedKVCache(Cache):
         handle = PagedKV(self, layer_idx, key_states, value_states, self._step)
         return handle, handle
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Columns processed so far, padding included (HF's notion: ``input_ids[:, get_seq_length():]`` is new)."""
+    def get_seq_length(self, layer_idx: int = 0):
+        """Columns processed so far, padding included (HF's notion: ``input_ids[:, get_seq_length():]`` is new).
+        Reserved mode, once a batch is in: a 0-d int64 tensor on the device, as transformers' ``StaticCache``
+        returns (an int would need a sync per step, or freeze into a compiled graph)."""
+        if self._primed:
+            return self._lead_rsv().seen
         return self._seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self.reserved:  # fixed, as transformers' StaticCache: masks of max_cache_len columns
+            return self.max_cache_len, 0
         return self._seen + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -593,7 +666,8 @@ class PagedKVCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return False
+        """True in the reserved mode: its decode step can be captured (torch.compile fullgraph, CUDA graphs)."""
+        return self.reserved
 
     @property
     def is_sliding(self) -> list[bool]:
@@ -605,9 +679,12 @@ class PagedKVCache(Cache):
         return len(self._lens) if self._lens else -1
 
     def reset(self) -> None:
-        """Release every block; pages stay allocated (and are not cleared)."""
+        """Release every block; pages stay allocated (and are not cleared). A pending reserved-mode overflow is
+        dropped with the sequences it concerned."""
         self.allocator.reset()
         self._clear_sequences()
+        for st in self._rsv.values():
+            st.overflow.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` columns (HF convention: the argument is <= 0)."""
@@ -616,6 +693,7 @@ class PagedKVCache(Cache):
         n = -tokens_to_remove
         if n == 0:
             return
+        self._pull()
         if n > self._seen:
             raise ValueError(f"cannot crop {n} columns from a cache holding {self._seen}")
         removed = [0] * len(self._lens)
@@ -637,11 +715,17 @@ class PagedKVCache(Cache):
         self._seen += tokens_to_remove
         self._rebuild_bt_host()
         self._new_step()
+        if self._primed:
+            self._reserve_rows()
 
     def _remap_rows(self, rows: list[int]) -> None:
         """Batch row i becomes old row ``rows[i]``; pages are shared by reference count, never copied here."""
+        self._pull()
         if any(not 0 <= r < len(self._lens) for r in rows):
             raise IndexError(f"row indices must be in 0..{len(self._lens) - 1}, got {rows}")
+        if self.max_batch_size is not None and len(rows) > self.max_batch_size:
+            raise ValueError(f"a batch of {len(rows)} sequences exceeds the cache's max_batch_size="
+                             f"{self.max_batch_size}")
         new_tables = [list(self._tables[r]) for r in rows]
         for t in new_tables:
             self.allocator.incref(t)
@@ -653,6 +737,8 @@ class PagedKVCache(Cache):
         self._history = [h.index_select(0, idx) for h in self._history]
         self._rebuild_bt_host()
         self._new_step()
+        if self._primed:
+            self._reserve_rows()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues beam ``beam_idx[i]``. Block tables are reordered, pages are shared."""
@@ -673,8 +759,18 @@ class PagedKVCache(Cache):
         """The step's metadata, computed at the first call of a forward and returned as is to the later layers.
 
         ``attention_mask``: HF's 2-D padding mask ``[B, >= S]`` (1/True = real token), its last S columns being this
-        step's; None = no padding. Checks the whole step's demand first: on ``CacheExhaustedError`` nothing changed.
+        step's (reserved mode: columns ``seen .. seen + S - 1`` of a mask that may be right-padded to
+        ``max_cache_len``, as ``generate`` passes it there); None = no padding. Checks the whole step's demand first:
+        on ``CacheExhaustedError`` nothing changed.
         """
+        if handle.step == -1:
+            return self._decode_plan(handle, attention_mask)
+        plan = self._host_plan(handle, attention_mask)
+        if self.reserved:
+            self._bind(handle.layer_idx, handle.key.device)
+        return plan
+
+    def _host_plan(self, handle: PagedKV, attention_mask: torch.Tensor | None) -> StepPlan:
         if self._plan is not None and self._plan.step == handle.step:
             if handle.key.device == self._plan.device:
                 return self._plan
@@ -691,6 +787,13 @@ class PagedKVCache(Cache):
             raise ValueError(f"the cache holds {len(self._lens)} sequences but this forward has a batch of {B}; "
                              f"reset() the cache to start a new batch")
 
+        self._pull()
+        if self.reserved and self._seen + S > self.max_cache_len:
+            raise CacheExhaustedError(
+                f"PagedKVCache (reserved, max_cache_len={self.max_cache_len}) holds {self._seen} columns; this step's "
+                f"{S} more do not fit. Nothing was written. Create the cache with a larger max_cache_len, or reset() "
+                f"it.", capacity=self.allocator.num_blocks, free=self.allocator.num_free, demand=S)
+
         # Which of this step's columns are real tokens (one device->host copy of [B, S] bools).
         if attention_mask is None:
             real = torch.ones((B, S), dtype=torch.bool)
@@ -698,7 +801,10 @@ class PagedKVCache(Cache):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < S:
                 raise ValueError(f"attention_mask must be 2-D with one row per sequence ({B}) and at least this "
                                  f"step's {S} columns, got shape {tuple(attention_mask.shape)}")
-            real = attention_mask[:, -S:].to(device="cpu", dtype=torch.bool)
+            if self.reserved and attention_mask.shape[1] > self._seen + S:  # right-padded to max_cache_len
+                real = attention_mask[:, self._seen:self._seen + S].to(device="cpu", dtype=torch.bool)
+            else:
+                real = attention_mask[:, -S:].to(device="cpu", dtype=torch.bool)
             if S > 1 and self._lens and attention_mask.shape[1] == self._seen + S:
                 # Prefill on top of a filled cache (multi-turn): the mask's past must describe what is stored.
                 held = attention_mask[:, :self._seen].to("cpu").long().sum(1).tolist()
@@ -710,8 +816,12 @@ class PagedKVCache(Cache):
         n_new = real.sum(1).tolist()
         bs = self.block_size
 
-        # 1. Demand, before touching anything: new pages, plus private copies of shared partial last pages.
-        new_blocks = [max(0, -(-(lens[b] + n_new[b]) // bs) - len(tables[b])) for b in range(B)]
+        # 1. Demand, before touching anything: new pages, plus private copies of shared partial last pages. (Reserved
+        # mode: every sequence holds all its pages from its first forward on.)
+        if self.reserved:
+            new_blocks = [self.pages_per_sequence - len(tables[b]) for b in range(B)]
+        else:
+            new_blocks = [max(0, -(-(lens[b] + n_new[b]) // bs) - len(tables[b])) for b in range(B)]
         writers: dict[int, int] = {}
         for b in range(B):
             if n_new[b] and lens[b] % bs:
@@ -750,14 +860,7 @@ class PagedKVCache(Cache):
                     src.append(last)
                     dst.append(fresh)
         if src:
-            index: dict = {}  # device -> (src, dst) there
-            for k, v in zip(self._k_pages, self._v_pages):
-                if k is None:  # made later at its first K/V, zeroed: it holds nothing to copy
-                    continue
-                if k.device not in index:
-                    index[k.device] = (torch.tensor(src, dtype=torch.int64, device=k.device),
-                                       torch.tensor(dst, dtype=torch.int64, device=k.device))
-                paged_ops.copy_blocks(k, v, *index[k.device])
+            self._copy_pages(src, dst)
         for b in range(B):
             if new_blocks[b]:
                 for blk in self.allocator.allocate(new_blocks[b]):
@@ -797,7 +900,174 @@ class PagedKVCache(Cache):
             decode=S == 1 and all(n == 1 for n in n_new),
             q_index=q_index,
         )
+        if self.reserved:
+            self._primed = True
+            self._push()
         return self._plan
+
+    def _copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages ``src[i] -> dst[i]`` in every layer (on each layer's device)."""
+        index: dict = {}  # device -> (src, dst) there
+        for k, v in zip(self._k_pages, self._v_pages):
+            if k is None:  # made later at its first K/V, zeroed: it holds nothing to copy
+                continue
+            if k.device not in index:
+                index[k.device] = (torch.tensor(src, dtype=torch.int64, device=k.device),
+                                   torch.tensor(dst, dtype=torch.int64, device=k.device))
+            paged_ops.copy_blocks(k, v, *index[k.device])
+
+    # -- reserved mode: the device buffers -------------------------------------------------------------------------
+
+    def _decode_plan(self, handle: PagedKV, attention_mask) -> StepPlan:
+        """Reserved mode, a decode step: the plan over the layer's device buffers, advanced once per step (by the
+        first layer on each device) with device ops only."""
+        st = self._rsv_by_layer[handle.layer_idx]
+        if st is None or st.device != handle.key.device:
+            raise RuntimeError(f"PagedKVCache layer {handle.layer_idx} has no reserved buffers on "
+                               f"{handle.key.device}: its first forward (the prefill) did not run on that device")
+        B = st.seq_lens.shape[0]
+        if handle.key.shape[0] != B:
+            raise ValueError(f"the cache holds {B} sequences but this forward has a batch of {handle.key.shape[0]}; "
+                             f"reset() the cache to start a new batch")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B):
+            raise ValueError(f"attention_mask must be 2-D with one row per sequence ({B}), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        if handle.layer_idx == st.first_layer:
+            if handle.layer_idx == 0 and not torch.compiler.is_compiling():
+                # Eager: the host knows the column count without a sync (captured steps rely on the device flag).
+                if self._cols_bound >= self.max_cache_len:
+                    raise CacheExhaustedError(
+                        f"PagedKVCache (reserved, max_cache_len={self.max_cache_len}) is full: this decode step "
+                        f"needs column {self._cols_bound + 1}. Nothing was written. Create the cache with a larger "
+                        f"max_cache_len (generate: max_length), or reset() it.",
+                        capacity=self.allocator.num_blocks, free=self.allocator.num_free, demand=1)
+                self._cols_bound += 1
+            self._advance(st, attention_mask)
+        return st.plan
+
+    def _advance(self, st: _Reserved, attention_mask) -> None:
+        """One decode column on ``st``'s buffers, in place: which rows' tokens are real (the mask's column ``seen``:
+        the last one of a ``[B, seen + 1]`` mask, or inside one right-padded to max_cache_len), their slots, the
+        lengths, the history. Past max_cache_len nothing is stored and ``overflow`` is set."""
+        B, W, bs = st.seq_lens.shape[0], self.max_cache_len, self.block_size
+        col = st.seen.clamp(max=W - 1).view(1, 1).expand(B, 1)
+        if attention_mask is None:
+            real = torch.ones((B,), dtype=torch.bool, device=st.device)
+        else:
+            mask = attention_mask.to(st.device)
+            real = mask.gather(1, st.seen.clamp(max=mask.shape[1] - 1).view(1, 1).expand(B, 1)).squeeze(1).bool()
+        fits = st.seen < W
+        ok = real & fits
+        pos = st.seq_lens.long()
+        page = st.block_tables.gather(1, (pos.clamp(max=self.pages_per_sequence * bs - 1) // bs).unsqueeze(1))
+        st.slot_mapping.copy_(torch.where(ok, page.squeeze(1).long() * bs + pos % bs, torch.full_like(pos, -1)))
+        st.seq_lens.add_(ok.to(torch.int32))
+        st.history.scatter_(1, col, torch.where(fits, real, st.history.gather(1, col).squeeze(1)).unsqueeze(1))
+        st.overflow.logical_or_(~fits)
+        st.seen.add_(fits.to(torch.int64))
+        self._dirty = True
+
+    def _lead_rsv(self) -> _Reserved:
+        """The buffers of the lowest layer's device (every device's hold the same values)."""
+        return next(st for st in self._rsv_by_layer if st is not None)
+
+    def _pull(self) -> None:
+        """Reserved mode: read the device buffers back into the host mirror after decode steps (one sync)."""
+        if not self._dirty:
+            return
+        st = self._lead_rsv()
+        self._lens = st.seq_lens.tolist()
+        self._seen = int(st.seen)
+        self._history = [st.history[:, :self._seen].cpu()]
+        self._cols_bound = self._seen
+        self._dirty = False
+        if bool(st.overflow):
+            for s in self._rsv.values():
+                s.overflow.zero_()
+            raise CacheExhaustedError(
+                f"PagedKVCache (reserved, max_cache_len={self.max_cache_len}): a captured decode step ran past "
+                f"{self.max_cache_len} columns; its token was not stored and its output did not see it. The cache "
+                f"holds what it held before that step. Create the cache with a larger max_cache_len (generate: "
+                f"max_length), or reset() it.", capacity=self.allocator.num_blocks, free=self.allocator.num_free,
+                demand=1)
+
+    def _host_buffers(self) -> tuple:
+        B, W = len(self._lens), self.max_cache_len
+        history = torch.zeros((B, W), dtype=torch.bool)
+        if self._seen:
+            history[:, :self._seen] = torch.cat(self._history, 1)
+        return (self._bt_host[:, :self.pages_per_sequence], torch.tensor(self._lens, dtype=torch.int32), history)
+
+    def _new_rsv(self, device: torch.device, first_layer: int) -> _Reserved:
+        with torch.inference_mode(False):  # normal tensors: host code outside inference mode updates them in place
+            return self._make_rsv(device, first_layer)
+
+    def _make_rsv(self, device: torch.device, first_layer: int) -> _Reserved:
+        bt, lens, history = self._host_buffers()
+        B = lens.shape[0]
+        bufs = dict(block_tables=bt.to(device, copy=True), seq_lens=lens.to(device),
+                    slot_mapping=torch.full((B,), -1, dtype=torch.int64, device=device),
+                    seen=torch.tensor(self._seen, dtype=torch.int64, device=device), history=history.to(device),
+                    overflow=torch.zeros((), dtype=torch.bool, device=device))
+        for t in bufs.values():
+            torch._dynamo.mark_static_address(t)
+        plan = StepPlan(step=-1, batch_size=B, q_len=1, device=device, slot_mapping=bufs["slot_mapping"],
+                        block_tables=bufs["block_tables"], seq_lens=bufs["seq_lens"],
+                        q_lens=torch.ones((B,), dtype=torch.int32, device=device),
+                        max_seq_len=self.pages_per_sequence * self.block_size, decode=True, q_index=None)
+        return _Reserved(device=device, plan=plan, first_layer=first_layer, **bufs)
+
+    def _bind(self, layer_idx: int, device: torch.device) -> None:
+        """Reserved mode: layer ``layer_idx`` runs on ``device``; its decode steps use that device's buffers."""
+        st = self._rsv.get(device)
+        if st is None or st.seq_lens.shape[0] != len(self._lens):
+            first = layer_idx if st is None else min(st.first_layer, layer_idx)
+            st = self._rsv[device] = self._new_rsv(device, first)
+            self._rsv_by_layer = [st if (o is not None and o.device == device) else o for o in self._rsv_by_layer]
+        elif layer_idx < st.first_layer:
+            st.first_layer = layer_idx
+        self._rsv_by_layer[layer_idx] = st
+
+    def _push(self) -> None:
+        """Reserved mode: copy the host mirror into every device's buffers (in place while the batch keeps its
+        size, so their addresses hold), after the host changed it (a prefill, crop, beam reorder)."""
+        self._cols_bound = self._seen
+        self._dirty = False
+        if not self._rsv:
+            return
+        bt, lens, history = self._host_buffers()
+        for device, st in list(self._rsv.items()):
+            if st.seq_lens.shape[0] != lens.shape[0]:  # another batch size: new buffers
+                new = self._rsv[device] = self._new_rsv(device, st.first_layer)
+                self._rsv_by_layer = [new if o is st else o for o in self._rsv_by_layer]
+                continue
+            st.block_tables.copy_(bt)
+            st.seq_lens.copy_(lens)
+            st.seen.fill_(self._seen)
+            st.history.copy_(history)
+            st.overflow.zero_()
+            st.slot_mapping.fill_(-1)
+
+    def _reserve_rows(self) -> None:
+        """Reserved mode, after a crop or a beam reorder: every sequence gets private pages from the one its next
+        token goes to on (a shared partial page is copied), and pages up to pages_per_sequence again."""
+        bs, src, dst = self.block_size, [], []
+        for b, t in enumerate(self._tables):
+            start = self._lens[b] // bs
+            for j in range(start, len(t)):
+                if self.allocator.refcount(t[j]) > 1:
+                    (fresh,) = self.allocator.allocate(1)
+                    self.allocator.decref([t[j]])
+                    if j == start and self._lens[b] % bs:
+                        src.append(t[j])
+                        dst.append(fresh)
+                    t[j] = fresh
+            if len(t) < self.pages_per_sequence:
+                t.extend(self.allocator.allocate(self.pages_per_sequence - len(t)))
+        if src:
+            self._copy_pages(src, dst)
+        self._rebuild_bt_host()
+        self._push()
 
     def _plan_on(self, device: torch.device) -> StepPlan:
         """The step's plan with its tensors on ``device`` (a layer of a device_map on another device than the
@@ -825,6 +1095,7 @@ class PagedKVCache(Cache):
 
     def memory(self) -> CacheMemory:
         """Bytes reserved by the pages vs bytes holding tokens (see ``CacheMemory``)."""
+        self._pull()
         per_token = 0  # K + V of one token over all layers (a layer without pages yet: as it will be made)
         for k in self._k_pages:
             if k is None:
@@ -847,7 +1118,8 @@ class PagedKVCache(Cache):
     def __repr__(self) -> str:
         # One short line that does not change from step to step (transformers puts it in messages); the contents
         # are in memory() and seq_lens().
-        kind = "growable" if self.growable else "fixed"
+        kind = (f"reserved {self.max_batch_size} x {self.max_cache_len}" if self.reserved else
+                "growable" if self.growable else "fixed")
         return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, {str(self.dtype).replace('torch.', '')}, {kind})")
 
