@@ -181,7 +181,16 @@ def _decode(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: 
     k_pages, v_pages = cache.pages(handle.layer_idx)
     q = query.squeeze(2)  # [B, Hq, D], a view
     scalars = (scale, window, softcap)
-    if scalars in plan.direct and not _is_compiling() and not _function_mode():
+    if _is_compiling():
+        # Traced: no Python state may change from step to step (it would be guarded on and recompile), so no plan
+        # dict, no backend tracking; the split count is a constant of the shapes.
+        splits = _splits_constant(q.device.type, q.device.index, q.shape[0], q.shape[1], k_pages.shape[2],
+                                  k_pages.shape[3], plan.max_seq_len, window)
+        cache.write(handle, plan)
+        return paged_ops.paged_decode_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, scale,
+                                                sliding_window=window, softcap=softcap, num_splits=splits,
+                                                max_seq_len=plan.max_seq_len)
+    if not _function_mode() and scalars in plan.direct:
         out = _decode_direct(plan, handle, q, k_pages, v_pages, scalars)
         if out is not None:
             return out
@@ -217,15 +226,25 @@ def _decode_direct(plan: StepPlan, handle: PagedKV, q, k_pages, v_pages, scalars
     return out
 
 
-def _decode_num_splits(query, k_pages, max_seq_len: int, window) -> int | None:
+@torch.compiler.assume_constant_result
+def _splits_constant(device_type: str, device_index, B: int, Hq: int, Hkv: int, D: int, max_seq_len: int,
+                     window) -> int | None:
+    """``_decode_num_splits`` from plain values, a constant to torch.compile (the heuristics are host Python)."""
+    query = torch.empty((B, Hq, 1, D), device="meta")
+    return _decode_num_splits(query, torch.empty((1, 1, Hkv, D), device="meta"), max_seq_len, window,
+                              torch.device(device_type, device_index))
+
+
+def _decode_num_splits(query, k_pages, max_seq_len: int, window, device=None) -> int | None:
     """The Triton decode kernel's split count for this step, computed once per (forward, window) instead of per
     layer. None lets the op decide: the C++ CPU kernel picks its own from the thread count (the Triton heuristic
     sizes for GPU SMs; on CPU it is only needed when Triton runs in the interpreter), the reference ignores it."""
-    if query.device.type == "cpu" and not backends.triton_interpret():
+    device = query.device if device is None else device
+    if device.type == "cpu" and not backends.triton_interpret():
         return None
     try:
         return paged_ops.decode_num_splits(query.shape[0], query.shape[1], k_pages.shape[2], k_pages.shape[3],
-                                           max_seq_len, sliding_window=window, device=query.device)
+                                           max_seq_len, sliding_window=window, device=device)
     except ImportError:  # no triton: the reference backend runs and needs no split count
         return None
 
@@ -259,6 +278,8 @@ class _InstallState:
     options: dict
     hooked: bool  # generate()'s cache hook was installed (the model has generate)
     warned: set = dataclasses.field(default_factory=set)  # fallbacks already said once for this model
+    had_masks_attr: bool = False  # the instance had its own create_masks_for_generate before install
+    prev_masks_attr: object = None
 
 
 def is_installed(model) -> bool:
@@ -336,6 +357,18 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         impl = generation_config.cache_implementation
         if given is not None and not isinstance(given, PagedKVCache):
             _check_foreign_cache(self, given)
+        elif given is not None and given.reserved and given.max_cache_len < max_cache_length:
+            raise ValueError(f"generate() needs up to {max_cache_length} columns (max_length) but the PagedKVCache "
+                             f"passed reserves max_cache_len={given.max_cache_len}: create it with max_cache_len >= "
+                             f"{max_cache_length}, or generate fewer tokens")
+        elif given is None and generation_config.use_cache is not False and impl == "static":
+            # transformers' torch.compile recipe: a reserved PagedKVCache, the capturable one (llmkern.cache).
+            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            model_kwargs[key] = PagedKVCache(
+                self.config, block_size=options["block_size"], max_batch_size=rows, max_cache_len=max_cache_length,
+                dtype=self.dtype, device=dict.fromkeys(range(_decoder_dims(self.config)[0])),
+                num_kv_heads=placement(self).kv_heads)
+            return None
         elif given is None and generation_config.use_cache is not False and impl not in (None, "dynamic"):
             _check_cache_implementation(self, impl)
         wants_default = (given is None and generation_config.use_cache is not False and impl in (None, "dynamic")
@@ -361,8 +394,38 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         return None
 
     d["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
+
+    # With a compileable (reserved) cache, generate builds each step's mask ahead with `create_masks_for_generate`,
+    # outside the forward, as a fixed-size 4-D tensor for transformers' attention. llmkern's attention takes the
+    # 2-D padding mask: this hook hands it on, right-padded to max_cache_len, so a compiled step sees one shape.
+    had_masks = "create_masks_for_generate" in d
+    prev_masks = d.get("create_masks_for_generate")
+
+    def create_masks_for_generate(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, PagedKVCache):
+            return _padded_mask(kwargs.get("attention_mask"), cache)
+        if had_masks:
+            return prev_masks(*args, **kwargs)
+        own = getattr(type(model), "create_masks_for_generate", None)
+        if own is not None:
+            return own(model, *args, **kwargs)
+        from transformers.masking_utils import create_masks_for_generate as generic
+
+        return generic(*args, **kwargs)
+
+    d["create_masks_for_generate"] = create_masks_for_generate
     d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
-                                   options=options, hooked=True)
+                                   options=options, hooked=True, had_masks_attr=had_masks,
+                                   prev_masks_attr=prev_masks)
+
+
+def _padded_mask(mask, cache: PagedKVCache):
+    """The 2-D padding mask, right-padded with zeros to the reserved cache's max_cache_len (what
+    ``PagedKVCache.plan`` reads there: column ``seen`` is the step's)."""
+    if mask is None or not cache.reserved or mask.dim() != 2 or mask.shape[1] >= cache.max_cache_len:
+        return mask
+    return torch.nn.functional.pad(mask, (0, cache.max_cache_len - mask.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -497,7 +560,8 @@ def _check_foreign_cache(model, cache) -> None:
     name = type(cache).__name__
     if getattr(cache, "is_compileable", False):
         raise ValueError(f"generate() got a {name} (a static cache), which a model on llmkern paged attention cannot "
-                         f"use. Pass no cache (generate then creates a llmkern.PagedKVCache) or a PagedKVCache, or "
+                         f"use. Pass no cache (generate then creates a llmkern.PagedKVCache), cache_implementation='static' or a "
+                         f"PagedKVCache(config, max_batch_size=..., max_cache_len=...) for a compileable one, or "
                          f"patch the model with attention=False to keep transformers' attention and static caches.")
     _warn_once(model, name, f"generate() got a {name}: llmkern's paged attention kernels are not used for it (the "
                             f"attention runs transformers' SDPA over that cache). Pass no cache, or a "
@@ -507,13 +571,15 @@ def _check_foreign_cache(model, cache) -> None:
 def _check_cache_implementation(model, impl: str) -> None:
     from transformers.generation import utils
 
-    static = set(getattr(utils, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ())) | {"static", "offloaded_static",
-                                                                           "sliding_window", "hybrid"}
+    static = set(getattr(utils, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ())) | {"offloaded_static", "sliding_window",
+                                                                           "hybrid"}
     if impl in static:
         raise ValueError(f"cache_implementation={impl!r} does not work on a model running llmkern paged attention "
                          f"(transformers' static caches need 4-D masks, llmkern's attention takes the 2-D padding "
-                         f"mask). Leave cache_implementation unset: generate() then uses a llmkern.PagedKVCache. To "
-                         f"use a static cache, patch the model with attention=False (or llmkern.unpatch it).")
+                         f"mask). Leave cache_implementation unset (generate() then uses a growable "
+                         f"llmkern.PagedKVCache) or set it to 'static' (a reserved, compileable PagedKVCache). To use "
+                         f"a transformers static cache, patch the model with attention=False (or llmkern.unpatch "
+                         f"it).")
     _warn_once(model, impl, f"cache_implementation={impl!r}: llmkern's paged attention kernels are not used for "
                             f"this call (the attention runs transformers' SDPA over its {impl} cache). Leave "
                             f"cache_implementation unset to use them.")
@@ -544,4 +610,8 @@ def uninstall(model) -> None:
         d["_prepare_cache_for_generation"] = state.prev_prepare_attr
     elif state.hooked:
         d.pop("_prepare_cache_for_generation", None)
+    if state.had_masks_attr:
+        d["create_masks_for_generate"] = state.prev_masks_attr
+    elif state.hooked:
+        d.pop("create_masks_for_generate", None)
     del d[_STATE_ATTR]
