@@ -71,12 +71,14 @@ def test_dynamic_cache_on_a_patched_model_is_said_once():
 # -- item 5: static caches and a PagedKVCache on an unpatched model ---------------------------------------------------
 
 
-def test_static_cache_implementation_on_a_patched_model_is_a_clear_error():
+def test_static_cache_implementations_other_than_static_on_a_patched_model_are_a_clear_error():
+    """'static' gives a reserved PagedKVCache (tests/test_graph_ready.py); transformers' other static layouts
+    cannot run on the paged attention and say what works instead."""
     model = testing.tiny_model("llama-tiny")
     llmkern.patch(model)
-    with pytest.raises(ValueError, match=r"cache_implementation='static' .*Leave cache_implementation unset.*"
-                                         r"attention=False"):
-        _gen(model, _ids(6), 3, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"cache_implementation='offloaded_static' .*Leave cache_implementation "
+                                         r"unset.*'static'.*attention=False"):
+        _gen(model, _ids(6), 3, cache_implementation="offloaded_static")
 
 
 def test_static_cache_object_on_a_patched_model_is_a_clear_error():
