@@ -323,6 +323,11 @@ class PagedKVCache(Cache):
         block_size: tokens per page, a power of two in 1..256.
         num_blocks: pages per layer. Fixed capacity (a step that needs more raises ``CacheExhaustedError``) unless
             ``growable=True``, when it is the initial size.
+        memory_fraction: alternative to ``num_blocks``/``max_memory_bytes``, as vLLM's ``gpu_memory_utilization``
+            sizes its pool: a fixed pool of this fraction (0 < f <= 1) of the memory free on the pages' device(s) at
+            construction (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of /proc/meminfo), allocated up
+            front; with a device map, each device gives its share for the layers it holds and the smallest pool
+            wins. Needs every layer's device (``device=`` a device or a map without None; None alone means CPU).
         max_memory_bytes: alternative to ``num_blocks``: a fixed pool of as many pages as fit, K and V of all layers
             included, allocated up front. Too small for one block of every layer is a ``ValueError``.
         dtype, device: of the pages. Default: the first K/V written (a cache with a fixed capacity allocates at
@@ -359,13 +364,24 @@ class PagedKVCache(Cache):
     def __init__(self, config, *, block_size: int = 16, num_blocks: int | None = None,
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
                  device=None, max_batch_size: int | None = None, growable: bool | None = None,
-                 num_kv_heads: int | None = None, max_cache_len: int | None = None):
+                 num_kv_heads: int | None = None, max_cache_len: int | None = None,
+                 memory_fraction: float | None = None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
         if num_blocks is not None and max_memory_bytes is not None:
             raise ValueError(f"pass num_blocks or max_memory_bytes, not both; got num_blocks={num_blocks} and "
                              f"max_memory_bytes={max_memory_bytes}")
+        if memory_fraction is not None:
+            if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) or not (
+                    0 < memory_fraction <= 1):
+                raise ValueError(f"memory_fraction must be a number in (0, 1], the share of the device's free memory "
+                                 f"the pool takes, got {memory_fraction!r}")
+            given = [n for n, v in (("num_blocks", num_blocks), ("max_memory_bytes", max_memory_bytes),
+                                    ("max_cache_len", max_cache_len)) if v is not None]
+            if given or growable:
+                raise ValueError(f"memory_fraction={memory_fraction} sizes a fixed pool; it cannot be combined with "
+                                 f"{', '.join(given) or 'growable=True'}")
         for name, v in (("num_blocks", num_blocks), ("max_memory_bytes", max_memory_bytes),
                         ("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -403,6 +419,8 @@ class PagedKVCache(Cache):
         self._default_device = (torch.device("cpu") if device is None
                                 else next((d for d in self._layer_devices if d is not None), torch.device("cpu")))
         upfront = ([torch.device("cpu")] * self.num_layers if device is None else self._layer_devices)
+        if memory_fraction is not None:
+            num_blocks = self._blocks_for_fraction(memory_fraction, upfront, self._default_dtype)
 
         if max_memory_bytes is not None:
             per_block = self._bytes_per_block(self._default_dtype)
@@ -453,6 +471,23 @@ class PagedKVCache(Cache):
         return [None if device[i] is None else torch.device(device[i]) for i in range(self.num_layers)]
 
     # -- sizes -----------------------------------------------------------------------------------------------------
+
+    def _blocks_for_fraction(self, fraction: float, devices: list, dtype: torch.dtype) -> int:
+        if any(d is None for d in devices):
+            raise ValueError("memory_fraction needs every layer's device: pass device= a device, or a map without "
+                             "None entries (or max_memory_bytes instead)")
+        per_layer_block = self._bytes_per_block(dtype) // self.num_layers  # K + V of one block of one layer
+        blocks = []
+        for dev in dict.fromkeys(devices):
+            layers = sum(d == dev for d in devices)
+            free = _free_bytes(dev)
+            blocks.append(int(fraction * free) // (per_layer_block * layers))
+        n = min(blocks)
+        if n < 1:
+            free = ", ".join(f"{d}: {_free_bytes(d)} bytes" for d in dict.fromkeys(devices))
+            raise ValueError(f"memory_fraction={fraction} of the free memory ({free}) does not hold one block of "
+                             f"every layer ({per_layer_block} bytes per layer and block)")
+        return n
 
     def _bytes_per_block(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -1122,6 +1157,25 @@ class PagedKVCache(Cache):
                 "growable" if self.growable else "fixed")
         return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"block_size={self.block_size}, {str(self.dtype).replace('torch.', '')}, {kind})")
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: CUDA from the driver, CPU from the kernel's MemAvailable (Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    raise ValueError(f"memory_fraction sizes pools on CUDA or CPU devices, got {device}; pass max_memory_bytes")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:  # "cuda" (None index) matches any cuda:i

@@ -247,3 +247,33 @@ def test_fixed_pool_from_memory_budget_is_allocated_up_front(device):
     assert not cache.growable and m.reserved_bytes == m.peak_bytes == 3 * per_block
     with pytest.raises(ValueError, match="cannot be growable"):
         PagedKVCache(CFG, max_memory_bytes=3 * per_block, growable=True, device=device)
+
+
+def test_fixed_pool_from_a_fraction_of_free_memory(monkeypatch):
+    """memory_fraction sizes the pool from the memory free on each device (vLLM's gpu_memory_utilization): with a
+    device map each device pays for the layers it holds, and the smallest pool wins."""
+    from llmkern import cache as C
+
+    per_block = 2 * L * 16 * HKV * D * 4
+    real = C._free_bytes("cpu")
+    assert 0 < real <= 1 << 50  # this machine's MemAvailable, read for real
+    cache = PagedKVCache(CFG, block_size=16, memory_fraction=1e-6, device="cpu")
+    assert abs(cache.allocator.num_blocks - int(1e-6 * real) // per_block) <= 1  # free memory moves a little
+    free = {"cpu": 10 * per_block, "meta": 3 * per_block}
+    monkeypatch.setattr(C, "_free_bytes", lambda d: free[torch.device(d).type])
+    cache = PagedKVCache(CFG, block_size=16, memory_fraction=0.5, device="cpu")
+    assert cache.allocator.num_blocks == 5 and not cache.growable
+    assert cache.memory().reserved_bytes == 5 * per_block
+    # layer 0 on cpu (10 blocks' worth free, one layer: 20 blocks fit in half), layer 1 on meta (3: 3 fit in half)
+    cache = PagedKVCache(CFG, block_size=16, memory_fraction=0.5, device={0: "cpu", 1: "meta"})
+    assert cache.allocator.num_blocks == 3
+    with pytest.raises(ValueError, match="does not hold one block of every layer"):
+        PagedKVCache(CFG, block_size=16, memory_fraction=0.01, device="cpu")
+    with pytest.raises(ValueError, match="needs every layer's device"):
+        PagedKVCache(CFG, memory_fraction=0.5, device={0: "cpu", 1: None})
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="memory_fraction must be a number in"):
+            PagedKVCache(CFG, memory_fraction=bad)
+    for extra in (dict(num_blocks=4), dict(max_memory_bytes=per_block), dict(growable=True)):
+        with pytest.raises(ValueError, match="sizes a fixed pool; it cannot be combined"):
+            PagedKVCache(CFG, memory_fraction=0.5, **extra)
