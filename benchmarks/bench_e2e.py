@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     if any(n in COMPILED for n in names):
         notes.append(f"+compile providers: transformers' static cache + CompileConfig(fullgraph={args.fullgraph}, "
                      f"backend='inductor'), _compile_all_devices=True; each first runs one untimed warm-up "
-                     f"generate of the same shapes (compile time = its wall time)")
+                     f"generate of the same shapes (compile time = its first decode step, minus a timed step)")
 
     import llmkern
 
