@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+OURS = REPO / "kernels"  # the directory that must never be the top-level `kernels` (a venv inside REPO may hold HF's)
 
 
 def _under_repo(path) -> bool:
+    """Whether ``path`` is in this repository's ``kernels/``."""
     if not path:
         return False
     try:
-        return Path(path).resolve().is_relative_to(REPO)
+        return Path(path).resolve().is_relative_to(OURS)
     except (OSError, ValueError):
         return False
 
@@ -49,7 +51,7 @@ def _python(code: str, cwd, **env) -> subprocess.CompletedProcess:
 def test_top_level_kernels_is_not_this_repo(tmp_path):
     r = _python("import importlib.util as u; print(u.find_spec('kernels'))", cwd=tmp_path)
     found = r.stdout.strip()
-    assert found == "None" or str(REPO) not in found, f"`kernels` resolves into this repository: {found}"
+    assert found == "None" or f"{OURS}{os.sep}" not in found, f"`kernels` resolves into this repository: {found}"
 
 
 def test_import_kernels_does_not_load_ours(tmp_path):
@@ -76,6 +78,30 @@ def test_llmkern_kernels_importable(tmp_path):
     assert name == "llmkern.kernels.rms_norm"
     assert Path(path).name == "rms_norm.py"
     assert all(callables)
+
+
+def test_import_kernels_from_the_repository_root_is_never_ours():
+    """From the checkout's root (``python -m llmkern demo``, a script there) ``./kernels`` is on sys.path first.
+    ``import kernels`` must then give Hugging Face's package when it is installed (transformers >= 5.25 requires it
+    and imports it at load time) and ModuleNotFoundError when it is not, never this repository's directory."""
+    code = (
+        "import json, importlib.metadata as md\n"
+        "try:\n"
+        "    md.distribution('kernels'); hf = True\n"
+        "except md.PackageNotFoundError:\n"
+        "    hf = False\n"
+        "try:\n"
+        "    import kernels\n"
+        "    origin = kernels.__file__\n"
+        "except ModuleNotFoundError as e:\n"
+        "    assert e.name == 'kernels', e\n"
+        "    origin = None\n"
+        "import transformers.models.auto.modeling_auto\n"  # transformers' own import of `kernels` must work here
+        "print(json.dumps([hf, origin]))\n"
+    )
+    hf, origin = json.loads(_python(code, cwd=REPO).stdout)
+    assert not _under_repo(origin), f"`import kernels` loaded {origin}"
+    assert (origin is not None) == hf, (hf, origin)
 
 
 def test_transformers_does_not_mistake_ours_for_hf_kernels():
