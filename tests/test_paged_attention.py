@@ -90,6 +90,15 @@ def oracle(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
     return p @ v
 
 
+def error_scale(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
+    """``sum_k p_k |v_k|`` per output: the magnitude an output's rounding errors scale with (the ``scale`` of
+    ``llmkern.testing.assert_no_worse_than_eager``). ``max|out|`` is the wrong one for attention: averaging many
+    values of mixed sign makes an output far smaller than the terms it was rounded from (a row over 300 keys comes
+    out ~3x smaller), and the 1.5 x eager term then compares two single rounding errors, which differ with the CPU's
+    instruction set (AVX-512 against AVX2 torch kernels)."""
+    return oracle(q4, K, V.abs(), lens, q_lens, scale, window, softcap)
+
+
 def eager(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
     """HF eager attention in q4's dtype, ``[B, Hq, S, D]`` (padding rows: whatever eager gives)."""
     dtype = q4.dtype
@@ -114,8 +123,9 @@ def check_decode(q, kc, vc, bt, seq_lens, K, V, lens, scale, *, what, **kw):
     w, c = opts.get("sliding_window"), opts.get("softcap")
     ref = oracle(q4, K, V, lens, ones, scale, w, c).squeeze(2)
     eag = eager(q4, K, V, lens, ones, scale, w, c).squeeze(2)
+    mag = error_scale(q4, K, V, lens, ones, scale, w, c).squeeze(2)
     live = torch.tensor(lens) > 0
-    assert_no_worse_than_eager(out.cpu()[live], eag[live], ref[live], what=what)
+    assert_no_worse_than_eager(out.cpu()[live], eag[live], ref[live], what=what, scale=mag[live].max().item())
     assert (out.cpu()[~live] == 0).all()
     return out
 
@@ -322,10 +332,12 @@ def check_prefill(q4, kc, vc, bt, sl, ql, K, V, lens, q_lens, scale, *, what, **
     w, c = kw.get("sliding_window"), kw.get("softcap")
     ref = oracle(q4, K, V, lens, q_lens, scale, w, c)
     eag = eager(q4, K, V, lens, q_lens, scale, w, c)
+    mag = error_scale(q4, K, V, lens, q_lens, scale, w, c)
     S = q4.shape[2]
     for b, n in enumerate(q_lens):
         if n:
-            assert_no_worse_than_eager(out[b, :, S - n:], eag[b, :, S - n:], ref[b, :, S - n:], what=f"{what} b={b}")
+            assert_no_worse_than_eager(out[b, :, S - n:], eag[b, :, S - n:], ref[b, :, S - n:], what=f"{what} b={b}",
+                                       scale=mag[b, :, S - n:].max().item())
         assert (out[b, :, : S - n] == 0).all(), f"{what}: padding rows of sequence {b} are not zero"
 
 
