@@ -55,21 +55,22 @@ HF_INTERNALS = {
     "apply_rotary_pos_emb": "the attention forward (below any decorator, e.g. 5.24's @deprecate_kwarg) calls the "
                             "module-global apply_rotary_pos_emb(q, k, cos, sin) with q/k [B, H, S, D] and cos/sin "
                             "[B, S, rotary_dim]; a decorator holds the function it wraps in a closure cell "
-                            "(functools.wraps). Checked: 5.4 (the floor, undecorated) and 5.24 (@deprecate_kwarg).",
+                            "(functools.wraps). Checked: 5.4 (the floor, undecorated), 5.24 and 5.25 "
+                            "(@deprecate_kwarg).",
     "decoder_layer": "a decoder layer has input_layernorm, self_attn, post_attention_layernorm, mlp and computes "
                      "x + attn(norm(x)), then h + mlp(norm(h)); its forward takes hidden_states plus keywords and "
                      "hands them to self_attn (the cache as past_key_values up to 5.23, as cache from 5.24). "
-                     "Checked: 5.4 (the floor) and 5.24.",
+                     "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "rms_norm": "RMSNorm modules have .weight and .variance_epsilon; variance in fp32, cast back before the weight. "
-                "Checked: 5.4 (the floor) and 5.24.",
+                "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "mlp": "the MLP has gate_proj/up_proj/down_proj and act_fn (SiLU): down(act(gate(x)) * up(x)). "
-           "Checked: 5.4 (the floor) and 5.24.",
+           "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "attention_interface": "AttentionInterface / AttentionMaskInterface registration and "
-                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.4 (the floor) "
-                           "and 5.24.",
+                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.4 (the floor), "
+                           "5.24 and 5.25.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
-                           "Checked: 5.4 (the floor) and 5.24.",
+                           "Checked: 5.4 (the floor), 5.24 and 5.25.",
 }
 
 
