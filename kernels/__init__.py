@@ -15,8 +15,8 @@ if __name__ == "kernels":
     import sys as _sys
     from importlib.machinery import PathFinder as _PathFinder
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _path = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _path = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != _root]
     _spec = _PathFinder.find_spec("kernels", _path)
     del _sys.modules["kernels"]
     if _spec is None or _spec.loader is None:  # not installed (None), or only namespace directories

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS = REPO / "kernels"  # the directory that must never be the top-level `kernels` (a venv inside REPO may hold HF's)
 
 
-def _under_repo(path) -> bool:
+def _is_ours(path) -> bool:
     """Whether ``path`` is in this repository's ``kernels/``."""
     if not path:
         return False
@@ -65,7 +65,7 @@ def test_import_kernels_does_not_load_ours(tmp_path):
         "print(json.dumps(origin))\n"
     )
     origin = json.loads(_python(code, cwd=tmp_path).stdout)
-    assert origin is None or not _under_repo(origin), f"`import kernels` loaded {origin}"
+    assert origin is None or not _is_ours(origin), f"`import kernels` loaded {origin}"
 
 
 def test_llmkern_kernels_importable(tmp_path):
@@ -100,7 +100,7 @@ def test_import_kernels_from_the_repository_root_is_never_ours():
         "print(json.dumps([hf, origin]))\n"
     )
     hf, origin = json.loads(_python(code, cwd=REPO).stdout)
-    assert not _under_repo(origin), f"`import kernels` loaded {origin}"
+    assert not _is_ours(origin), f"`import kernels` loaded {origin}"
     assert (origin is not None) == hf, (hf, origin)
 
 
@@ -123,13 +123,13 @@ def test_transformers_does_not_mistake_ours_for_hf_kernels():
 def test_no_top_level_kernels_in_process(monkeypatch):
     # Nothing in this test process imported our kernels/ as a top-level `kernels`.
     mod = sys.modules.get("kernels")
-    assert mod is None or not _under_repo(getattr(mod, "__file__", None)), f"`kernels` is {mod}"
+    assert mod is None or not _is_ours(getattr(mod, "__file__", None)), f"`kernels` is {mod}"
     # `python -m pytest` puts its working directory on sys.path (python -m semantics, not the installation); from
     # the repository root that makes ./kernels findable. Judge the installation, so leave that one entry out.
     invocation = {"", os.getcwd()}
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in invocation])
     spec = importlib.util.find_spec("kernels")
-    assert spec is None or not _under_repo(spec.origin), f"`kernels` resolves into this repository: {spec}"
+    assert spec is None or not _is_ours(spec.origin), f"`kernels` resolves into this repository: {spec}"
 
 
 def test_no_pth_puts_the_repo_root_on_sys_path():
