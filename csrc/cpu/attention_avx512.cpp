@@ -13,8 +13,9 @@
 //     converted to fp32 once per chunk and shared by the group's rows.
 //   * online softmax per 64-token chunk with a vector exp (same polynomial as kernels_impl.h's vexp).
 // Each K/V row of the range is read from memory once per (sequence, KV head) whatever the group size; the chunk's
-// rows are then re-read from L1 by the group's query rows. fp32 accumulation throughout; FMAs round once where
-// eager's unfused matmul rounds twice, so the error is no larger than eager's.
+// rows are then re-read from L1 by the group's query rows. fp32 accumulation throughout, each chunk's P @ V and
+// softmax sums started from zero and merged once per chunk, and one division at the end: the fp32 error stays within
+// the bound llmkern/testing.py derives for this algorithm, and within a few eps of the output's scale.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -226,13 +227,17 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
         _mm512_storeu_ps(sm + 16 * b, p);
         vsum = _mm512_add_ps(vsum, p);
       }
-      r.den[m] = r.den[m] * alpha + _mm512_reduce_add_ps(vsum);
+      // The chunk's sums start from zero and join the running ones with one FMA each (acc * alpha + chunk):
+      // a token's product passes through at most CH + (chunks) additions instead of every one before it, which
+      // is what keeps long contexts within eager's blocked-matmul error (tests/test_extension.py derives the
+      // bound).
+      r.den[m] = std::fma(r.den[m], alpha, _mm512_reduce_add_ps(vsum));
       r.mx[m] = m_new;
       float* am = r.acc + m * D;
       __m512 acc[ND];
       const __m512 va = _mm512_set1_ps(alpha);
 #pragma GCC unroll 16
-      for (int i = 0; i < ND; ++i) acc[i] = _mm512_mul_ps(_mm512_loadu_ps(am + 16 * i), va);
+      for (int i = 0; i < ND; ++i) acc[i] = _mm512_setzero_ps();
       for (int j = 0; j < n; ++j) {
         const __m512 p = _mm512_set1_ps(sm[j]);
         const float* v = r.vbuf + j * D;
@@ -240,7 +245,7 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
         for (int i = 0; i < ND; ++i) acc[i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * i), acc[i]);
       }
 #pragma GCC unroll 16
-      for (int i = 0; i < ND; ++i) _mm512_storeu_ps(am + 16 * i, acc[i]);
+      for (int i = 0; i < ND; ++i) _mm512_storeu_ps(am + 16 * i, _mm512_fmadd_ps(_mm512_loadu_ps(am + 16 * i), va, acc[i]));
     }
   }
 }
@@ -325,8 +330,8 @@ void decode_items(const DecodeArgs& a, int64_t i0, int64_t i1) {
                    a.block_tables + b * a.sbt, a.BS, a.Hkv * D * es, h * D * es};
     attend<KIND, ND>(pg, r, t0, t1);
     for (int64_t g = 0; g < G; ++g) {
-      const float inv = 1.f / w.den[g];
-      for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = w.acc[g * D + d] * inv;
+      // A division, not a multiply by 1 / den: one rounding instead of two.
+      for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = w.acc[g * D + d] / w.den[g];
       plse[g * a.num_splits] = w.mx[g] + std::log(w.den[g]);
     }
   }
@@ -372,9 +377,9 @@ void prefill_items(const PrefillArgs& a, int64_t i0, int64_t i1) {
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t m = (s - s0) * G + g;
-        const float inv = w.den[m] > 0.f ? 1.f / w.den[m] : 0.f;  // a row with no visible key (padding): zeros
+        const float den = w.den[m];  // 0: a row with no visible key (padding) writes zeros
         const int64_t o = b * a.sob + (h * G + g) * a.soh + s * a.sos;
-        for (int64_t d = 0; d < D; ++d) stf(a.out, o + d * a.sod, w.acc[m * D + d] * inv, a.t);
+        for (int64_t d = 0; d < D; ++d) stf(a.out, o + d * a.sod, den > 0.f ? w.acc[m * D + d] / den : 0.f, a.t);
       }
   }
 }

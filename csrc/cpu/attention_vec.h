@@ -136,13 +136,16 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
     V::store(s + b * W, p);
     vsum = V::add(vsum, p);
   }
-  *row_sum = *row_sum * alpha + V::reduce_add(vsum);
+  // The chunk's sums start from zero and join the running ones with one FMA each (acc * alpha + chunk): a token's
+  // product passes through at most CH + (chunks) additions instead of every one before it (the error bound in
+  // tests/test_extension.py).
+  *row_sum = std::fma(*row_sum, alpha, V::reduce_add(vsum));
   *row_max = m_new;
   const reg va = V::set1(alpha);
   for (int p0 = 0; p0 < ND; p0 += PW) {
     reg o[PW];
 #pragma GCC unroll 16
-    for (int i = 0; i < PW; ++i) o[i] = V::mul(V::load(acc + (p0 + i) * W), va);
+    for (int i = 0; i < PW; ++i) o[i] = V::zero();
     for (int64_t j = 0; j < n; ++j) {
       const reg pj = V::set1(s[j]);
       const float* vj = vf + j * D + p0 * W;
@@ -150,7 +153,7 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
       for (int i = 0; i < PW; ++i) o[i] = V::fma(pj, V::load(vj + i * W), o[i]);
     }
 #pragma GCC unroll 16
-    for (int i = 0; i < PW; ++i) V::store(acc + (p0 + i) * W, o[i]);
+    for (int i = 0; i < PW; ++i) V::store(acc + (p0 + i) * W, V::fma(V::load(acc + (p0 + i) * W), va, o[i]));
   }
 }
 
@@ -235,9 +238,9 @@ struct DecodeRange {
       attend_rows<V, T, ND>(kv_head<V, T>(a.k_cache, a.v_cache, a.block_tables + it.b * a.sbt, a.BS, a.Hkv, it.h, D),
                             r, w, it.t0, it.t1);
       for (int64_t g = 0; g < G; ++g) {
-        const typename V::reg inv = V::set1(1.f / r.row_sum[g]);
+        const typename V::reg sum = V::set1(r.row_sum[g]);  // divided, not multiplied by 1 / sum: one rounding
         for (int64_t i = 0; i < D; i += V::W)
-          V::store(it.pout + g * ns * D + i, V::mul(V::load(r.acc + g * D + i), inv));
+          V::store(it.pout + g * ns * D + i, V::div(V::load(r.acc + g * D + i), sum));
         it.plse[g * ns] = r.row_max[g] + std::log(r.row_sum[g]);
       }
     }
@@ -283,10 +286,10 @@ struct PrefillRange {
       unsigned char* row = w.row_bytes.data();
       for (int64_t m = 0; m < r.M; ++m) {
         const int64_t s = s0 + m / G, g = m % G;
-        // A row with no visible key (padding) has sum 0 and writes zeros.
-        const typename V::reg inv = V::set1(r.row_sum[m] > 0.f ? 1.f / r.row_sum[m] : 0.f);
+        // A row with no visible key (padding) has sum 0 and writes zeros (0 / 1).
+        const typename V::reg sum = V::set1(r.row_sum[m] > 0.f ? r.row_sum[m] : 1.f);
         for (int64_t i = 0; i < D; i += V::W)
-          V::template store_as<T>(row + i * es, V::mul(V::load(r.acc + m * D + i), inv));
+          V::template store_as<T>(row + i * es, V::div(V::load(r.acc + m * D + i), sum));
         unsigned char* dst = static_cast<unsigned char*>(a.out) + (b * a.sob + (h * G + g) * a.soh + s * a.sos) * es;
         if (a.sod == 1)
           std::memcpy(dst, row, D * es);

@@ -1,10 +1,11 @@
 // Templated bodies of the CPU kernels declared in kernels.h. Included once per instruction set by
 // kernels_{avx512,avx2,generic}.cpp, each compiled with its own `#pragma GCC target`, inside namespace
 // llmkern::cpu::LLMKERN_ISA. Inner loops are written so GCC vectorises them (`#pragma omp simd`, no calls, no
-// branches); -ffp-contract=off keeps a*b + c*d as two roundings, the way eager torch computes it.
+// branches); -ffp-contract=off keeps a*b + c*d as two fp32 roundings, as eager torch computes it in fp32.
 //
-// Numerics follow Hugging Face eager: fp32 accumulation; RMSNorm rounds the normalised row to the input dtype
-// before the weight multiply; SwiGLU rounds silu's result to the dtype before the multiply.
+// Rounding to fp16/bf16 (README.md, "Where fp16/bf16 results are rounded"): RMSNorm rounds the normalised row to the
+// input dtype before the weight multiply and SwiGLU rounds silu's result before the multiply, as eager does; RoPE
+// rounds once from fp32 where eager rounds each product; attention rounds only its output. fp32 accumulation.
 
 #include <cmath>
 #include <cstdint>
@@ -258,13 +259,13 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   // TB = 8 tokens at a time (eight independent accumulators, no transpose of K, no horizontal sums). Larger groups:
   // the chunk's K is transposed to fp32 kt[D][CH] and each query row is dotted against it, vectorised over tokens.
   // Each K and V row is read (and converted) once, whatever the group size.
-  constexpr int64_t CH = 128, GP = 16, TB = 8;
+  constexpr int64_t CH = 128, GP = 16, TB = 8, DB = 16;
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const bool small_group = G <= GP;
   const T* q = static_cast<const T*>(a.q);
   const T* kc = static_cast<const T*>(a.k_cache);
   const T* vc = static_cast<const T*>(a.v_cache);
-  std::vector<float> qf(G * D), acc(G * D), sc(G * CH), mx(G), den(G), vf(D);
+  std::vector<float> qf(G * D), acc(G * D), cacc(G * D), sc(G * CH), mx(G), den(G), alpha(G), vf(D);
   std::vector<float> kt(small_group ? 0 : D * CH), qT(small_group ? D * GP : 0);
   const T* krows[CH];
   const T* vrows[CH];
@@ -312,14 +313,22 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
         for (int64_t j0 = 0; j0 < n; j0 += TB) {
           const T* kr[TB];
           for (int64_t t = 0; t < TB; ++t) kr[t] = krows[j0 + t < n ? j0 + t : j0];  // tail: recompute row j0
+          // Blocked over DB head-dim elements: each block's dot starts from zero and is added once, so a product
+          // passes through DB + D / DB additions rather than D (the portable build has no FMA to shorten them).
           float s_acc[TB][GP] = {};
-          for (int64_t d = 0; d < D; ++d) {
-            const float* __restrict__ qd = qTp + d * GP;
-            for (int64_t t = 0; t < TB; ++t) {
-              const float kv = ld(kr[t] + d);
+          for (int64_t d0 = 0; d0 < D; d0 += DB) {
+            float s_blk[TB][GP] = {};
+            for (int64_t d = d0; d < d0 + DB && d < D; ++d) {
+              const float* __restrict__ qd = qTp + d * GP;
+              for (int64_t t = 0; t < TB; ++t) {
+                const float kv = ld(kr[t] + d);
 #pragma omp simd
-              for (int64_t g = 0; g < GP; ++g) s_acc[t][g] += kv * qd[g];
+                for (int64_t g = 0; g < GP; ++g) s_blk[t][g] += kv * qd[g];
+              }
             }
+            for (int64_t t = 0; t < TB; ++t)
+#pragma omp simd
+              for (int64_t g = 0; g < GP; ++g) s_acc[t][g] += s_blk[t][g];
           }
           for (int64_t t = 0; t < TB && j0 + t < n; ++t)
             for (int64_t g = 0; g < G; ++g) sc[g * CH + j0 + t] = s_acc[t][g];
@@ -333,10 +342,15 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
           float s_acc[CH] = {};  // fixed size: registers, no aliasing checks in the d loop
           const float* __restrict__ qg = &qf[g * D];
           const float* __restrict__ ktp = kt.data();
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qg[d];
+          for (int64_t d0 = 0; d0 < D; d0 += DB) {  // blocked as above
+            float s_blk[CH] = {};
+            for (int64_t d = d0; d < d0 + DB && d < D; ++d) {
+              const float qd = qg[d];
 #pragma omp simd
-            for (int64_t j = 0; j < CH; ++j) s_acc[j] += qd * ktp[d * CH + j];
+              for (int64_t j = 0; j < CH; ++j) s_blk[j] += qd * ktp[d * CH + j];
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < CH; ++j) s_acc[j] += s_blk[j];
           }
           for (int64_t j = 0; j < CH; ++j) sc[g * CH + j] = s_acc[j];
         }
@@ -347,7 +361,7 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
           for (int64_t j = 0; j < n; ++j) s[j] = a.softcap * std::tanh(s[j] / a.softcap);
         float m_new = mx[g];
         for (int64_t j = 0; j < n; ++j) m_new = s[j] > m_new ? s[j] : m_new;
-        const float alpha = vexp(mx[g] - m_new);  // mx = -inf on the first chunk: alpha = 0
+        alpha[g] = vexp(mx[g] - m_new);  // mx = -inf on the first chunk: alpha = 0
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; ++j) {
@@ -355,13 +369,13 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
           s[j] = p;
           sum += p;
         }
-        den[g] = den[g] * alpha + sum;
+        den[g] = den[g] * alpha[g] + sum;
         mx[g] = m_new;
-        float* __restrict__ ag = &acc[g * D];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ag[d] *= alpha;
       }
-      // Values: each V row converted once, accumulated into all G rows.
+      // Values: each V row converted once, accumulated into all G rows. The chunk's sums start from zero and join
+      // the running ones once per chunk (acc * alpha + chunk): a product passes through CH + (chunks) additions,
+      // not through every one before it.
+      std::fill(cacc.begin(), cacc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const T* __restrict__ vr = vrows[j];
         float* __restrict__ vfp = vf.data();
@@ -369,15 +383,21 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
         for (int64_t d = 0; d < D; ++d) vfp[d] = ld(vr + d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = sc[g * CH + j];
-          float* __restrict__ ag = &acc[g * D];
+          float* __restrict__ cg = &cacc[g * D];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * vfp[d];
+          for (int64_t d = 0; d < D; ++d) cg[d] += p * vfp[d];
         }
       }
+      for (int64_t g = 0; g < G; ++g) {
+        float* __restrict__ ag = &acc[g * D];
+        const float* __restrict__ cg = &cacc[g * D];
+        const float al = alpha[g];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ag[d] = ag[d] * al + cg[d];
+      }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      const float inv = 1.f / den[g];
-      for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = acc[g * D + d] * inv;
+    for (int64_t g = 0; g < G; ++g) {  // a division, not a multiply by 1 / den: one rounding
+      for (int64_t d = 0; d < D; ++d) pout[g * a.num_splits * D + d] = acc[g * D + d] / den[g];
       plse[g * a.num_splits] = mx[g] + std::log(den[g]);
     }
   }
@@ -404,9 +424,9 @@ static void decode_reduce(const DecodeArgs& a, T* out, int64_t sob, int64_t soh,
         for (int64_t d = 0; d < D; ++d) o[d] += w * po[s * D + d];
       }
     }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    const float div = wsum > 0.f ? wsum : 1.f;  // no visible token: o is 0, and so is the output
     T* orow = out + b * sob + hq * soh;
-    for (int64_t d = 0; d < D; ++d) st(orow + d * sod, o[d] * inv);
+    for (int64_t d = 0; d < D; ++d) st(orow + d * sod, o[d] / div);
   }
 }
 
