@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import llmkern
-from llmkern import _ext, paged_ops, reference
-from llmkern.testing import assert_no_worse_than_eager
+from llmkern import _ext, paged_ops
+from llmkern.testing import assert_no_worse_than_eager, check_cpu_paged_attention
 
 if not _ext.load():
     if os.environ.get("LLMKERN_NO_EXT") == "1":
@@ -84,11 +84,10 @@ def query(shape, dtype, gen, strided: bool):
     return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).to(dtype).transpose(-1, -2)
 
 
-def check_attention(out, run_reference, what):
-    """`run_reference(f)` runs the torch reference on f(inputs): identity gives eager's own error, fp64 the oracle."""
-    eager = run_reference(lambda t: t)
-    oracle = run_reference(lambda t: t.double())
-    assert_no_worse_than_eager(out, eager, oracle, what=what)
+def check_attention(record, out, kernel, what, *args, **kw):
+    """The C++ attention tolerance (llmkern.testing.check_cpu_paged_attention: fp32 within the error bound of the
+    algorithm, fp16/bf16 no worse than eager), its share of the allowance recorded for the run's report."""
+    record(kernel, out.dtype, check_cpu_paged_attention(out, *args, kernel=kernel, what=what, **kw))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,7 +105,7 @@ def check_attention(out, run_reference, what):
     pytest.param(8, 2, 256, id="g4-d256"),  # Gemma's head_dim: four register pieces of the output row
     pytest.param(6, 3, 48, id="g2-d48"),  # no vectorised kernel: portable on every ISA
 ])
-def test_decode(isa, dtype, bs, Hq, Hkv, D):
+def test_decode(isa, dtype, bs, Hq, Hkv, D, cpu_tolerance):
     gen = torch.Generator().manual_seed(Hq * 1000 + D + bs)
     dt = DTYPES[dtype]
     # Lengths around the W-token score blocks and the 64-token chunks; 9 splits over 300 tokens leave most of the
@@ -119,13 +118,13 @@ def test_decode(isa, dtype, bs, Hq, Hkv, D):
         with llmkern.use_backend("cpp"), llmkern.track() as ran:
             out = paged_ops.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=splits)
         assert ran.backends("paged_decode_attention") == {"cpp"}
-        check_attention(out, lambda f: reference.paged_decode_attention(f(q), f(k), f(v), tables, lens, D ** -0.5),
-                        f"decode on {want} ({isa}), {dtype}, splits {splits}")
+        check_attention(cpu_tolerance, out, want, f"decode on {want} ({isa}), {dtype}, splits {splits}", q, k, v,
+                        tables, lens, D ** -0.5, num_splits=splits)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("window,softcap", [(7, None), (None, 30.0), (40, 5.0)], ids=["window", "softcap", "both"])
-def test_decode_window_softcap_strided_q(isa, dtype, window, softcap):
+def test_decode_window_softcap_strided_q(isa, dtype, window, softcap, cpu_tolerance):
     gen = torch.Generator().manual_seed(7)
     dt = DTYPES[dtype]
     k, v, tables, lens = paged_kv([3, 50, 301], 2, 64, 16, dt, gen)
@@ -134,9 +133,9 @@ def test_decode_window_softcap_strided_q(isa, dtype, window, softcap):
     with llmkern.use_backend("cpp"):
         out = paged_ops.paged_decode_attention(q, k, v, tables, lens, 0.125, sliding_window=window, softcap=softcap,
                                                num_splits=4)
-    check_attention(out, lambda f: reference.paged_decode_attention(f(q), f(k), f(v), tables, lens, 0.125, window,
-                                                                    softcap),
-                    f"decode window {window} softcap {softcap} ({isa}, {dtype})")
+    check_attention(cpu_tolerance, out, kernel_for("paged_decode_attention", isa, 64),
+                    f"decode window {window} softcap {softcap} ({isa}, {dtype})", q, k, v, tables, lens, 0.125,
+                    num_splits=4, sliding_window=window, softcap=softcap)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ def test_decode_window_softcap_strided_q(isa, dtype, window, softcap):
     pytest.param([33, 18], [33, 18], 33, 8, 2, 256, 16, None, 20.0, id="g4-d256-softcap"),
     pytest.param([66], [66], 66, 32, 8, 128, 1, 9, None, id="g4-d128-page1-window"),  # Llama-3-8B heads
 ])
-def test_prefill(isa, dtype, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap):
+def test_prefill(isa, dtype, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap, cpu_tolerance):
     gen = torch.Generator().manual_seed(S + D)
     dt = DTYPES[dtype]
     k, v, tables, seq_lens = paged_kv(lens, Hkv, D, bs, dt, gen)
@@ -163,9 +162,10 @@ def test_prefill(isa, dtype, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap):
         out = paged_ops.paged_prefill_attention(q, k, v, tables, seq_lens, ql, D ** -0.5, sliding_window=window,
                                                 softcap=softcap)
     assert ran.backends("paged_prefill_attention") == {"cpp" if want != "reference" else "reference"}
-    check_attention(out, lambda f: reference.paged_prefill_attention(f(q), f(k), f(v), tables, seq_lens, ql,
-                                                                     D ** -0.5, window, softcap),
-                    f"prefill on {want} ({isa}, {dtype})")
+    if want == "reference":  # comparing the reference with itself could not fail
+        pytest.skip(f"no C++ prefill kernel on {isa} for head_dim {D}: the reference ran (checked above)")
+    check_attention(cpu_tolerance, out, want, f"prefill on {want} ({isa}, {dtype})", q, k, v, tables, seq_lens,
+                    D ** -0.5, q_lens=ql, sliding_window=window, softcap=softcap)
     padding = torch.arange(S)[None, :] < (S - ql)[:, None]
     assert (out.transpose(1, 2)[padding] == 0).all()
 
