@@ -27,8 +27,9 @@ the whole group. Row s of sequence b is at position ``seq_lens[b] - S + s``; row
 padding and get zeros. Each program walks only the K/V tiles its rows can see (causal, and the window), and masks
 per element.
 
-Casting follows flash-attention practice and matches eager's rounding points: logits in fp32, probabilities cast to
-the K/V dtype before the PV product (eager casts softmax output to the input dtype too), fp32 accumulation. fp32
+Casting follows flash-attention practice, not eager's rounding points: logits in fp32, the unnormalised probabilities
+cast to the K/V dtype before the PV product (eager rounds the logits, the scaled logits and the normalised softmax to
+the input dtype), fp32 accumulation. fp32
 inputs compute the logits in fp64 (q and k widened, so products are exact and the sum is fp64, rounded once to
 fp32) and P @ V as an fp32 FMA dot (``input_precision="ieee"``). With GPU numerics emulated in the tests, 3xTF32
 dots used up to 97% of eager's fp32 tolerance and plain fp32 logits (whose rounding error grows with |logit|) up to

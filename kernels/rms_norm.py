@@ -7,7 +7,8 @@ whole (``BLOCK_N = next_pow2(N)``), so memory is read once and written once. A w
 in ``MAX_TILE_N`` chunks twice, sum of squares then output (the second pass re-reads the row, from L2), so
 registers stay those of one chunk: a whole 32K-wide row spilled.
 
-Casting order follows Hugging Face eager exactly (docs/design.md, "Numerics"):
+Rounding points follow Hugging Face eager (docs/design.md, "Numerics"; the fp32 arithmetic between them, the sum of
+squares' order and ``rstd``, is this kernel's own, so a rare element can differ from eager's by one ulp):
   * Llama/Qwen2 (``OFFSET == 0``): ``w * (x_f32 * rstd).to(x.dtype)`` — the normalised value is rounded to the
     input dtype before the weight multiply.
   * Gemma (``OFFSET != 0``): ``((x_f32 * rstd) * (OFFSET + w_f32)).to(x.dtype)`` — fp32 throughout.

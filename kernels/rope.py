@@ -8,6 +8,12 @@ already folded into cos/sin. With ``h = rotary_dim // 2`` and ``x1 = x[:h]``, ``
     out[h:rotary_dim] = x2 * cos[h:] + x1 * sin[h:]
     out[rotary_dim:] = x[rotary_dim:]          (partial rotary: passed through)
 
+Rounding: in fp32, then once to x's dtype. For fp16/bf16 inputs both products are exact in fp32, so the result is
+the exact value rounded to fp32 and then to the dtype (an FMA changes nothing). Eager rounds each product to the
+dtype before the sum, so this is not bit-equal to eager but never further from the exact value, element by element,
+up to twice the fp32 rounding (README.md, "Where fp16/bf16 results are rounded"; tests/test_ops.py,
+``test_rope_rounding_*``).
+
 Grid: axis 0 is the token (b, s); axis 1 walks head blocks of q first, then of k. q and k keep whatever strides
 they come with (HF passes ``[b, s, H, d]`` buffers viewed as ``[b, H, s, d]``); every dim is strided
 (Triton specialises the usual last-dim stride of 1 at compile time, so it costs nothing).

@@ -273,6 +273,11 @@ _library.define("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> T
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0) -> torch.Tensor:
     """Root-mean-square normalisation over the last dim, exactly as Hugging Face's ``LlamaRMSNorm``.
 
+    Rounding (fp16/bf16): at eager's two points, the normalised row ``x * rstd`` (fp32) cast to x's dtype, then the
+    product with the weight; Gemma's ``offset`` form rounds once, at the end, as eager does. Not always bit-equal to
+    eager: the fp32 ``rstd`` comes from another summation order and square root, so a rare element differs by one
+    ulp. Guarantee: the tolerance rule (README.md, "Where fp16/bf16 results are rounded").
+
     Args:
         x: ``[..., N]`` fp32/fp16/bf16, any strides.
         weight: ``[N]``, on x's device.
@@ -340,6 +345,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     This is a decoder layer's ``hidden = residual + attn_out; residual = hidden; hidden = post_attention_layernorm(hidden)``:
     the sum is rounded to x's dtype before it is normalised, as eager does.
 
+    Rounding (fp16/bf16): ``residual_out`` is the sum rounded once, bit-equal to eager's ``residual + x``; ``normed``
+    rounds as ``rms_norm`` does on that rounded sum (eager's points; a rare element one ulp apart).
+
     Args:
         x, residual: ``[..., N]``, same shape, dtype (fp32/fp16/bf16) and device; any strides.
         weight: ``[N]``.
@@ -397,6 +405,14 @@ _library.define("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tens
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding on q and k (rotate-half / NeoX style, as HF's ``apply_rotary_pos_emb``), one launch.
+
+    Rounding (fp16/bf16) differs from eager's: the kernels (triton, cpp, cuda) compute ``x1 * cos - x2 * sin`` in
+    fp32 (both products exact there) and round once to q's dtype, where eager rounds each product to the dtype and
+    then their sum. The results are not bit-equal to eager's (about a third of the elements differ on random data)
+    and never further from the exact value ``y``, element by element: ``|out - y| <= |eager - y| + 2|fp32(y) - y|``
+    (tests/test_ops.py, ``test_rope_rounding_*``; README.md, "Where fp16/bf16 results are rounded"). The reference
+    backend rounds as eager does and is bit-equal to it. In fp32 the order is eager's (bit-equal on CPU). This
+    holds for cos/sin in q's dtype, as HF's rotary embedding returns them.
 
     Args:
         q: ``[b, Hq, s, d]``, any strides (HF passes ``[b, s, H, d]`` buffers transposed).
@@ -457,6 +473,10 @@ _library.define("silu_and_mul(Tensor gate, Tensor up) -> Tensor", _silu_and_mul_
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (SwiGLU), rounding like HF's ``LlamaMLP``: silu's result is cast to the dtype first.
 
+    Rounding (fp16/bf16): at eager's two points, ``silu(gate)`` (fp32) and the product. Not always bit-equal to
+    eager: the fp32 silu uses another ``exp``, so a rare element differs by one ulp. Guarantee: the tolerance rule
+    (README.md, "Where fp16/bf16 results are rounded").
+
     Args:
         gate, up: ``[..., I]``, same shape, dtype and device; any strides.
 
@@ -472,6 +492,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused ``[..., 2*I]`` gate/up projection (gate first, then up), without copying the halves.
+    Rounds as ``silu_and_mul``.
 
     Returns:
         ``[..., I]`` contiguous.
@@ -581,6 +602,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Backend: ``cpp`` for CPU tensors when the extension has a kernel for the dtype on this CPU (fp32 and bf16 on
     AVX2 and AVX-512 CPUs), ``weight.stride(1) == 1`` and x has at most ``LINEAR_MAX_ROWS`` rows
     (``x.numel() // K``); otherwise ``reference`` (``F.linear``).
+
+    Rounding (bf16): the C++ kernel accumulates in fp32, adds the bias in fp32 and rounds once, as torch's CPU GEMM
+    does, but sums in another order, so a few elements differ from ``F.linear``'s by one ulp. Guarantee: the
+    tolerance rule with the ulp of ``sum|x * w|`` (README.md, "Where fp16/bf16 results are rounded"). The reference
+    path is ``F.linear`` itself.
 
     Example:
         >>> x = torch.randn(1, 1, 576); w = torch.randn(1536, 576)

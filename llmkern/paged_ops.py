@@ -227,6 +227,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
                       slot_mapping: torch.Tensor) -> None:
     """Write the new tokens' K and V into their pages, in place.
 
+    No arithmetic and no rounding: the pages hold K and V bit for bit, as eager's ``DynamicCache`` does.
+
     Args:
         key, value: ``[T, Hkv, D]``, the cache's dtype, any strides (HF's transposed views are fine).
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
@@ -272,7 +274,7 @@ _library.define(
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write of shared pages).
+    """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write of shared pages). Bit copies.
 
     Args:
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
@@ -349,6 +351,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     Returns:
         ``[B, Hq, D]`` contiguous, q's dtype. Deterministic (fixed split order).
+
+    Rounding (fp16/bf16) differs from eager's ``eager_attention_forward``, which rounds the logits ``q @ k.T``, their
+    product with ``scale``, the normalised softmax and ``P @ V`` to the dtype: here logits and softmax stay fp32.
+    The C++ kernels and the reference round only the output; the Triton kernel also rounds the unnormalised
+    probabilities ``exp(s - max)`` for its tensor-core ``P @ V``. Not bit-equal to eager; guarantee: the largest
+    error against an fp64 oracle is within the tolerance rule (README.md, "Where fp16/bf16 results are rounded"),
+    and the tests keep a 30% margin below it.
 
     Example:
         >>> kc = torch.randn(8, 16, 2, 64); vc = torch.randn_like(kc)
@@ -445,6 +454,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Returns:
         ``[B, Hq, S, D]`` contiguous, q's dtype; padding rows are zeros.
+
+    Rounding (fp16/bf16): as :func:`paged_decode_attention`, fewer roundings than eager, not bit-equal to it.
 
     Example:
         >>> q = torch.randn(2, 14, 5, 64)

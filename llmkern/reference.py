@@ -1,7 +1,9 @@
 """Pure-torch references for every op, written the way Hugging Face eager computes them.
 
 They are the correctness oracle of the tests and the last-resort implementation when no kernel backend fits.
-Casting order is copied from transformers' modules (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP).
+Casting order is copied from transformers' modules (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP): the row ops here
+are bit-equal to eager, RoPE included (the kernels round RoPE once from fp32; README.md, "Where fp16/bf16 results are
+rounded"). The paged attention references are not eager's order: they compute in fp32 and round only the output.
 """
 
 import torch

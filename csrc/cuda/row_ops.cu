@@ -1,4 +1,5 @@
-// CUDA row ops: RMSNorm, residual-add + RMSNorm, RoPE, SwiGLU. Same numerics as the Triton kernels and HF eager
+// CUDA row ops: RMSNorm, residual-add + RMSNorm, RoPE, SwiGLU. Same rounding points as the Triton kernels (README.md,
+// "Where fp16/bf16 results are rounded": eager's for RMSNorm and SwiGLU; RoPE rounds once from fp32)
 // (fp32 accumulation; the normalised row rounded to x's dtype before the weight multiply; silu rounded before the
 // multiply). Rows are strided (row stride passed), columns unit-stride: the glue makes sure of that.
 #include "common.cuh"
