@@ -191,14 +191,22 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// The paged caches: [num_blocks, block_size, num_kv_heads, head_dim] of one shape, dtype and device. Strides along
+// blocks, slots and heads may be anything, and K's may differ from V's (the two halves of one [NB, 2, BS, Hkv, D]
+// tensor, head-major pages permuted to NHD): the kernels take them (cache_strides). head_dim must be contiguous.
 void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_dim] of one shape, got ",
               k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}})
+    TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, name, " must have last-dim stride 1 (head_dim contiguous), got "
+                "strides ", t.strides(), "; strides along blocks, slots and heads may be anything");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
   check_same_device(k_cache, "k_cache", v_cache, "v_cache");
 }
+
+// A checked cache's element strides along blocks, slots and heads.
+kc::CacheStrides cache_strides(const at::Tensor& cache) { return {cache.stride(0), cache.stride(1), cache.stride(2)}; }
 
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                            const at::Tensor& slot_mapping) {
@@ -221,10 +229,11 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(slots[t] < NB * BS, "slot_mapping[", t, "] = ", slots[t], " is past the cache's ", NB * BS, " slots");
   auto dt = dtype_of(key, "key");
+  const kc::CacheStrides kcs = cache_strides(k_cache), vcs = cache_strides(v_cache);
   at::parallel_for(0, T, row_grain(Hkv * D), [&](int64_t b, int64_t e) {
     ok(kc::reshape_and_cache(key.data_ptr(), key.stride(0), key.stride(1), key.stride(2), value.data_ptr(),
-                             value.stride(0), value.stride(1), value.stride(2), k_cache.data_ptr(),
-                             v_cache.data_ptr(), slots, b, e, Hkv, D, NB, BS, dt),
+                             value.stride(0), value.stride(1), value.stride(2), k_cache.data_ptr(), kcs,
+                             v_cache.data_ptr(), vcs, slots, b, e, Hkv, D, NB, BS, dt),
        "reshape_and_cache");
   });
 }
@@ -286,7 +295,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   at::Tensor part_out = at::empty({B, Hq, ns, D}, fopts), part_lse = at::empty({B, Hq, ns}, fopts);
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   kc::DecodeArgs a{q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k_cache.data_ptr(), v_cache.data_ptr(),
-                   tables, block_tables.stride(0), lens, B, Hq, Hkv, D, BS, NB, ns, split_len,
+                   cache_strides(k_cache), cache_strides(v_cache), tables, block_tables.stride(0), lens, B, Hq, Hkv,
+                   D, BS, NB, ns, split_len,
                    static_cast<float>(scale), static_cast<float>(softcap), sliding_window,
                    part_out.data_ptr<float>(), part_lse.data_ptr<float>(), dtype_of(q, "q")};
   at::parallel_for(0, B * Hkv * ns, 1, [&](int64_t b, int64_t e) { ok(kc::paged_decode_stage1(a, b, e), "decode"); });
@@ -323,7 +333,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
   // serves many rows from L1.
   const int64_t G = Hq / Hkv, tile = std::max<int64_t>(1, std::min<int64_t>(S, 64 / G));
   kc::PrefillArgs a{q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.stride(3), k_cache.data_ptr(),
-                    v_cache.data_ptr(), tables, block_tables.stride(0), lens, qls, B, Hq, Hkv, S, D, BS, NB,
+                    v_cache.data_ptr(), cache_strides(k_cache), cache_strides(v_cache), tables,
+                    block_tables.stride(0), lens, qls, B, Hq, Hkv, S, D, BS, NB,
                     static_cast<float>(scale), static_cast<float>(softcap), sliding_window, out.data_ptr(),
                     out.stride(0), out.stride(1), out.stride(2), out.stride(3), tile, dt};
   const int64_t items = B * Hkv * ((S + tile - 1) / tile);
@@ -395,7 +406,8 @@ void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor
     const int64_t a = s[i].item<int64_t>(), b = d[i].item<int64_t>();
     TORCH_CHECK(a >= 0 && a < NB && b >= 0 && b < NB, "copy_blocks: block ", a, " -> ", b, " outside [0, ", NB, ")");
   }
-  // index_copy_ is one kernel per cache on any device; the copy is whole pages, so there is nothing to fuse.
+  // index_copy_ is one kernel per cache on any device, and writes through any strides of the caller's views; the
+  // copy is whole pages, so there is nothing to fuse.
   at::Tensor di = dst.to(k_cache.device()), si = src.to(k_cache.device());
   k_cache.index_copy_(0, di, k_cache.index_select(0, si));
   v_cache.index_copy_(0, di, v_cache.index_select(0, si));

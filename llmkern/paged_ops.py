@@ -2,7 +2,7 @@
 
 Layout (per layer), the NHD layout of vLLM's flash backend, FlashInfer and FlashAttention:
 
-    k_cache, v_cache   [num_blocks, block_size, Hkv, D]   block_size a power of two, 1..256
+    k_cache, v_cache   [num_blocks, block_size, Hkv, D]   block_size a power of two, 1..256; head_dim contiguous
     block_tables       int32 [B, max_blocks]              page ids of sequence b, in order
     seq_lens           int32 [B]                          tokens held by sequence b (the new ones included)
     slot_mapping       int64 [T]                          slot = block * block_size + offset; < 0 = padding
@@ -14,6 +14,11 @@ pure-torch reference (``llmkern.reference``). Validation checks shapes, dtypes a
 the device (seq_lens, block ids, slots) are never read back for checking, so the ops stay CUDA-graph capturable.
 The caller promises ``seq_lens[b] <= max_blocks * block_size``, block ids in ``[0, num_blocks)`` for every page a
 sequence uses, and ``0 <= q_lens[b] <= min(S, seq_lens[b])``.
+
+The caches may be strided views on every backend: any strides along blocks, slots and heads, and K's may differ from
+V's — the two halves ``kv[:, 0]``, ``kv[:, 1]`` of one ``[num_blocks, 2, block_size, Hkv, D]`` tensor (vLLM's and
+FlashInfer's layout), head-major pages ``[num_blocks, Hkv, block_size, D]`` permuted to NHD, or another library's
+pool. Only head_dim must be contiguous (last-dim stride 1). Writes land in the caller's tensors: no op copies a cache.
 """
 
 from numbers import Integral
@@ -68,6 +73,12 @@ def _check_cache(k_cache, v_cache) -> None:
     _check_same("shape", k_cache=k_cache, v_cache=v_cache)
     _check_same("dtype", k_cache=k_cache, v_cache=v_cache)
     _check_same_device(k_cache=k_cache, v_cache=v_cache)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(3) != 1 and cache.shape[3] > 1:
+            raise ValueError(f"{name} must have last-dim stride 1 (head_dim contiguous), got strides "
+                             f"{tuple(cache.stride())}; strides along blocks, slots and heads may be anything (e.g. "
+                             f"kv[:, 0] of a [num_blocks, 2, block_size, Hkv, D] tensor, or head-major pages permuted "
+                             f"to NHD)")
 
 
 def _check_scale(scale) -> float:
@@ -231,7 +242,9 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
 
     Args:
         key, value: ``[T, Hkv, D]``, the cache's dtype, any strides (HF's transposed views are fine).
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, mutated in place; any strides along blocks, slots
+            and heads (K's may differ from V's, e.g. ``kv[:, 0]`` and ``kv[:, 1]`` of one
+            ``[num_blocks, 2, block_size, Hkv, D]`` tensor), head_dim contiguous.
         slot_mapping: int64 ``[T]``; token t goes to page ``slot // block_size``, row ``slot % block_size``.
             A slot < 0 marks a padding token: it is skipped.
 
@@ -277,7 +290,8 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
     """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write of shared pages). Bit copies.
 
     Args:
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``; mutated.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, mutated in place; strides as
+            :func:`reshape_and_cache` takes them.
         src, dst: int64 ``[n]`` page ids. No ``dst`` page may also appear in ``src`` (pairs are copied in parallel).
 
     Example:
@@ -339,6 +353,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Args:
         q: ``[B, Hq, D]`` fp32/fp16/bf16, rope applied, any strides. ``Hq % Hkv == 0`` (any group size).
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype. The new token's K/V are already written.
+            Any strides along blocks, slots and heads (K's may differ from V's); head_dim contiguous.
         block_tables: int32 ``[B, max_blocks]``.
         seq_lens: int32 ``[B]``, tokens of sequence b including the new one (0 gives a zero output row).
         scale: softmax scale (``1/sqrt(D)`` for Llama), > 0.
@@ -448,6 +463,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             are real tokens at positions ``seq_lens[b] - q_lens[b] .. seq_lens[b] - 1``; the first
             ``S - q_lens[b]`` rows are padding.
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype; the new tokens' K/V already written.
+            Strides as :func:`paged_decode_attention` takes them.
         block_tables: int32 ``[B, max_blocks]``. seq_lens, q_lens: int32 ``[B]``, ``q_lens[b] <= seq_lens[b]``.
         scale, sliding_window, softcap: as in :func:`paged_decode_attention`; each row at position p sees cache
             positions ``max(0, p - w + 1) .. p``.

@@ -102,15 +102,24 @@ inline __m512 score16(const float* qf, const uint16_t* qb, const char* kb) {
   return hsum16(a);
 }
 
-// One (sequence, KV head): where its pages are.
+// One (sequence, KV head): where its pages are. Token t of K starts table[t / BS] * k_block + (t % BS) * k_slot +
+// k_head bytes into kc, of V likewise (the caches may be any strided views: kernels.h's CacheStrides, in bytes).
 struct Pages {
   const char* kc;
   const char* vc;
   const int32_t* table;
   int64_t BS;
-  int64_t slot_bytes;  // Hkv * D * element size
-  int64_t head_bytes;  // h * D * element size
+  int64_t k_block, k_slot, k_head;  // K: bytes per page, per token row, to this KV head's row
+  int64_t v_block, v_slot, v_head;  // V: the same
 };
+
+// KV head h of the caches of `a` (DecodeArgs or PrefillArgs) for sequence b; es: bytes per element.
+template <class Args>
+Pages pages_of(const Args& a, int64_t b, int64_t h, int64_t es) {
+  return Pages{static_cast<const char*>(a.k_cache), static_cast<const char*>(a.v_cache), a.block_tables + b * a.sbt,
+               a.BS, a.kcs.sb * es, a.kcs.ss * es, h * a.kcs.sh * es, a.vcs.sb * es, a.vcs.ss * es,
+               h * a.vcs.sh * es};
+}
 
 // M query rows of one KV head and their online-softmax state. Row m sees tokens [lo[m], hi[m]) (all of the range
 // when lo/hi are null).
@@ -147,9 +156,9 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
     // Walk the pages incrementally: a 64-bit division per token costs more than the token's arithmetic.
     int64_t page = c0 / pg.BS, off = c0 % pg.BS;
     for (int j = 0; j < n; ++j) {
-      const int64_t at = (static_cast<int64_t>(pg.table[page]) * pg.BS + off) * pg.slot_bytes + pg.head_bytes;
-      krows[j] = pg.kc + at;
-      vrows[j] = pg.vc + at;
+      const int64_t p = pg.table[page];
+      krows[j] = pg.kc + p * pg.k_block + off * pg.k_slot + pg.k_head;
+      vrows[j] = pg.vc + p * pg.v_block + off * pg.v_slot + pg.v_head;
       if (++off == pg.BS) {
         off = 0;
         ++page;
@@ -173,11 +182,13 @@ void attend(const Pages& pg, Rows& r, int64_t t0, int64_t t1) {
       const int64_t c1 = c0 + CH, n1 = std::min<int64_t>(CH, t1 - c1);
       int64_t pg1 = c1 / pg.BS, of1 = c1 % pg.BS;
       for (int64_t j = 0; j < n1; ++j) {
-        const int64_t at = (static_cast<int64_t>(pg.table[pg1]) * pg.BS + of1) * pg.slot_bytes + pg.head_bytes;
+        const int64_t p = pg.table[pg1];
+        const char* kr = pg.kc + p * pg.k_block + of1 * pg.k_slot + pg.k_head;
+        const char* vr = pg.vc + p * pg.v_block + of1 * pg.v_slot + pg.v_head;
 #pragma GCC unroll 8
         for (int64_t l = 0; l < D * ES; l += 64) {
-          _mm_prefetch(pg.kc + at + l, _MM_HINT_T1);
-          _mm_prefetch(pg.vc + at + l, _MM_HINT_T1);
+          _mm_prefetch(kr + l, _MM_HINT_T1);
+          _mm_prefetch(vr + l, _MM_HINT_T1);
         }
         if (++of1 == pg.BS) {
           of1 = 0;
@@ -326,8 +337,7 @@ void decode_items(const DecodeArgs& a, int64_t i0, int64_t i1) {
       load_q<KIND>(a.q, b * a.sqb + (h * G + g) * a.sqh, a.sqd, D, a.scale, a.t, &w.qf[g * D], &w.qb[g * D]);
     w.reset(G, D);
     Rows r = w.rows(G, a.scale, a.softcap, false);
-    const Pages pg{static_cast<const char*>(a.k_cache), static_cast<const char*>(a.v_cache),
-                   a.block_tables + b * a.sbt, a.BS, a.Hkv * D * es, h * D * es};
+    const Pages pg = pages_of(a, b, h, es);
     attend<KIND, ND>(pg, r, t0, t1);
     for (int64_t g = 0; g < G; ++g) {
       // A division, not a multiply by 1 / den: one rounding instead of two.
@@ -371,8 +381,7 @@ void prefill_items(const PrefillArgs& a, int64_t i0, int64_t i1) {
     }
     w.reset(M, D);
     Rows r = w.rows(M, a.scale, a.softcap, true);
-    const Pages pg{static_cast<const char*>(a.k_cache), static_cast<const char*>(a.v_cache),
-                   a.block_tables + b * a.sbt, a.BS, a.Hkv * D * es, h * D * es};
+    const Pages pg = pages_of(a, b, h, es);
     if (kv_lo < kv_hi) attend<KIND, ND>(pg, r, kv_lo, kv_hi);
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t g = 0; g < G; ++g) {

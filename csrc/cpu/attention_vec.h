@@ -23,20 +23,23 @@ namespace llmkern {
 namespace cpu {
 namespace {
 
-// Where one (sequence, KV head)'s rows live: token t at byte offset (table[t / BS] * BS + t % BS) * stride + head.
+// Where one (sequence, KV head)'s rows live: token t of K at byte offset table[t / BS] * kb + (t % BS) * ks + kh,
+// of V likewise with V's strides (any strided views of the pages: kernels.h's CacheStrides, here in bytes).
 struct KvHead {
   const char* k;
   const char* v;
   const int32_t* table;
   int64_t BS;
-  int64_t stride;  // bytes from one token's row to the next in a page: Hkv * D * element size
-  int64_t head;    // bytes to this KV head's row within a token's slot
-  // Byte offsets of tokens [c0, c0 + n). The page is tracked incrementally: a 64-bit division per token costs more
-  // than the token's arithmetic. int64: a pool may pass 2^31 bytes.
-  void offsets(int64_t c0, int64_t n, int64_t* out) const {
+  int64_t kb, ks, kh;  // K: bytes from one page to the next, from one token's row to the next, to this KV head's row
+  int64_t vb, vs, vh;  // V: the same
+  // Byte offsets of tokens [c0, c0 + n) in K (kout) and V (vout). The page is tracked incrementally: a 64-bit
+  // division per token costs more than the token's arithmetic. int64: a pool may pass 2^31 bytes.
+  void offsets(int64_t c0, int64_t n, int64_t* kout, int64_t* vout) const {
     int64_t page = c0 / BS, slot = c0 % BS;
     for (int64_t j = 0; j < n; ++j) {
-      out[j] = (static_cast<int64_t>(table[page]) * BS + slot) * stride + head;
+      const int64_t p = table[page];
+      kout[j] = p * kb + slot * ks + kh;
+      vout[j] = p * vb + slot * vs + vh;
       if (++slot == BS) slot = 0, ++page;
     }
   }
@@ -65,11 +68,12 @@ constexpr int64_t chunk_tokens(int64_t D) {
 template <class V>
 struct Workspace {
   std::vector<float> q, acc, row_max, row_sum, scores, kf, vf;
-  std::vector<int64_t> lo, hi, offs;
+  std::vector<int64_t> lo, hi, offs, voffs;  // offs, voffs: the chunk's K and V row offsets
   std::vector<unsigned char> row_bytes;  // one row as stored (q gathered in, prefill output scattered out)
   Workspace(int64_t M, int64_t D)
       : q(M * D), acc(M * D), row_max(M), row_sum(M), scores(M * chunk_tokens<V>(D)), kf(chunk_tokens<V>(D) * D),
-        vf(chunk_tokens<V>(D) * D), lo(M), hi(M), offs(chunk_tokens<V>(D)), row_bytes(4 * D) {}
+        vf(chunk_tokens<V>(D) * D), lo(M), hi(M), offs(chunk_tokens<V>(D)), voffs(chunk_tokens<V>(D)),
+        row_bytes(4 * D) {}
   // The first M rows, state cleared; ranged: rows carry their own [lo, hi).
   QueryRows start(int64_t M, int64_t D, float softcap, bool ranged) {
     std::fill(acc.begin(), acc.begin() + M * D, 0.f);
@@ -166,12 +170,13 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   float* kf = w.kf.data();
   float* vf = w.vf.data();
   int64_t* offs = w.offs.data();
-  kv.offsets(t0, std::min(CH, t1 - t0), offs);
+  int64_t* voffs = w.voffs.data();
+  kv.offsets(t0, std::min(CH, t1 - t0), offs, voffs);
   for (int64_t c0 = t0; c0 < t1; c0 += CH) {
     const int64_t n = std::min(CH, t1 - c0), nblk = (n + W - 1) / W;
     for (int64_t j = 0; j < n; ++j) {  // gather and widen
       const char* kr = kv.k + offs[j];
-      const char* vr = kv.v + offs[j];
+      const char* vr = kv.v + voffs[j];
 #pragma GCC unroll 32
       for (int i = 0; i < ND; ++i) {
         V::store(kf + j * D + i * W, V::template load_as<T>(kr + i * W * es));
@@ -181,11 +186,11 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
     std::fill(kf + n * D, kf + nblk * W * D, 0.f);  // tail lanes score 0, then are masked
     if (c0 + CH < t1) {  // the next chunk: offsets, and its lines on their way to L2
       const int64_t n1 = std::min(CH, t1 - c0 - CH);
-      kv.offsets(c0 + CH, n1, offs);
+      kv.offsets(c0 + CH, n1, offs, voffs);
       for (int64_t j = 0; j < n1; ++j)
         for (int64_t l = 0; l < D * es; l += 64) {
           V::prefetch_l2(kv.k + offs[j] + l);
-          V::prefetch_l2(kv.v + offs[j] + l);
+          V::prefetch_l2(kv.v + voffs[j] + l);
         }
     }
     for (int64_t m = 0; m < r.M; ++m) {
@@ -208,11 +213,13 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   }
 }
 
-template <class V, DType T>
-inline KvHead kv_head(const void* kc, const void* vc, const int32_t* table, int64_t BS, int64_t Hkv, int64_t h,
-                      int64_t D) {
+// KV head h of the caches of `a` (DecodeArgs or PrefillArgs), for the sequence whose block table row is `table`.
+template <class V, DType T, class Args>
+inline KvHead kv_head(const Args& a, const int32_t* table, int64_t h) {
   constexpr int64_t es = elem_size(T);
-  return {static_cast<const char*>(kc), static_cast<const char*>(vc), table, BS, Hkv * D * es, h * D * es};
+  const CacheStrides &k = a.kcs, &v = a.vcs;
+  return {static_cast<const char*>(a.k_cache), static_cast<const char*>(a.v_cache), table, a.BS,
+          k.sb * es, k.ss * es, h * k.sh * es, v.sb * es, v.ss * es, h * v.sh * es};
 }
 
 // Stage 1 of decode for work items [i0, i1) (kernels.h: DecodeArgs, decode_item).
@@ -235,7 +242,7 @@ struct DecodeRange {
         load_query<V, T>(a.q, it.b * a.sqb + (it.h * G + g) * a.sqh, a.sqd, D, a.scale, w.q.data() + g * D,
                          w.row_bytes.data());
       QueryRows r = w.start(G, D, a.softcap, false);
-      attend_rows<V, T, ND>(kv_head<V, T>(a.k_cache, a.v_cache, a.block_tables + it.b * a.sbt, a.BS, a.Hkv, it.h, D),
+      attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + it.b * a.sbt, it.h),
                             r, w, it.t0, it.t1);
       for (int64_t g = 0; g < G; ++g) {
         const typename V::reg sum = V::set1(r.row_sum[g]);  // divided, not multiplied by 1 / sum: one rounding
@@ -281,7 +288,7 @@ struct PrefillRange {
       }
       QueryRows r = w.start((s1 - s0) * G, D, a.softcap, true);
       if (need_lo < need_hi)
-        attend_rows<V, T, ND>(kv_head<V, T>(a.k_cache, a.v_cache, a.block_tables + b * a.sbt, a.BS, a.Hkv, h, D), r,
+        attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + b * a.sbt, h), r,
                               w, need_lo, need_hi);
       unsigned char* row = w.row_bytes.data();
       for (int64_t m = 0; m < r.M; ++m) {

@@ -24,7 +24,8 @@ namespace cpu {
   int silu_and_mul(const void*, int64_t, int64_t, const void*, int64_t, int64_t, void*, int64_t, int64_t, int64_t, \
                    int64_t, int64_t, DType);                                                                      \
   int reshape_and_cache(const void*, int64_t, int64_t, int64_t, const void*, int64_t, int64_t, int64_t, void*,     \
-                        void*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, DType);       \
+                        const CacheStrides&, void*, const CacheStrides&, const int64_t*, int64_t, int64_t, int64_t, \
+                        int64_t, int64_t, int64_t, DType);                                                        \
   int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);                                                   \
   int paged_decode_reduce(const DecodeArgs&, void*, int64_t, int64_t, int64_t, int64_t, int64_t);                 \
   }
@@ -140,10 +141,11 @@ int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t
 }
 
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
-                      int64_t svh, int64_t svd, void* k_cache, void* v_cache, const int64_t* slots, int64_t t0,
-                      int64_t t1, int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t) {
-  LLMKERN_DISPATCH(reshape_and_cache, key, skt, skh, skd, value, svt, svh, svd, k_cache, v_cache, slots, t0, t1, Hkv,
-                   D, NB, BS, t)
+                      int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
+                      const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv, int64_t D,
+                      int64_t NB, int64_t BS, DType t) {
+  LLMKERN_DISPATCH(reshape_and_cache, key, skt, skh, skd, value, svt, svh, svd, k_cache, kcs, v_cache, vcs, slots, t0,
+                   t1, Hkv, D, NB, BS, t)
 }
 
 namespace avx512_attn {

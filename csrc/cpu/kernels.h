@@ -77,12 +77,21 @@ int rope(const RopeArgs& a, const void* cos, int64_t scb, int64_t scs, int64_t s
 int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t sum_, int64_t sui, void* o,
                  int64_t som, int64_t soi, int64_t m_begin, int64_t m_end, int64_t I, DType t);
 
-// Write key/value [T, Hkv, D] rows t in [t_begin, t_end) to slot_mapping[t] of caches [NB, BS, Hkv, D]
-// (contiguous). slot < 0 is padding and skipped; slot >= NB * BS is an error (kBadSlot) and nothing of that row
-// is written.
+// Where the rows of a paged cache [NB, BS, Hkv, D] live: element strides along blocks, slots and heads, any values
+// (K and V as the two halves of one [NB, 2, BS, Hkv, D] tensor, head-major [NB, Hkv, BS, D] pages seen as NHD, ...);
+// head_dim is contiguous (unit stride). Row (block, slot, head) starts at block * sb + slot * ss + head * sh
+// elements, in int64: a pool may pass 2^31 elements. K and V each have their own.
+struct CacheStrides {
+  int64_t sb, ss, sh;
+};
+
+// Write key/value [T, Hkv, D] rows t in [t_begin, t_end) to slot_mapping[t] of caches [NB, BS, Hkv, D] (strides
+// kcs / vcs). slot < 0 is padding and skipped; slot >= NB * BS is an error (kBadSlot) and nothing of that row is
+// written.
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
-                      int64_t svh, int64_t svd, void* k_cache, void* v_cache, const int64_t* slot_mapping,
-                      int64_t t_begin, int64_t t_end, int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t);
+                      int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
+                      const CacheStrides& vcs, const int64_t* slot_mapping, int64_t t_begin, int64_t t_end,
+                      int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t);
 
 // Paged decode attention, stage 1: one work item = (sequence b, KV head h, split s). It serves all G query heads of
 // KV head h, reads each K/V row of its token range once, and writes fp32 partial out [G, D] and log-sum-exp [G]
@@ -90,8 +99,9 @@ int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, co
 struct DecodeArgs {
   const void* q;  // [B, Hq, D] strides (sqb, sqh, sqd)
   int64_t sqb, sqh, sqd;
-  const void* k_cache;  // [NB, BS, Hkv, D] contiguous
-  const void* v_cache;
+  const void* k_cache;  // [NB, BS, Hkv, D] strides kcs (unit along D)
+  const void* v_cache;  // [NB, BS, Hkv, D] strides vcs (unit along D)
+  CacheStrides kcs, vcs;
   const int32_t* block_tables;  // [B, max_blocks] row stride sbt
   int64_t sbt;
   const int32_t* seq_lens;  // [B]
@@ -131,8 +141,9 @@ inline DecodeItem decode_item(const DecodeArgs& a, int64_t item) {
 struct PrefillArgs {
   const void* q;
   int64_t sqb, sqh, sqs, sqd;
-  const void* k_cache;  // [NB, BS, Hkv, D] contiguous
-  const void* v_cache;
+  const void* k_cache;  // [NB, BS, Hkv, D] strides kcs (unit along D)
+  const void* v_cache;  // [NB, BS, Hkv, D] strides vcs (unit along D)
+  CacheStrides kcs, vcs;
   const int32_t* block_tables;
   int64_t sbt;
   const int32_t* seq_lens;  // [B]

@@ -225,8 +225,9 @@ static void silu_and_mul_rows(const T* g, int64_t sgm, int64_t sgi, const T* u, 
 
 template <typename T>
 static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_t skd, const T* value, int64_t svt,
-                                  int64_t svh, int64_t svd, T* kc, T* vc, const int64_t* slots, int64_t t0,
-                                  int64_t t1, int64_t Hkv, int64_t D, int64_t NB, int64_t BS) {
+                                  int64_t svh, int64_t svd, T* kc, const CacheStrides& kcs, T* vc,
+                                  const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv,
+                                  int64_t D, int64_t NB, int64_t BS) {
   int status = kOk;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t slot = slots[t];
@@ -235,14 +236,15 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
       status = kBadSlot;
       continue;
     }
-    T* kd = kc + slot * Hkv * D;  // int64 offsets: NB * BS * Hkv * D may pass 2^31
-    T* vd = vc + slot * Hkv * D;
+    const int64_t blk = slot / BS, off = slot % BS;
+    T* kd = kc + blk * kcs.sb + off * kcs.ss;  // int64 offsets: a pool may pass 2^31 elements
+    T* vd = vc + blk * vcs.sb + off * vcs.ss;
     for (int64_t h = 0; h < Hkv; ++h) {
       const T* kr = key + t * skt + h * skh;
       const T* vr = value + t * svt + h * svh;
       for (int64_t d = 0; d < D; ++d) {
-        kd[h * D + d] = kr[d * skd];
-        vd[h * D + d] = vr[d * svd];
+        kd[h * kcs.sh + d] = kr[d * skd];
+        vd[h * vcs.sh + d] = vr[d * svd];
       }
     }
   }
@@ -300,9 +302,9 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
       // Walk the pages incrementally: a 64-bit division per token costs more than the token's arithmetic.
       int64_t page = c0 / a.BS, off = c0 % a.BS;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t slot = static_cast<int64_t>(table[page]) * a.BS + off;  // int64: big pools
-        krows[j] = kc + (slot * a.Hkv + h) * D;
-        vrows[j] = vc + (slot * a.Hkv + h) * D;
+        const int64_t blk = table[page];  // int64 offsets: big pools
+        krows[j] = kc + blk * a.kcs.sb + off * a.kcs.ss + h * a.kcs.sh;
+        vrows[j] = vc + blk * a.vcs.sb + off * a.vcs.ss + h * a.vcs.sh;
         if (++off == a.BS) {
           off = 0;
           ++page;
@@ -520,11 +522,12 @@ int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t
 }
 
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
-                      int64_t svh, int64_t svd, void* k_cache, void* v_cache, const int64_t* slots, int64_t t0,
-                      int64_t t1, int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t) {
+                      int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
+                      const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv, int64_t D,
+                      int64_t NB, int64_t BS, DType t) {
 #define CALL                                                                                                  \
   return reshape_and_cache_rows<T>((const T*)key, skt, skh, skd, (const T*)value, svt, svh, svd, (T*)k_cache, \
-                                   (T*)v_cache, slots, t0, t1, Hkv, D, NB, BS)
+                                   kcs, (T*)v_cache, vcs, slots, t0, t1, Hkv, D, NB, BS)
   LLMKERN_CASE1(f32, CALL)
   LLMKERN_CASE1(f16, CALL)
   LLMKERN_CASE1(bf16, CALL)

@@ -3,14 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include <cuda_runtime.h>
 
-#include "../cpu/kernels.h"  // DType, RopeArgs: shared vocabulary with the CPU kernels
+#include "../cpu/kernels.h"  // DType, RopeArgs, CacheStrides: shared vocabulary with the CPU kernels
 
 namespace llmkern {
 namespace cuda {
 
+using cpu::CacheStrides;
 using cpu::DType;
 using cpu::RopeArgs;
 
@@ -34,12 +36,36 @@ inline Grid copy_blocks_grid(int64_t n, int64_t block_bytes) { return {n, copy_b
 
 // Width of the words copy_blocks moves: the widest of 16/8/4/2/1 bytes that divides both cache base addresses and
 // the block size, so every word access is aligned (a cache view at an offset, or an odd block, takes narrower ones).
-inline int copy_blocks_word_bytes(const void* k_cache, const void* v_cache, int64_t block_bytes) {
+// k_stride / v_stride: bytes from one page to the next in each cache (block_bytes for contiguous caches).
+inline int copy_blocks_word_bytes(const void* k_cache, const void* v_cache, int64_t block_bytes, int64_t k_stride,
+                                  int64_t v_stride) {
   const uint64_t bits = reinterpret_cast<uintptr_t>(k_cache) | reinterpret_cast<uintptr_t>(v_cache) |
-                        static_cast<uint64_t>(block_bytes);
+                        static_cast<uint64_t>(block_bytes) | static_cast<uint64_t>(k_stride) |
+                        static_cast<uint64_t>(v_stride);
   for (int w = 16; w > 1; w /= 2)
     if (bits % w == 0) return w;
   return 1;
+}
+inline int copy_blocks_word_bytes(const void* k_cache, const void* v_cache, int64_t block_bytes) {
+  return copy_blocks_word_bytes(k_cache, v_cache, block_bytes, block_bytes, block_bytes);
+}
+
+// Whether the BS * Hkv * D elements of one page of a cache with strides `cs` (unit along D) fill one dense span in
+// some order (NHD pages, HND pages seen as NHD, either as half of a [NB, 2, BS, Hkv, D] tensor), so copy_blocks can
+// move a page as raw words; otherwise it copies element by element through the strides.
+inline bool page_is_dense(const CacheStrides& cs, int64_t BS, int64_t Hkv, int64_t D) {
+  int64_t size[2] = {BS, Hkv}, stride[2] = {cs.ss, cs.sh};
+  if (stride[0] > stride[1] || (stride[0] == stride[1] && size[0] > size[1])) {
+    std::swap(size[0], size[1]);
+    std::swap(stride[0], stride[1]);
+  }
+  int64_t want = D;  // the next dimension up must start where the previous ones end
+  for (int i = 0; i < 2; ++i) {
+    if (size[i] == 1) continue;
+    if (stride[i] != want) return false;
+    want *= size[i];
+  }
+  return true;
 }
 
 cudaError_t rms_norm(const void* x, int64_t sxm, const void* w, void* y, int64_t sym, int64_t M, int64_t N,
@@ -56,13 +82,17 @@ cudaError_t rope(const RopeArgs& q, const RopeArgs& k, const void* cos, int64_t 
 cudaError_t silu_and_mul(const void* g, int64_t sgm, const void* u, int64_t sum_, void* o, int64_t som, int64_t M,
                          int64_t I, DType t, cudaStream_t stream);
 
+// key/value [T, Hkv, D] (unit last stride) into caches [NB, BS, Hkv, D] with strides kcs / vcs (unit along D);
+// slots < 0 or >= NB * BS are skipped.
 cudaError_t reshape_and_cache(const void* key, int64_t skt, int64_t skh, const void* value, int64_t svt,
-                              int64_t svh, void* k_cache, void* v_cache, const int64_t* slot_mapping, int64_t T,
-                              int64_t Hkv, int64_t D, int64_t num_slots, DType t, cudaStream_t stream);
+                              int64_t svh, void* k_cache, const CacheStrides& kcs, void* v_cache,
+                              const CacheStrides& vcs, const int64_t* slot_mapping, int64_t T, int64_t Hkv, int64_t D,
+                              int64_t NB, int64_t BS, DType t, cudaStream_t stream);
 
-// Copy whole blocks src[i] -> dst[i] in both caches; block_elems = block_size * Hkv * D.
-cudaError_t copy_blocks(void* k_cache, void* v_cache, const int64_t* src, const int64_t* dst, int64_t n,
-                        int64_t block_elems, DType t, cudaStream_t stream);
+// Copy whole blocks src[i] -> dst[i] in both caches [NB, BS, Hkv, D] (strides kcs / vcs, unit along D).
+cudaError_t copy_blocks(void* k_cache, const CacheStrides& kcs, void* v_cache, const CacheStrides& vcs,
+                        const int64_t* src, const int64_t* dst, int64_t n, int64_t BS, int64_t Hkv, int64_t D, DType t,
+                        cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace llmkern
