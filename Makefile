@@ -6,11 +6,14 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.llmkern-installed
 PYTEST_ARGS ?=
-# The declared floor of torch, triton and transformers (pyproject.toml) in a venv of its own: `make test-compat`.
+# The declared floor (pyproject.toml; .ci/floor.txt: the lent H200's image) in a venv of its own: `make test-compat`.
+# Python 3.12 as on that image where this machine has it.
 COMPAT  ?= .venv-compat
-COMPAT_TESTS ?= tests/test_patch.py tests/test_patch_paths.py tests/test_ops.py tests/test_user_paths.py tests/test_training.py
+FLOOR   ?= .ci/floor.txt
+COMPAT_PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo $(PYTHON))
+COMPAT_TESTS ?= tests
 
-.PHONY: all install demo test test-compat inspect bench clean
+.PHONY: all install demo test test-compat inspect bench clean gpu-check
 
 all: test
 
@@ -35,17 +38,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The lowest versions pyproject.toml declares (.ci/floor.txt), CPU extension only. The package is built from a copy
-# of the tracked files and installed non-editable, so this venv's extension (built against the floor's torch) never
-# replaces the one `make test` built in the tree.
+# The lowest versions pyproject.toml declares ($(FLOOR)), CPU extension only, the whole suite but the slow tests. The
+# package is installed editable into a copy of the tracked files, and the tests run from that copy's root as `make
+# test` runs from the checkout's, so this venv's extension (built against the floor's torch) never replaces the one
+# `make test` built in the tree.
 test-compat:
-	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT_PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
-	$(COMPAT)/bin/python -m pip install -q -c .ci/floor.txt torch triton transformers
+	$(COMPAT)/bin/python -m pip install -q -c $(FLOOR) torch triton transformers
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src && git ls-files -z | xargs -0 cp --parents -t $(COMPAT)/src
-	cd $(COMPAT)/src && LLMKERN_CUDA=0 $(abspath $(COMPAT))/bin/python -m pip install -q -c $(CURDIR)/.ci/floor.txt --no-build-isolation ".[test]"
+	cd $(COMPAT)/src && LLMKERN_CUDA=0 $(abspath $(COMPAT))/bin/python -m pip install -q -c $(abspath $(FLOOR)) --no-build-isolation -e ".[test]"
 	$(COMPAT)/bin/python -c "import torch, triton, transformers; print('floor:', torch.__version__, triton.__version__, transformers.__version__)"
-	$(COMPAT)/bin/pytest -q -m "not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
+	cd $(COMPAT)/src && $(abspath $(COMPAT))/bin/pytest -q -m "not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 inspect: $(STAMP)
 	$(VPY) -m llmkern inspect
@@ -55,3 +59,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) build *.egg-info .pytest_cache
+
+# On a lent GPU (benchmarks/README.md, "On the lent GPU: make gpu-check"): builds for sm_90 with the machine's own
+# python (no .venv: the device image has torch), measures the copy bandwidth and matmul rate, runs the CUDA tests,
+# memcheck and the benchmarks against them, and prints a summary table; files go to $OUT (or gpu-check-out/).
+# ARGS passes options through: make gpu-check ARGS=--dry-run
+ARGS ?=
+gpu-check:
+	$(PYTHON) .ci/gpu_check.py $(ARGS)

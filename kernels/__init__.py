@@ -20,12 +20,22 @@ if __name__ == "kernels":
     _spec = _PathFinder.find_spec("kernels", _path)
     del _sys.modules["kernels"]
     if _spec is None or _spec.loader is None:  # not installed (None), or only namespace directories
-        raise ModuleNotFoundError(f"No module named 'kernels' ({_os.path.join(_root, 'kernels')} is llmkern's, "
-                                  "imported as llmkern.kernels)", name="kernels")
-    _hf = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _hf
-    try:
-        _spec.loader.exec_module(_hf)
-    except BaseException:
-        _sys.modules.pop("kernels", None)
-        raise
+        # Stand in as what a directory shadowing the name looks like, an empty namespace package (no __file__, no
+        # __version__, nothing to import from it). transformers before 5.25 imports `kernels` when it finds the name
+        # without distribution metadata and counts such a module as absent; an exception here would instead break
+        # every model import ("Could not import module 'LlamaConfig'", transformers 5.17).
+        import types as _types
+
+        _stub = _types.ModuleType("kernels", "Not installed: Hugging Face's `kernels` package is absent; "
+                                  f"{_os.path.join(_root, 'kernels')} is llmkern's, imported as llmkern.kernels.")
+        _stub.__file__ = None
+        _stub.__path__ = []
+        _sys.modules["kernels"] = _stub
+    else:
+        _hf = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _hf
+        try:
+            _spec.loader.exec_module(_hf)
+        except BaseException:
+            _sys.modules.pop("kernels", None)
+            raise

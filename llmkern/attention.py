@@ -184,8 +184,10 @@ def _decode(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: 
     if _is_compiling():
         # Traced: no Python state may change from step to step (it would be guarded on and recompile), so no plan
         # dict, no backend tracking; the split count is a constant of the shapes.
-        splits = _splits_constant(q.device.type, q.device.index, q.shape[0], q.shape[1], k_pages.shape[2],
-                                  k_pages.shape[3], plan.max_seq_len, window)
+        sizes = (q.shape[0], q.shape[1], k_pages.shape[2], k_pages.shape[3], plan.max_seq_len)
+        splits = None  # the op picks the count from the concrete sizes when it runs (CPU kernels: always)
+        if (q.device.type != "cpu" or backends.triton_interpret()) and _CONSTANT_OF_SYMINTS:
+            splits = _splits_constant(q.device.type, q.device.index, *sizes, window)
         cache.write(handle, plan)
         return paged_ops.paged_decode_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, scale,
                                                 sliding_window=window, softcap=softcap, num_splits=splits,
@@ -224,6 +226,12 @@ def _decode_direct(plan: StepPlan, handle: PagedKV, q, k_pages, v_pages, scalars
         for t in backends._trackers:
             t[key] += 1
     return out
+
+
+# torch < 2.12's assume_constant_result refuses a SymInt argument (dynamic=True: "SymNodeVariable() is not a
+# constant"; dynamo cannot tell one from an int before it fails); newer torch specialises it. On an older torch the
+# traced op picks its split count itself when it runs, from the same ladder (paged_ops.decode_num_splits).
+_CONSTANT_OF_SYMINTS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
 
 
 @torch.compiler.assume_constant_result

@@ -440,7 +440,7 @@ class PagedKVCache(Cache):
             num_blocks = max_batch_size * math.ceil(max_pos / block_size)
         self.growable = num_blocks is None if growable is None else growable
         self._peak_bytes = 0
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.reserved = max_cache_len is not None  # the capturable mode (module docstring)
         self.pages_per_sequence = -(-max_cache_len // block_size) if self.reserved else None
         self._rsv: dict = {}  # device -> _Reserved, the device buffers of the reserved mode
@@ -698,6 +698,12 @@ class PagedKVCache(Cache):
         """Largest batch accepted (None: any). A property because transformers 5.0-5.x's ``Cache`` defines
         ``max_batch_size`` as a read-only property of its own."""
         return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """Columns reserved per sequence (reserved mode), else None. A property for the same reason as
+        ``max_batch_size``: transformers up to 5.2x's ``Cache`` defines a read-only ``max_cache_len``."""
+        return self._max_cache_len
 
     @property
     def is_compileable(self) -> bool:

@@ -72,6 +72,33 @@ def _interpreter_bf16_rtne(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Triton 3.6's interpreter (the H200 image's) turns a scalar tensor into a loop bound with ``int(data)`` on a
+# one-element array: numpy 2.4 made that a TypeError (earlier ones warn), so every kernel whose ``range`` bounds are
+# loaded values fails under the interpreter (``only 0-dimensional arrays can be converted to Python scalars``).
+# Triton 3.8 squeezes first; do the same on older interpreters. Compiled kernels never take this path.
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_scalar_index(monkeypatch):
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - no triton
+        yield
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        yield
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor)
+    yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # GPU numerics in the interpreter
 #
 # The interpreter computes in exact numpy arithmetic; compiled kernels do not. On sm_80/sm_90, Triton lowers fp32

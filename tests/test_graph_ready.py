@@ -13,18 +13,23 @@ arguments from the same plan and are ~50x faster than the interpreter.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaForCausalLM
 
 import llmkern
 from llmkern import paged_ops, testing
 from llmkern.cache import CacheExhaustedError, PagedKVCache
 
 B, P = 2, 9  # a ragged batch: row 1 is left-padded by 3
+# The models' cache argument: ``cache`` from transformers 5.24 on, ``past_key_values`` before (5.17 on the H200 image,
+# where ``cache=`` would land in **kwargs unused and the step would run without a cache).
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture
@@ -48,13 +53,13 @@ def _decode_loop(model, cache, ids, mask, steps: int, *, forward=None, pad_to: i
     forward = forward or model.forward
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                       cache=cache, use_cache=True).logits
+                       **{CACHE: cache}, use_cache=True).logits
         tok, pos, toks = logits[:, -1:].argmax(-1), mask.sum(1, keepdim=True), []
         toks.append(tok)
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             m = mask if pad_to is None else torch.nn.functional.pad(mask, (0, pad_to - mask.shape[1]))
-            logits = forward(input_ids=tok, attention_mask=m, position_ids=pos, cache=cache, use_cache=True).logits
+            logits = forward(input_ids=tok, attention_mask=m, position_ids=pos, **{CACHE: cache}, use_cache=True).logits
             tok, pos = logits[:, -1:].argmax(-1), pos + 1
             toks.append(tok)
     return torch.cat(toks, 1)
@@ -117,11 +122,11 @@ def test_reserved_cache_full_is_an_error_that_keeps_the_cache():
     with pytest.raises(CacheExhaustedError, match=r"max_cache_len=11\) is full.*Nothing was written"):
         with torch.inference_mode():
             model(input_ids=ids[:, :1], attention_mask=torch.ones(B, P + 3, dtype=torch.long),
-                  position_ids=torch.zeros(B, 1, dtype=torch.long), cache=cache, use_cache=True)
+                  position_ids=torch.zeros(B, 1, dtype=torch.long), **{CACHE: cache}, use_cache=True)
     assert cache.seq_lens() == held
     with pytest.raises(CacheExhaustedError, match="this step's 4 more do not fit"):
         with torch.inference_mode():
-            model(input_ids=ids[:, :4], attention_mask=torch.ones(B, P + 6, dtype=torch.long), cache=cache,
+            model(input_ids=ids[:, :4], attention_mask=torch.ones(B, P + 6, dtype=torch.long), **{CACHE: cache},
                   use_cache=True)
     assert cache.seq_lens() == held
 
@@ -143,7 +148,8 @@ def test_reserved_crop_and_beam_reorder_keep_sequences_private(cpp):
         with torch.inference_mode():
             for i in range(6):
                 m = torch.cat([m, torch.ones(B, 1, dtype=torch.long)], 1)
-                out = model(input_ids=tok, attention_mask=m, position_ids=torch.full((B, 1), P + 3 + i), cache=cache,
+                out = model(input_ids=tok, attention_mask=m, position_ids=torch.full((B, 1), P + 3 + i),
+                            **{CACHE: cache},
                             use_cache=True).logits
                 outs.append(out)
                 tok = out[:, -1:].argmax(-1)
@@ -286,7 +292,7 @@ def _one_step_traffic(cache_kw: dict) -> tuple[list, int]:
     if cache.reserved:
         mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
     inputs = dict(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, position_ids=torch.tensor([[P + 6], [P + 3]]),
-                  cache=cache, use_cache=True)
+                  **{CACHE: cache}, use_cache=True)
     traffic, scalars = _HostTraffic(), _ScalarReads()
     with torch.inference_mode(), traffic, scalars:
         model(**inputs)
@@ -324,7 +330,7 @@ def test_cuda_graph_capture_replays_the_decode_step():
         pos = mask.sum(1, keepdim=True) + 2
         m = torch.nn.functional.pad(mask, (0, width - P))
         m[:, P:P + 2] = 1
-        static = dict(input_ids=tok, attention_mask=m, position_ids=pos, cache=cache, use_cache=True)
+        static = dict(input_ids=tok, attention_mask=m, position_ids=pos, **{CACHE: cache}, use_cache=True)
         outs = []
         with torch.inference_mode():
             for i in range(steps):
