@@ -10,8 +10,17 @@ Decode attention is memory-bound. Minimal bytes moved (s = element size): reads 
 Sweep (full): contexts 1k..128k x batch 1..64 x the head layouts of Qwen2.5-0.5B, Qwen2.5-7B, Llama-2-7B,
 Llama-3-8B; cases whose caches do not fit in memory are skipped with a note.
 
+``--prefill``: causal prefill attention instead (op ``prefill_attention``): B sequences of S new tokens each (the
+whole prompt, so ``q_lens = seq_lens = S``), llmkern's ``paged_prefill_attention`` over the same paged cache against
+eager ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` over ``[B, H, S, D]``. ``--contexts`` then
+gives S. Prefill is compute-bound: besides the table (GB/s from the bytes), a TFLOP/s line per row is printed.
+    bytes  2*B*S*Hq*D*s + 2*B*S*Hkv*D*s          (q and out, K and V once)
+    FLOPs  2*B*Hq*S*S*D                           (q @ k.T and P @ V, 2*S*S*D each per head, halved by the mask)
+Sweep (prefill, full): S 512..16k x batch 1, 4 x the layouts; quick: S 1k, 4k, batch 1, Qwen2.5-0.5B and Llama-3-8B.
+
     python benchmarks/bench_decode_attention.py --quick
     python benchmarks/bench_decode_attention.py --contexts 8k,32k --batches 1,8 --layouts qwen2.5-0.5b,llama-3-8b
+    python benchmarks/bench_decode_attention.py --prefill --contexts 4k --batches 1 --layouts llama-3-8b
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ CONTEXTS = [1024, 4096, 16384, 32768, 65536, 131072]
 BATCHES = [1, 4, 16, 64]
 QUICK = ([1024, 8192], [1, 4], ["qwen2.5-0.5b", "llama-3-8b"])
 DRY = ([100], [2], ["qwen2.5-0.5b"])
+PREFILL_CONTEXTS = [512, 1024, 4096, 16384]
+PREFILL_BATCHES = [1, 4]
+PREFILL_QUICK = ([1024, 4096], [1], ["qwen2.5-0.5b", "llama-3-8b"])
+PREFILL_DRY = ([40], [1], ["qwen2.5-0.5b"])
 BLOCK = 16
 
 
@@ -47,7 +60,45 @@ def paged_ops_module():
     return paged_ops, ""
 
 
+def prefill_flops(B: int, S: int, Hq: int, D: int) -> int:
+    """FLOPs of causal attention over S new tokens: q @ k.T and P @ V (2*S*S*D each per head), halved by the mask."""
+    return 2 * B * Hq * S * S * D
+
+
+def prefill_cases(args):
+    contexts, batches, layouts = (PREFILL_DRY if args.dry_run else PREFILL_QUICK if args.quick else
+                                  (PREFILL_CONTEXTS, PREFILL_BATCHES, list(LAYOUTS)))
+    contexts = getattr(args, "contexts", None) or contexts
+    batches = getattr(args, "batches", None) or batches
+    layouts = getattr(args, "layouts", None) or layouts
+    dt, dev = args.torch_dtype, args.device
+    s = H.esize(dt)
+    out = []
+    for name in layouts:
+        Hq, Hkv, D = LAYOUTS[name]
+        for B in batches:
+            for S in contexts:
+                nb = H.ceil_div(S, BLOCK)
+
+                def make(B=B, S=S, Hq=Hq, Hkv=Hkv, D=D, nb=nb):
+                    g = torch.Generator(device=dev).manual_seed(0)
+                    q = torch.randn(B, Hq, S, D, dtype=dt, device=dev, generator=g)
+                    k = torch.randn(B, Hkv, S, D, dtype=dt, device=dev, generator=g)
+                    v = torch.randn(B, Hkv, S, D, dtype=dt, device=dev, generator=g)
+                    return {"q": q, "k": k, "v": v, "L": S, "scale": 1 / math.sqrt(D),
+                            "perm": torch.randperm(B * nb, generator=torch.Generator().manual_seed(0))}
+                qo = 2 * B * S * Hq * D * s
+                kv = 2 * B * S * Hkv * D * s
+                # eager on CPU materialises the fp32 scores (and GQA-expanded K/V); a GPU's fused SDPA does not.
+                scores = B * Hq * S * S * 4 + 2 * B * S * Hq * D * s if dev.type == "cpu" else 0
+                out.append(H.Case("prefill_attention", f"{name} B={B} S={H.human_tokens(S)} H={Hq}/{Hkv} D={D}",
+                                  qo + kv, make, x=S, series=f"{name} B={B}", footprint=3 * kv + 2 * qo + scores))
+    return out
+
+
 def cases(args):
+    if getattr(args, "prefill", False):
+        return prefill_cases(args)
     contexts, batches, layouts = DRY if args.dry_run else QUICK if args.quick else (CONTEXTS, BATCHES, list(LAYOUTS))
     contexts = getattr(args, "contexts", None) or contexts  # the script's own flags (add_args)
     batches = getattr(args, "batches", None) or batches
@@ -92,7 +143,46 @@ def to_pages(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block: int):
     return pages(k), pages(v), bt, torch.full((B,), L, dtype=torch.int32, device=k.device)
 
 
+def _serves(provs: list, notes: list, op: str) -> list:
+    """Drop the llmkern-<backend> providers whose backend does not implement ``op`` (the extension's CUDA backend has
+    no attention kernel: forcing it would run Triton, and the harness rejects a provider that ran another backend)."""
+    from llmkern import backends
+
+    keep = []
+    for p in provs:
+        b = p.name[len("llmkern-"):] if p.name.startswith("llmkern-") else None
+        if b in backends.IMPLEMENTS and op not in backends.IMPLEMENTS[b]:
+            notes.append(f"{p.name}: does not implement {op}")
+            continue
+        keep.append(p)
+    return keep
+
+
+def prefill_providers(args):
+    po, why_po = paged_ops_module()
+
+    def eager(inp):
+        q, k, v, scale = inp["q"], inp["k"], inp["v"], inp["scale"]
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    def kern(inp):
+        kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK)
+        q, scale, ql = inp["q"], inp["scale"], sl.clone()
+        return lambda: po.paged_prefill_attention(q, kc, vc, bt, sl, ql, scale)
+
+    provs, notes = H.standard_providers(args, eager=eager, llmkern_call=kern if po else None,
+                                        eager_note="SDPA is_causal enable_gqa over [B,H,S,D]")
+    if po is None:
+        notes.append(why_po)
+    else:
+        provs = _serves(provs, notes, "paged_prefill_attention")
+    notes.append("flash-attn, FlashInfer, vLLM: decode only in this script")
+    return provs, notes
+
+
 def providers(args):
+    if getattr(args, "prefill", False):
+        return prefill_providers(args)
     po, why_po = paged_ops_module()
 
     def eager(inp):
@@ -108,6 +198,8 @@ def providers(args):
                                         eager_note="SDPA enable_gqa over [B,Hkv,L,D]")
     if po is None:
         notes.append(why_po)
+    else:
+        provs = _serves(provs, notes, "paged_decode_attention")
 
     ok, why = H.external("flash_attn", args, "flash-attn")
     if ok:
@@ -182,10 +274,38 @@ def add_args(p) -> None:
     p.add_argument("--batches", type=_int_list, default=None, help="batch sizes, e.g. 1,8 (overrides the preset)")
     p.add_argument("--layouts", type=_layout_list, default=None,
                    help=f"head layouts, comma-separated, from {list(LAYOUTS)} (overrides the preset)")
+    p.add_argument("--prefill", action="store_true",
+                   help="causal prefill attention (op prefill_attention, S = --contexts new tokens per sequence) "
+                        "instead of decode; the table adds TFLOP/s")
+
+
+def print_tflops(rows) -> None:
+    """Prefill is compute-bound: TFLOP/s per row (FLOPs from the shape, ``prefill_flops``)."""
+    import re
+
+    out = []
+    for r in rows:
+        m = re.search(r"B=(\d+) S=(\d+k?) H=(\d+)/\d+ D=(\d+)", r.shape)
+        if r.op != "prefill_attention" or not m:
+            continue
+        S = int(m[2][:-1]) * 1024 if m[2].endswith("k") else int(m[2])
+        fl = prefill_flops(int(m[1]), S, int(m[3]), int(m[4]))
+        out.append(f"  {r.shape:<40} {r.provider:<16} {fl / (r.us[1] * 1e-6) / 1e12:10.3f} TFLOP/s")
+    if out:
+        print("\nprefill TFLOP/s (2*B*Hq*S*S*D / p50):")
+        print("\n".join(out))
 
 
 def main(argv=None) -> int:
-    return H.script_main(__doc__, "decode attention (paged KV)", providers, cases, argv, add_args)
+    p = H.parser(__doc__)
+    add_args(p)
+    args = H.finish_args(p, p.parse_args(argv))
+    provs, notes = providers(args)
+    provs = H.select_providers(provs, None if args.providers == "list" else args.providers, notes)
+    title = "prefill attention (paged KV, causal)" if args.prefill else "decode attention (paged KV)"
+    rows = H.run(title, args, cases(args), provs, notes)
+    print_tflops(rows)
+    return H.main_exit(args)
 
 
 if __name__ == "__main__":

