@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Python 3.12 as on that image where this machine has it.
 COMPAT  ?= .venv-compat
 FLOOR   ?= .ci/floor.txt
-COMPAT_PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo $(PYTHON))
+COMPAT_PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 || echo $(PYTHON))
 COMPAT_TESTS ?= tests
 
 .PHONY: all install demo test test-compat inspect bench clean gpu-check
@@ -45,7 +45,7 @@ test: $(STAMP)
 test-compat:
 	$(COMPAT_PYTHON) -m venv $(COMPAT)
 	$(COMPAT)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
-	$(COMPAT)/bin/python -m pip install -q -c $(FLOOR) torch triton transformers
+	$(COMPAT)/bin/python -m pip install -q -c $(FLOOR) torch triton transformers numpy
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src && git ls-files -z | xargs -0 cp --parents -t $(COMPAT)/src
 	cd $(COMPAT)/src && LLMKERN_CUDA=0 $(abspath $(COMPAT))/bin/python -m pip install -q -c $(abspath $(FLOOR)) --no-build-isolation -e ".[test]"
 	$(COMPAT)/bin/python -c "import torch, triton, transformers; print('floor:', torch.__version__, triton.__version__, transformers.__version__)"

@@ -65,12 +65,17 @@ def prefill_flops(B: int, S: int, Hq: int, D: int) -> int:
     return 2 * B * Hq * S * S * D
 
 
+def _grid(args, dry, quick, full):
+    """(contexts, batches, layouts) for --dry-run / --quick / a full run, each overridden by the script's own flag
+    (add_args) when given."""
+    contexts, batches, layouts = dry if args.dry_run else quick if args.quick else full
+    return (getattr(args, "contexts", None) or contexts, getattr(args, "batches", None) or batches,
+            getattr(args, "layouts", None) or layouts)
+
+
 def prefill_cases(args):
-    contexts, batches, layouts = (PREFILL_DRY if args.dry_run else PREFILL_QUICK if args.quick else
-                                  (PREFILL_CONTEXTS, PREFILL_BATCHES, list(LAYOUTS)))
-    contexts = getattr(args, "contexts", None) or contexts
-    batches = getattr(args, "batches", None) or batches
-    layouts = getattr(args, "layouts", None) or layouts
+    contexts, batches, layouts = _grid(args, PREFILL_DRY, PREFILL_QUICK,
+                                       (PREFILL_CONTEXTS, PREFILL_BATCHES, list(LAYOUTS)))
     dt, dev = args.torch_dtype, args.device
     s = H.esize(dt)
     out = []
@@ -99,10 +104,7 @@ def prefill_cases(args):
 def cases(args):
     if getattr(args, "prefill", False):
         return prefill_cases(args)
-    contexts, batches, layouts = DRY if args.dry_run else QUICK if args.quick else (CONTEXTS, BATCHES, list(LAYOUTS))
-    contexts = getattr(args, "contexts", None) or contexts  # the script's own flags (add_args)
-    batches = getattr(args, "batches", None) or batches
-    layouts = getattr(args, "layouts", None) or layouts
+    contexts, batches, layouts = _grid(args, DRY, QUICK, (CONTEXTS, BATCHES, list(LAYOUTS)))
     dt, dev = args.torch_dtype, args.device
     s = H.esize(dt)
     out = []

@@ -446,20 +446,26 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+_TRITON_BEFORE_3_7 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+
+
 def decode_config(G: int, D: int, fp32: bool = False) -> dict:
     """Stage-1 tiles for group size ``G``, head_dim ``D`` and input width.
 
     ``BLOCK_G = max(16, next_pow2(G))`` (tl.dot needs 16 rows); ``BLOCK_D = next_pow2(D)`` (80 and 96 pad to 128).
     16-bit inputs: ``BLOCK_N`` 64 tokens (32 for D = 256) so a K and a V tile stay at 16 KB, 4 warps for D = 128 and
     8 otherwise. fp32 inputs (logits from an fp64 dot, P @ V an fp32 FMA dot): ``BLOCK_N`` 32 (16 for D = 256), 4
-    warps. 2 stages: with 3, ptxas spills a few bytes in some variants (fp32 D = 64 / 256 on sm_80, 16-bit D = 128
-    with 1-token pages on sm_90); the compile gate checks every config on sm_80 and sm_90.
+    warps; D = 256 on Triton < 3.7 (the lent H200's 3.6): 8 warps, since 4 spill there (up to 136 bytes with
+    splits > 1) while 8 spill with 3.8.
+    2 stages: with 3, ptxas spills a few bytes in some variants (fp32 D = 64 / 256 on sm_80, 16-bit D = 128 with
+    1-token pages on sm_90); the compile gate checks every config on sm_80 and sm_90, with Triton 3.6 too
+    (``make test-compat``).
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(G))
     if fp32:
         block_n = 32 if block_d <= 128 else 16
-        num_warps = 4
+        num_warps = 8 if block_d > 128 and _TRITON_BEFORE_3_7 else 4
     else:
         block_n = 64 if block_d <= 128 else 32
         # 4 warps are enough for D = 128; for D = 64 ptxas then caps some variants at 64 registers and spills a
@@ -531,14 +537,15 @@ def prefill_grid(B: int, Hkv: int, S: int, G: int, block_m: int) -> tuple:
 def prefill_config(G: int, D: int, fp32: bool = False) -> dict:
     """Prefill tiles: ``BLOCK_M`` flattened (query row, group head) rows, ``BLOCK_N`` tokens,
     ``BLOCK_D = next_pow2(D)``, 8 warps (4 warps reach 255 registers: the per-row position/mask vectors and the
-    gathered int64 K/V row offsets come on top of the usual flash-attention tiles). 16-bit: 64 x 64 (64 x 32 for
-    D = 256). fp32 (fp64 logits, FMA dots): 32 x 32 for D <= 64, 32 x 16 for D = 128, 16 x 16 for D = 256, which
-    compile without spills for sm_80 and sm_90."""
+    gathered int64 K/V row offsets come on top of the usual flash-attention tiles). 16-bit: 64 x 64 (64 x 16 for
+    D = 256). fp32 (fp64 logits, FMA dots): 16 x 32 for D <= 128, 16 x 16 for D = 256. These compile without spills
+    for sm_80 and sm_90 with Triton 3.6 and 3.8; 32-row fp32 tiles and 64 x 32 for 16-bit D = 256 spill with 3.6
+    (up to 48 bytes)."""
     block_d = max(16, triton.next_power_of_2(D))
     if fp32:
-        block_m, block_n = (32, 32) if block_d <= 64 else ((32, 16) if block_d <= 128 else (16, 16))
+        block_m, block_n = (16, 32) if block_d <= 128 else (16, 16)
     else:
-        block_m, block_n = (64, 64) if block_d <= 128 else (64, 32)
+        block_m, block_n = (64, 64) if block_d <= 128 else (64, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 2}
 
 

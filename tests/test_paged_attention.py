@@ -213,12 +213,15 @@ def test_decode_empty_sequence_and_strided_q(device):
     check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, num_splits=3, what="strided q")
 
 
-def test_decode_long_qwen2_layout(device):
-    # Qwen2.5-0.5B's head layout (14 / 2, head_dim 64) at 2k tokens, bf16, heuristic split count.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_decode_long_qwen2_layout(device, dtype):
+    # Qwen2.5-0.5B's head layout (14 / 2, head_dim 64) at 2k tokens, heuristic split count. q is drawn from its own
+    # generator: with the global one seeded like make_paged's, q[0, h] equalled K[0, 0, h] and every head attended to
+    # one key, so a kernel that skipped a whole page still passed.
     lens, Hkv, G, D = [2048, 100], 2, 7, 64
-    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.bfloat16, device)
-    q = torch.randn(len(lens), G * Hkv, D).to(torch.bfloat16).to(device)
-    check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, what="long")
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, dtype, device)
+    q = torch.randn(len(lens), G * Hkv, D, generator=torch.Generator().manual_seed(1234)).to(dtype).to(device)
+    check_decode(q, kc, vc, bt, sl, K, V, lens, D ** -0.5, what=f"long {dtype}")
 
 
 def test_split_heuristic():
