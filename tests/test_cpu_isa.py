@@ -171,6 +171,62 @@ def test_prefill(isa, dtype, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap, c
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Row ops: every ISA's rms_norm, fused_add_rms_norm, apply_rope and silu_and_mul (kernels_impl.h per translation unit),
+# not only the active one's; widths around the vector widths and past rms_norm's 8192-element chunk.
+
+ROW_WIDTHS = [1, 7, 63, 111, 769, 5125, 9000]
+
+
+def _row_check(op, out, run, what, scale=None):
+    """``run(f)`` runs the torch reference on f(inputs) (identity: eager's order in the dtype; fp64: the oracle)."""
+    assert_no_worse_than_eager(out, run(lambda t: t), run(lambda t: t.double()), what=what, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("N", ROW_WIDTHS)
+def test_row_ops(isa, dtype, N):
+    from llmkern import ops, reference
+
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(3, N, generator=gen).to(dt)
+    r = torch.randn(3, N, generator=gen).to(dt)
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(dt)
+    with llmkern.use_backend("cpp"), llmkern.track() as ran:
+        normed = ops.rms_norm(x, w, 1e-6)
+        fused, res = ops.fused_add_rms_norm(x, r, w, 1e-6)
+        act = ops.silu_and_mul(x * 4, r)
+    assert all(ran.backends(op) == {"cpp"} for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul")), ran
+    what = f"on {isa}, {dtype}, N={N}"
+    _row_check("rms_norm", normed, lambda f: reference.rms_norm(f(x), f(w), 1e-6), f"rms_norm {what}")
+    assert torch.equal(res, r + x), f"fused_add_rms_norm residual {what}: not eager's rounded sum"
+    _row_check("fused_add_rms_norm", fused, lambda f: reference.rms_norm(f(res), f(w), 1e-6),
+               f"fused_add_rms_norm {what}")
+    _row_check("silu_and_mul", act, lambda f: reference.silu_and_mul(f(x * 4), f(r)), f"silu_and_mul {what}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("D,rot", [(64, 64), (128, 128), (80, 40), (256, 256)], ids=lambda v: str(v))
+def test_rope(isa, dtype, D, rot):
+    from llmkern import ops, reference
+
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(D + rot)
+    q = torch.randn(2, 5, 14, D, generator=gen).to(dt).transpose(1, 2)  # [b, H, s, d] views, as HF passes them
+    k = torch.randn(2, 5, 2, D, generator=gen).to(dt).transpose(1, 2)
+    ang = torch.rand(2, 5, rot // 2, generator=gen) * 100
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    with llmkern.use_backend("cpp"), llmkern.track() as ran:
+        qo, ko = ops.apply_rope(q, k, cos, sin)
+    assert ran.backends("apply_rope") == {"cpp"}, ran
+    for i, (out, name) in enumerate(((qo, "q"), (ko, "k"))):
+        # ulp term at max(|x1 cos| + |x2 sin|): what the rotation's rounding scales with
+        mag = reference.apply_rope(q.double().abs(), k.double().abs(), cos.double().abs(), sin.double().abs())[i]
+        _row_check("apply_rope", out, lambda f: reference.apply_rope(f(q), f(k), f(cos), f(sin))[i],
+                   f"apply_rope {name} on {isa}, {dtype}, D={D}, rotary {rot}", scale=mag.max().item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Linear
 
 

@@ -552,19 +552,19 @@ def test_silu_and_mul_many_rows(device, M, I, dtype):
 @pytest.mark.parametrize("layout", ["halves_of_gate_up", "transposed", "cols_strided", "3d_seq_major"])
 def test_silu_and_mul_non_contiguous(device, dtype, layout):
     M, I = 9, 769
+
+    def rand(*shape, s=1.0):  # gate scaled by 4 before the view is taken: `gate * 4` afterwards would be contiguous
+        return (torch.randn(*shape, device=device) * s).to(dtype)
+
     if layout == "halves_of_gate_up":
-        gate_up = torch.randn(M, 2 * I, device=device).to(dtype)
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = torch.cat([rand(M, I, s=4.0), rand(M, I)], -1).chunk(2, dim=-1)
     elif layout == "transposed":
-        gate = torch.randn(I, M, device=device).to(dtype).t()
-        up = torch.randn(I, M, device=device).to(dtype).t()
+        gate, up = rand(I, M, s=4.0).t(), rand(I, M).t()
     elif layout == "cols_strided":
-        gate = torch.randn(M, 2 * I, device=device).to(dtype)[:, ::2]
-        up = torch.randn(M, 3 * I, device=device).to(dtype)[:, ::3]
+        gate, up = rand(M, 2 * I, s=4.0)[:, ::2], rand(M, 3 * I)[:, ::3]
     else:
-        gate = torch.randn(5, 2, I, device=device).to(dtype).transpose(0, 1)
-        up = torch.randn(5, 2, I, device=device).to(dtype).transpose(0, 1)
-    gate = gate * 4
+        gate, up = rand(5, 2, I, s=4.0).transpose(0, 1), rand(5, 2, I).transpose(0, 1)
+    assert not gate.is_contiguous() and not up.is_contiguous()
     out = _on_triton("silu_and_mul", ops.silu_and_mul, gate, up)
     assert out.shape == gate.shape and out.is_contiguous()
     assert_no_worse_than_eager(out, SILU(gate) * up, _silu_oracle(gate, up), what=f"silu_and_mul {layout}")
