@@ -248,17 +248,45 @@ class _Reserved:
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer's pages. Sequence bookkeeping is shared by all layers and lives in ``PagedKVCache``; a layer only
-    holds ``keys``/``values`` = its K/V pages ``[num_blocks, block_size, Hkv, D]`` (None before the first step)."""
+    """One layer of a ``PagedKVCache``. Sequence bookkeeping is shared by all layers and lives in the cache; a layer
+    holds its pages, ``k_pages``/``v_pages`` ``[num_blocks, block_size, Hkv, D]`` (None before the first step).
+
+    ``keys``/``values`` read as a transformers cache layer's do: ``[batch, Hkv, columns, head_dim]``, gathered from
+    the pages on each read (a new tensor, ``PagedKVCache.dense``; writing to it does not change the cache). Columns
+    are the cache's ``get_seq_length()``, padding included, as in a ``DynamicCache``; a padding column, whose K/V
+    the paged cache never stores, reads as zeros. They cannot be assigned: the pages are the cache's."""
 
     is_croppable = True
     is_sliding = False
     supports_early_init = False
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int):
-        super().__init__()
         self._cache = cache
         self.layer_idx = layer_idx
+        self.k_pages = self.v_pages = None
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.k_pages is None else self._cache.dense(self.layer_idx)[0]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._refuse_set("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.v_pages is None else self._cache.dense(self.layer_idx)[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        self._refuse_set("values", value)
+
+    def _refuse_set(self, name: str, value) -> None:
+        if value is not None or self.k_pages is not None:  # CacheLayerMixin.__init__ sets both to None
+            raise AttributeError(f"PagedLayer.{name} is a view gathered from the paged cache's pages and cannot be "
+                                 f"assigned; the pages are k_pages / v_pages, written by the attention "
+                                 f"(PagedKVCache.write)")
 
     @property
     def is_compileable(self) -> bool:  # transformers asks the layers too
@@ -541,7 +569,7 @@ class PagedKVCache(Cache):
 
     def _sync_layer_view(self, i: int) -> None:
         layer, k = self.layers[i], self._k_pages[i]
-        layer.keys, layer.values, layer.is_initialized = k, self._v_pages[i], k is not None
+        layer.k_pages, layer.v_pages, layer.is_initialized = k, self._v_pages[i], k is not None
         if k is not None:
             layer.dtype, layer.device = k.dtype, k.device
 
@@ -597,6 +625,36 @@ class PagedKVCache(Cache):
             raise RuntimeError(f"layer {layer_idx} of the PagedKVCache has no pages yet: they are made from the first "
                                f"K/V it is handed (update)")
         return k, self._v_pages[layer_idx]
+
+    def dense(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` of a layer as a transformers ``DynamicCache`` holds them: ``[batch, Hkv, columns, D]``
+        with ``columns = get_seq_length()`` (padding included, zeros there: the paged cache does not store padding),
+        each row's tokens at the columns where they were real. Gathered from the pages: a new tensor of
+        ``2 * batch * Hkv * columns * D`` elements, for callers that read a cache (``PagedLayer.keys``) and for the
+        eager attention that ``output_attentions=True`` runs; the kernels never use it. Reserved mode: one sync."""
+        k_pages, v_pages = self.pages(layer_idx)
+        self._pull()
+        B, cols = len(self._lens), self._seen
+        H, D = k_pages.shape[2], k_pages.shape[3]
+        keys = k_pages.new_zeros((B, H, cols, D))
+        values = v_pages.new_zeros((B, H, cols, D))
+        if not B or not cols:
+            return keys, values
+        real = torch.cat(self._history, 1) if self._history else torch.zeros((B, 0), dtype=torch.bool)
+        offsets = torch.arange(self.block_size)
+        for b in range(B):
+            n = self._lens[b]
+            where = real[b].nonzero().flatten()
+            if where.numel() != n:  # the bookkeeping is inconsistent: say so rather than misplace tokens
+                raise RuntimeError(f"PagedKVCache row {b} holds {n} tokens but its history marks {where.numel()} "
+                                   f"real columns")
+            if not n:
+                continue
+            slots = (torch.tensor(self._tables[b], dtype=torch.long)[:, None] * self.block_size + offsets).flatten()[:n]
+            slots, where = slots.to(k_pages.device), where.to(k_pages.device)
+            keys[b][:, where] = k_pages.flatten(0, 1)[slots].transpose(0, 1)
+            values[b][:, where] = v_pages.flatten(0, 1)[slots].transpose(0, 1)
+        return keys, values
 
     # -- sequences -------------------------------------------------------------------------------------------------
 

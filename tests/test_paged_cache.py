@@ -230,7 +230,7 @@ def test_growth_is_layer_by_layer_and_reports_its_peak(device):
     assert m.num_blocks == 4 and m.reserved_bytes == 2 * m0.reserved_bytes
     # Nothing keeps the old pages alive (the layers' views moved to the new ones as well).
     assert all(r() is None for r in old)
-    assert all(layer.keys is cache.pages(i)[0] and layer.values is cache.pages(i)[1]
+    assert all(layer.k_pages is cache.pages(i)[0] and layer.v_pages is cache.pages(i)[1]
                for i, layer in enumerate(cache.layers))
     # The peak is the new pool plus one old layer's K (or V) pages, never old pool + new pool.
     one_old_tensor = m0.reserved_bytes // (2 * L)
