@@ -27,7 +27,8 @@ backend, the later layers with the same scalar arguments call the C++ kernels di
 is redone on the full path, whose checks raise the error that names the argument (the K/V write is idempotent).
 Under torch.compile or a TorchFunctionMode every layer takes the full path.
 
-``install(model)`` switches the instance's attention implementation (its config only) and makes ``generate`` create a
+``install(model)`` gives the instance private copies of its configs (a config object shared with another model is
+left alone), switches the copies' attention implementation, and makes ``generate`` create a
 ``PagedKVCache`` when the caller passes none; ``uninstall(model)`` restores both exactly. That cache is laid out the
 way the model is (``placement``): each layer's pages on the device its K/V come out on (``device_map``), and sized
 for the KV heads this process holds (a rank's shard under tensor parallelism, ``tp_plan``), read from the
@@ -36,9 +37,11 @@ projections' shapes, not from the config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
+import warnings
 
 import torch
 
@@ -118,6 +121,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     Returns:
         ``(out [B, S, Hq, D], None)``.
     """
+    if kwargs.get("output_attentions"):
+        return _eager_with_weights(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     if not isinstance(key, PagedKV):
         return _dense_fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     if torch.is_grad_enabled() and query.requires_grad:
@@ -257,6 +262,45 @@ def _decode_num_splits(query, k_pages, max_seq_len: int, window, device=None) ->
         return None
 
 
+def _eager_attention_of(module):
+    """The ``eager_attention_forward`` of the modeling file ``module``'s (original) class comes from."""
+    import sys
+
+    for cls in type(module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise RuntimeError(f"output_attentions=True: llmkern found no eager_attention_forward in the modeling file of "
+                       f"{type(module).__name__}; call model.set_attn_implementation('eager') for attention weights")
+
+
+def _eager_with_weights(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """``output_attentions=True``: llmkern's kernels compute no attention weights, so this call runs the model's own
+    eager attention (its modeling file's ``eager_attention_forward``) and returns its weights ``[B, Hq, S, columns]``
+    as an unpatched eager model would. With a ``PagedKVCache`` the step's K/V are written to the pages first and the
+    whole K/V are gathered from them (``PagedKVCache.dense``; padding columns are zeros there and masked)."""
+    from transformers.masking_utils import eager_mask
+
+    warnings.warn("output_attentions=True: llmkern's attention kernels compute no attention weights, so this "
+                  "forward runs transformers' eager attention (the weights are returned as an eager model returns "
+                  "them); drop output_attentions for llmkern's kernels", UserWarning, stacklevel=3)
+    if isinstance(key, PagedKV):
+        handle: PagedKV = key
+        mask2d = attention_mask.attention_mask if isinstance(attention_mask, PagedMask) else None
+        plan = handle.cache.plan(handle, mask2d)
+        handle.cache.write(handle, plan)
+        key, value = handle.cache.dense(handle.layer_idx)
+    if isinstance(attention_mask, PagedMask):
+        kw = dict(attention_mask._dense_kwargs, allow_is_causal_skip=False)
+        kw["kv_length"] = key.shape[2]  # a reserved cache's masks span max_cache_len; the columns held are fewer
+        if kw.get("attention_mask") is not None:
+            kw["attention_mask"] = kw["attention_mask"][:, :key.shape[2]]
+        attention_mask = eager_mask(dtype=query.dtype, **kw)
+    kwargs = {k: v for k, v in kwargs.items() if k != "output_attentions"}
+    return _eager_attention_of(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+
+
 def _dense_fallback(module, query, key, value, attention_mask, scaling, dropout, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -280,7 +324,7 @@ def register() -> None:
 
 @dataclasses.dataclass
 class _InstallState:
-    attn: list  # (config, previous config._attn_implementation_internal)
+    configs: "_PrivateConfigs"
     had_prepare_attr: bool
     prev_prepare_attr: object
     options: dict
@@ -294,16 +338,76 @@ def is_installed(model) -> bool:
     return _STATE_ATTR in vars(model)
 
 
-def _configs(model) -> list:
-    """Every distinct config of ``model`` and its PreTrainedModel submodules (set_attn_implementation's reach)."""
-    from transformers import PreTrainedModel
+@dataclasses.dataclass
+class _PrivateConfigs:
+    """The model's modules that held a config, with the config each held before ``install`` gave it a private copy
+    (``held``), and per original config ``(original, copy, snapshot of the copy's attributes after the switch)``."""
 
-    seen, out = set(), []
-    for m in [model, *model.modules()]:
-        if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
-            seen.add(id(m.config))
-            out.append(m.config)
-    return out
+    held: list
+    copies: list
+
+    def restore(self) -> None:
+        """Put the original configs back. What the caller changed on the copies while the model was installed (an
+        attribute set, or ``set_attn_implementation`` to another implementation) is carried over to the originals,
+        as it would have been made there without ``install``; llmkern's own switch is not."""
+        for original, private, snapshot in self.copies:
+            now = vars(private)
+            for key in set(snapshot) - set(now):
+                vars(original).pop(key, None)
+            for key, value in now.items():
+                if key not in snapshot or not _same(value, snapshot[key]):
+                    vars(original)[key] = value  # raw attributes, as stored (no alias mapping, no validation)
+        for module, original in self.held:
+            vars(module)["config"] = original
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # a tensor, or a type whose == is not a bool: changed unless identical
+        return False
+
+
+def _private_configs(model) -> _PrivateConfigs:
+    """Give every module of ``model`` that holds a config (the model, its base model, attention modules, rotary
+    embeddings, ...) a private deep copy of it, one copy per distinct config object (a CausalLM and its base model
+    keep sharing theirs; a composite config's sub-configs map to the copy's sub-configs). transformers'
+    ``set_attn_implementation`` writes into the config object, and models built from one ``config`` share it: without
+    the copy, switching this model would switch every other model built from that config."""
+    try:
+        from transformers import PreTrainedConfig as config_cls
+    except ImportError:  # older spelling
+        from transformers import PretrainedConfig as config_cls
+
+    memo: dict = {}
+    copies: dict = {}
+    held = []
+    for module in model.modules():
+        cfg = vars(module).get("config")
+        if not isinstance(cfg, config_cls):
+            continue
+        if id(cfg) not in copies:
+            try:
+                copies[id(cfg)] = (cfg, copy.deepcopy(cfg, memo))
+            except Exception as e:  # an attribute that cannot be deep-copied: the attention switch would leak
+                raise TypeError(f"llmkern: cannot copy {type(module).__name__}'s {type(cfg).__name__} ({e}); "
+                                f"llmkern's attention switches a private copy so that another model sharing the "
+                                f"config is untouched. Patch with attention=False to keep transformers' "
+                                f"attention.") from e
+        held.append((module, cfg))
+        vars(module)["config"] = copies[id(cfg)][1]
+    return _PrivateConfigs(held=held, copies=[(o, c, None) for o, c in copies.values()])
+
+
+def is_active(model) -> bool:
+    """Whether ``model``'s attention runs llmkern's paged attention now: installed, and its config still names
+    ``NAME`` (``model.set_attn_implementation(...)`` can switch an installed model to another implementation and
+    back)."""
+    return is_installed(model) and model.config._attn_implementation == NAME
 
 
 def _pages_for_generate(block_size: int, rows: int, max_cache_length: int) -> int:
@@ -335,9 +439,14 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         uninstall(model)
     register()
 
-    configs = _configs(model)
-    prev = [(c, c._attn_implementation_internal) for c in configs]
-    model.set_attn_implementation(NAME)
+    private = _private_configs(model)
+    try:
+        model.set_attn_implementation(NAME)
+    except BaseException:
+        private.restore()
+        raise
+    private.copies = [(o, c, copy.copy(vars(c))) for o, c, _ in private.copies]
+    prev = private
 
     # Hook: `generate` asks `self._prepare_cache_for_generation(...)` for a cache (generation/utils.py, step 7).
     # An instance attribute shadows the class method for this object only, sees generate's batch size, beam count
@@ -349,7 +458,7 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     if not hasattr(type(model), "_prepare_cache_for_generation"):
         # A base *Model or a non-generating head (sequence classification, ...): no generate() to hook; a forward
         # with a PagedKVCache the caller made still runs the paged kernels.
-        d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=False, prev_prepare_attr=None,
+        d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=False, prev_prepare_attr=None,
                                        options=dict(block_size=block_size, num_blocks=num_blocks,
                                                     max_memory_bytes=max_memory_bytes), hooked=False)
         return
@@ -360,6 +469,10 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
+        if self.config._attn_implementation != NAME:
+            # Switched away with set_attn_implementation: transformers' attention runs, on transformers' caches.
+            call = original if had_attr else types.MethodType(original, self)
+            return call(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         key = _generate_cache_key(model_kwargs)
         given = next((model_kwargs[k] for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
         impl = generation_config.cache_implementation
@@ -413,6 +526,11 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, PagedKVCache):
             return _padded_mask(kwargs.get("attention_mask"), cache)
+        cfg = kwargs.get("config")
+        if cfg is not None and cfg._attn_implementation == NAME:
+            # A transformers cache (static ones build their masks here, ahead of the forward): the attention falls
+            # back to SDPA over it (``_dense_fallback``), so it gets the masks SDPA would.
+            kwargs["config"] = _as_sdpa(cfg)
         if had_masks:
             return prev_masks(*args, **kwargs)
         own = getattr(type(model), "create_masks_for_generate", None)
@@ -423,9 +541,16 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         return generic(*args, **kwargs)
 
     d["create_masks_for_generate"] = create_masks_for_generate
-    d[_STATE_ATTR] = _InstallState(attn=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
+    d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
                                    options=options, hooked=True, had_masks_attr=had_masks,
                                    prev_masks_attr=prev_masks)
+
+
+def _as_sdpa(config):
+    """A shallow copy of ``config`` that names SDPA as its attention (for mask functions that read it)."""
+    view = copy.copy(config)
+    view._attn_implementation_internal = "sdpa"
+    return view
 
 
 def _padded_mask(mask, cache: PagedKVCache):
@@ -486,10 +611,34 @@ class Placement:
         return out
 
 
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def find_decoder_stack(model) -> tuple:
+    """``(base model, its ModuleList of decoder layers)`` found by structure, wherever a head keeps them: the base
+    model transformers names (``model.base_model``: ``.model`` for CausalLM and most heads, ``.transformer`` for
+    ``*ForQuestionAnswering``), else the first ModuleList in the module tree whose modules have the parts of a
+    Llama-style decoder layer. ``(None, None)`` when there is none."""
+    candidates = []
+    base = getattr(model, "base_model", None)
+    if isinstance(base, torch.nn.Module):
+        candidates.append(base)
+    candidates += [getattr(model, "model", None), model]
+    for base in candidates:
+        layers = getattr(base, "layers", None) if isinstance(base, torch.nn.Module) else None
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return base, layers
+    for name, m in model.named_modules():
+        if (isinstance(m, torch.nn.ModuleList) and len(m)
+                and all(all(hasattr(layer, p) for p in _LAYER_PARTS) for layer in m)):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            return parent, m
+    return None, None
+
+
 def _decoder_layer_list(model) -> list:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+    _base, layers = find_decoder_stack(model)
+    return [] if layers is None else list(layers)
 
 
 def _local_rows(linear) -> int | None:
@@ -561,33 +710,16 @@ def _warn_once(model, what: str, message: str) -> None:
 
 
 def _check_foreign_cache(model, cache) -> None:
-    """generate() on an installed model was handed a transformers cache. A dynamic one works (the attention falls
-    back to SDPA over it) but the paged kernels do not run: said once per model. A static (compileable) one cannot
-    work: generate builds its masks ahead with this model's mask function, which hands attention the 2-D padding
-    mask, not the 4-D tensor transformers' static path expects."""
+    """generate() on an installed model was handed a transformers cache. It works, dynamic or static (the
+    attention falls back to SDPA over it; a static cache's masks, built ahead of the forward, are SDPA's: see
+    ``create_masks_for_generate`` in ``install``), but the paged kernels do not run: said once per model."""
     name = type(cache).__name__
-    if getattr(cache, "is_compileable", False):
-        raise ValueError(f"generate() got a {name} (a static cache), which a model on llmkern paged attention cannot "
-                         f"use. Pass no cache (generate then creates a llmkern.PagedKVCache), cache_implementation='static' or a "
-                         f"PagedKVCache(config, max_batch_size=..., max_cache_len=...) for a compileable one, or "
-                         f"patch the model with attention=False to keep transformers' attention and static caches.")
     _warn_once(model, name, f"generate() got a {name}: llmkern's paged attention kernels are not used for it (the "
                             f"attention runs transformers' SDPA over that cache). Pass no cache, or a "
                             f"llmkern.PagedKVCache, to use them.")
 
 
 def _check_cache_implementation(model, impl: str) -> None:
-    from transformers.generation import utils
-
-    static = set(getattr(utils, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ())) | {"offloaded_static", "sliding_window",
-                                                                           "hybrid"}
-    if impl in static:
-        raise ValueError(f"cache_implementation={impl!r} does not work on a model running llmkern paged attention "
-                         f"(transformers' static caches need 4-D masks, llmkern's attention takes the 2-D padding "
-                         f"mask). Leave cache_implementation unset (generate() then uses a growable "
-                         f"llmkern.PagedKVCache) or set it to 'static' (a reserved, compileable PagedKVCache). To use "
-                         f"a transformers static cache, patch the model with attention=False (or llmkern.unpatch "
-                         f"it).")
     _warn_once(model, impl, f"cache_implementation={impl!r}: llmkern's paged attention kernels are not used for "
                             f"this call (the attention runs transformers' SDPA over its {impl} cache). Leave "
                             f"cache_implementation unset to use them.")
@@ -606,13 +738,12 @@ def _generate_cache_key(model_kwargs: dict) -> str:
 
 
 def uninstall(model) -> None:
-    """Undo ``install``: the previous attention implementation of each config and ``generate``'s own cache choice.
-    A no-op on a model that is not installed."""
+    """Undo ``install``: the model's original config objects (with what the caller changed on the private copies
+    meanwhile, ``_PrivateConfigs.restore``) and ``generate``'s own cache choice. A no-op on a model that is not
+    installed."""
     state: _InstallState | None = vars(model).get(_STATE_ATTR)
     if state is None:
         return
-    for config, impl in state.attn:
-        config._attn_implementation_internal = impl
     d = vars(model)
     if state.had_prepare_attr:
         d["_prepare_cache_for_generation"] = state.prev_prepare_attr
@@ -623,3 +754,4 @@ def uninstall(model) -> None:
     elif state.hooked:
         d.pop("create_masks_for_generate", None)
     del d[_STATE_ATTR]
+    state.configs.restore()

@@ -31,6 +31,7 @@ import functools
 import inspect
 import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -59,15 +60,18 @@ HF_INTERNALS = {
                             "(@deprecate_kwarg).",
     "decoder_layer": "a decoder layer has input_layernorm, self_attn, post_attention_layernorm, mlp and computes "
                      "x + attn(norm(x)), then h + mlp(norm(h)); its forward takes hidden_states plus keywords and "
-                     "hands them to self_attn (the cache as past_key_values up to 5.23, as cache from 5.24). "
+                     "hands them to self_attn (the cache as past_key_values up to 5.23, as cache from 5.24); the "
+                     "layers are `layers` of model.base_model (.model, or .transformer for *ForQuestionAnswering). "
                      "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "rms_norm": "RMSNorm modules have .weight and .variance_epsilon; variance in fp32, cast back before the weight. "
                 "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "mlp": "the MLP has gate_proj/up_proj/down_proj and act_fn (SiLU): down(act(gate(x)) * up(x)). "
            "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "attention_interface": "AttentionInterface / AttentionMaskInterface registration and "
-                           "model.set_attn_implementation(name) (llmkern/attention.py). Checked: 5.4 (the floor), "
-                           "5.24 and 5.25.",
+                           "model.set_attn_implementation(name), which writes config._attn_implementation_internal "
+                           "(llmkern/attention.py); each modeling file's eager_attention_forward and masking_utils' "
+                           "eager_mask (output_attentions=True); create_masks_for_generate(config=..., ...). "
+                           "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
                            "Checked: 5.4 (the floor), 5.24 and 5.25.",
@@ -92,6 +96,15 @@ class PatchReport:
     skipped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     placement: list = dataclasses.field(default_factory=list)
+    _model: object = dataclasses.field(default=None, repr=False, compare=False)  # weakref to the patched model
+
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation the model runs now, read from its config (``llmkern_paged`` while llmkern's
+        paged attention runs; another name after ``model.set_attn_implementation(...)`` switched away, or with
+        ``attention=False``). None once the model is gone."""
+        model = self._model() if self._model is not None else None
+        return None if model is None else model.config._attn_implementation
 
     def counts(self) -> dict:
         out: dict = {}
@@ -113,6 +126,17 @@ class PatchReport:
             lines.append(f"  off: {what} — {why}")
         for what, how in self.placement:
             lines.append(f"  {what}: {how}")
+        impl = self.attention
+        if impl is not None:
+            from llmkern.attention import NAME
+
+            if not self.options.get("attention"):
+                lines.append(f"  attention: transformers' {impl!r} (patched with attention=False)")
+            elif impl == NAME:
+                lines.append(f"  attention: {impl!r} (llmkern's paged attention; config._attn_implementation)")
+            else:
+                lines.append(f"  attention: {impl!r}, set with set_attn_implementation: llmkern's paged attention is "
+                             f"installed but not running (model.set_attn_implementation({NAME!r}) switches back)")
         return "\n".join(lines)
 
 
@@ -322,10 +346,13 @@ def _check_supported(model: nn.Module) -> None:
 
 
 def _decoder_layers(model: nn.Module):
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"llmkern.patch: {type(model).__name__} has no decoder layers at .model.layers or .layers")
+    from llmkern.attention import find_decoder_stack
+
+    base, layers = find_decoder_stack(model)
+    if layers is None:
+        raise ValueError(f"llmkern.patch: {type(model).__name__} has no decoder layers: looked for a non-empty "
+                         f"ModuleList `layers` on its base model ({type(getattr(model, 'base_model', model)).__name__}"
+                         f") and for any ModuleList of modules with {', '.join(_LAYER_PARTS)}")
     return base, layers
 
 
@@ -378,6 +405,12 @@ def _check_options(block_size, num_blocks, max_memory_bytes) -> None:
 # Public API
 
 
+def _attention_active(model: nn.Module) -> bool:
+    from llmkern.attention import is_active
+
+    return is_active(model)
+
+
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, _STATE_ATTR, None) is not None
 
@@ -406,9 +439,16 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         strict: raise ``PatchError`` (leaving the model as it was) when a kernel that was asked for cannot be
             installed on some module; by default that is a ``UserWarning`` naming the modules and the reasons.
 
-    Patching twice with the same options returns the first report; with other options it re-patches, and a
-    re-patch that fails leaves the previous patch in place. ``unpatch(model)`` restores the original behaviour bit
+    Patching twice with the same options returns the first report (unless ``set_attn_implementation`` switched the
+    attention away meanwhile: then it patches again, which switches it back); with other options it re-patches, and
+    a re-patch that fails leaves the previous patch in place. ``unpatch(model)`` restores the original behaviour bit
     for bit.
+
+    Only this instance changes: its modules' classes, two instance attributes of the model (generate's cache hook)
+    and, with attention on, its config — a private copy of it (``llmkern.attention.install``), so that another model
+    built from the same config object keeps its attention. ``model.set_attn_implementation(name)`` switches a
+    patched model to transformers' ``name`` and back to ``"llmkern_paged"``; ``report.attention`` (and
+    ``print(report)``) says which one runs.
 
     Example:
         >>> report = llmkern.patch(model)
@@ -436,7 +476,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                "max_memory_bytes": max_memory_bytes, "strict": bool(strict)}
     previous = getattr(model, _STATE_ATTR, None)
     if previous is not None:
-        if previous.report.options == options:
+        if previous.report.options == options and (not options["attention"] or _attention_active(model)):
             return previous.report
         unpatch(model)
     try:
@@ -457,7 +497,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchReport:
     """Install the kernels ``options`` ask for; on any failure (or a skip under ``strict``) undo everything."""
     base, layers = _decoder_layers(model)
-    report = PatchReport(model_class=type(model).__name__, options=options)
+    report = PatchReport(model_class=type(model).__name__, options=options, _model=weakref.ref(model))
     from llmkern.attention import placement
 
     report.placement.extend(placement(model).notes())

@@ -63,6 +63,16 @@ def test_hf_internals_hold_on_the_installed_transformers(layout):
     from transformers.masking_utils import AttentionMaskInterface
 
     assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register)
+    # attention_interface: output_attentions runs the modeling file's eager_attention_forward over an eager mask;
+    # generate's create_masks_for_generate takes the config as a keyword (llmkern hands a transformers cache SDPA's)
+    from transformers.masking_utils import create_masks_for_generate, eager_mask
+
+    from llmkern.attention import _eager_attention_of
+
+    assert callable(_eager_attention_of(layer.self_attn)) and callable(eager_mask)
+    assert "config" in inspect.signature(create_masks_for_generate).parameters
+    # decoder_layer: the base model is model.base_model, holding the layers
+    assert model.base_model.layers is model.model.layers
 
 
 @pytest.mark.parametrize("layout", FAMILIES)

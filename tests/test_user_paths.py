@@ -71,21 +71,27 @@ def test_dynamic_cache_on_a_patched_model_is_said_once():
 # -- item 5: static caches and a PagedKVCache on an unpatched model ---------------------------------------------------
 
 
-def test_static_cache_implementations_other_than_static_on_a_patched_model_are_a_clear_error():
-    """'static' gives a reserved PagedKVCache (tests/test_graph_ready.py); transformers' other static layouts
-    cannot run on the paged attention and say what works instead."""
+def test_static_cache_implementations_other_than_static_run_on_sdpa_with_a_warning():
+    """'static' gives a reserved PagedKVCache (tests/test_graph_ready.py); transformers' other static layouts run
+    transformers' own cache with SDPA (their masks are built for SDPA ahead of the forward), with the same warning as
+    a dynamic cache, and the tokens of the unpatched model (tests/test_conformance.py runs every implementation)."""
     model = testing.tiny_model("llama-tiny")
+    want = _gen(model, _ids(6), 3, cache_implementation="sliding_window")
     llmkern.patch(model)
-    with pytest.raises(ValueError, match=r"cache_implementation='offloaded_static' .*Leave cache_implementation "
-                                         r"unset.*'static'.*attention=False"):
-        _gen(model, _ids(6), 3, cache_implementation="offloaded_static")
+    with pytest.warns(UserWarning, match=r"cache_implementation=.sliding_window.: llmkern's paged attention "
+                                         r"kernels are not used"):
+        got = _gen(model, _ids(6), 3, cache_implementation="sliding_window")
+    assert torch.equal(got, want)
 
 
-def test_static_cache_object_on_a_patched_model_is_a_clear_error():
+def test_static_cache_object_on_a_patched_model_runs_on_sdpa_with_a_warning():
     model = testing.tiny_model("llama-tiny")
+    want = _gen(model, _ids(6), 3, past_key_values=StaticCache(config=model.config, max_cache_len=32))
     llmkern.patch(model)
-    with pytest.raises(ValueError, match=r"StaticCache .*Pass no cache.*attention=False"):
-        _gen(model, _ids(6), 3, past_key_values=StaticCache(config=model.config, max_cache_len=32))
+    with pytest.warns(UserWarning, match=r"StaticCache: llmkern's paged attention kernels are not used.*Pass no "
+                                         r"cache"):
+        got = _gen(model, _ids(6), 3, past_key_values=StaticCache(config=model.config, max_cache_len=32))
+    assert torch.equal(got, want)
 
 
 def test_paged_cache_on_an_unpatched_model_is_a_clear_error():
