@@ -332,6 +332,8 @@ class _InstallState:
     warned: set = dataclasses.field(default_factory=set)  # fallbacks already said once for this model
     had_masks_attr: bool = False  # the instance had its own create_masks_for_generate before install
     prev_masks_attr: object = None
+    had_cb_attr: bool = False  # the instance had its own init_continuous_batching before install
+    prev_cb_attr: object = None
 
 
 def is_installed(model) -> bool:
@@ -541,9 +543,44 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         return generic(*args, **kwargs)
 
     d["create_masks_for_generate"] = create_masks_for_generate
+
+    # transformers' continuous batching (generate_batch, init_continuous_batching, `transformers serve`) accepts
+    # only its own attention names ('paged|eager', 'sdpa', flash) and runs its own paged cache: the manager is
+    # created with the model on 'sdpa' and told to switch back to llmkern's when it stops.
+    had_cb = "init_continuous_batching" in d
+    prev_cb = d.get("init_continuous_batching")
+    if hasattr(type(model), "init_continuous_batching"):
+        own_cb = prev_cb if had_cb else types.MethodType(type(model).init_continuous_batching, model)
+
+        def init_continuous_batching(*args, **kwargs):
+            if model.config._attn_implementation != NAME:
+                return own_cb(*args, **kwargs)
+            _warn_once(model, "continuous batching", _CB_MESSAGE)
+            model.set_attn_implementation("sdpa")
+            try:
+                manager = own_cb(*args, **kwargs)
+            except BaseException:
+                model.set_attn_implementation(NAME)
+                raise
+            if getattr(manager, "_original_attn_impl", "missing") is None:  # HF_INTERNALS["continuous_batching"]
+                manager._original_attn_impl = NAME  # stop() switches the model back to it
+            elif getattr(manager, "_original_attn_impl", None) != "sdpa":
+                warnings.warn("llmkern: this transformers release's continuous-batching manager has no "
+                              "_original_attn_impl; the model stays on 'sdpa' attention after it stops: call "
+                              f"model.set_attn_implementation({NAME!r}) to run llmkern's attention again",
+                              UserWarning, stacklevel=2)
+            return manager
+
+        d["init_continuous_batching"] = init_continuous_batching
     d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
                                    options=options, hooked=True, had_masks_attr=had_masks,
-                                   prev_masks_attr=prev_masks)
+                                   prev_masks_attr=prev_masks, had_cb_attr=had_cb, prev_cb_attr=prev_cb)
+
+
+_CB_MESSAGE = ("continuous batching (generate_batch, init_continuous_batching, transformers serve): llmkern's paged "
+               "attention does not run under transformers' continuous batching yet. The model runs it on 'sdpa' "
+               "attention over transformers' own paged cache (llmkern's RMSNorm, RoPE, SwiGLU and Linear still "
+               "run) and switches back to llmkern's attention when the manager stops.")
 
 
 def _as_sdpa(config):
@@ -753,5 +790,9 @@ def uninstall(model) -> None:
         d["create_masks_for_generate"] = state.prev_masks_attr
     elif state.hooked:
         d.pop("create_masks_for_generate", None)
+    if state.had_cb_attr:
+        d["init_continuous_batching"] = state.prev_cb_attr
+    elif state.hooked:
+        d.pop("init_continuous_batching", None)
     del d[_STATE_ATTR]
     state.configs.restore()

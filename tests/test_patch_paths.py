@@ -48,7 +48,7 @@ def test_hf_internals_hold_on_the_installed_transformers(layout):
     """Every entry of patching.HF_INTERNALS, checked on the installed release: the next silent change fails here."""
     model = testing.tiny_model(layout)
     assert set(patching.HF_INTERNALS) == {"apply_rotary_pos_emb", "decoder_layer", "rms_norm", "mlp",
-                                          "attention_interface", "generate_cache_hook"}
+                                          "attention_interface", "generate_cache_hook", "continuous_batching"}
     layer = model.model.layers[0]
     inner = inspect.unwrap(type(layer.self_attn).forward)
     assert "apply_rotary_pos_emb" in inner.__code__.co_names
@@ -71,6 +71,8 @@ def test_hf_internals_hold_on_the_installed_transformers(layout):
 
     assert callable(_eager_attention_of(layer.self_attn)) and callable(eager_mask)
     assert "config" in inspect.signature(create_masks_for_generate).parameters
+    # continuous_batching: the model method the manager comes from
+    assert callable(getattr(type(model), "init_continuous_batching", None))
     # decoder_layer: the base model is model.base_model, holding the layers
     assert model.base_model.layers is model.model.layers
 

@@ -1,0 +1,103 @@
+"""transformers' continuous batching on a patched model (issue 20, item 1, first step).
+
+Continuous batching (``generate_batch``, the manager of ``init_continuous_batching``, ``transformers serve``) accepts
+only transformers' own attention names and runs its own paged cache. A patched model is handed to it on 'sdpa'
+attention, with a warning that llmkern's paged attention does not run there yet (llmkern's row ops and Linear do),
+and switched back to llmkern's attention when the manager stops (``llmkern/attention.py``, ``install``). Greedy
+fp32 tokens must equal the unpatched model's under continuous batching, with requests joining mid-run.
+"""
+
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import llmkern
+from llmkern import testing
+from llmkern.attention import NAME
+
+cb = pytest.importorskip("transformers.generation.continuous_batching")
+try:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+except ImportError:  # older releases: the cache is sized from the generation config
+    ContinuousBatchingConfig = None
+
+LAYOUTS = ["llama-tiny", "qwen2-tiny", "mistral-tiny", "qwen3-tiny"]
+
+
+def _prompts(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (int(length),), generator=g).tolist()
+            for length in torch.randint(2, 24, (n,), generator=g)]
+
+
+def _gen_config(n=6):
+    return GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def _cb_kwargs():
+    if ContinuousBatchingConfig is None:
+        return {}
+    return dict(continuous_batching_config=ContinuousBatchingConfig(num_blocks=32, page_size=16, max_batch_tokens=64))
+
+
+def _batch(model, prompts, n=6):
+    out = model.generate_batch(prompts, generation_config=_gen_config(n), **_cb_kwargs())
+    return [out[k].generated_tokens for k in sorted(out, key=lambda k: int(k.rpartition("_")[2]))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generate_batch_on_a_patched_model(layout):
+    model = testing.tiny_model(layout)
+    prompts = _prompts()
+    want = _batch(model, prompts)
+    llmkern.patch(model)
+    with pytest.warns(UserWarning, match=r"continuous batching.*does not run under transformers' continuous "
+                                         r"batching yet.*switches back"):
+        with llmkern.track() as ran:
+            got = _batch(model, prompts)
+    assert got == want
+    assert ran.backends("rms_norm") and ran.backends("apply_rope") and ran.backends("silu_and_mul")
+    assert not ran.backends("paged_decode_attention")
+    assert model.config._attn_implementation == NAME  # switched back when the manager stopped
+    assert llmkern.patch_report(model).attention == NAME
+    # and generate() runs llmkern's attention again
+    with llmkern.track() as ran:
+        model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)
+    assert ran.backends("paged_decode_attention")
+
+
+def test_streaming_manager_with_requests_joining_mid_run():
+    model = testing.tiny_model("qwen2-tiny")
+    prompts = _prompts(6, seed=1)
+    want = _batch(model, prompts)
+    llmkern.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = model.init_continuous_batching(generation_config=_gen_config(), **_cb_kwargs())
+    manager.start()
+    try:
+        ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=6) for i, p in enumerate(prompts[:3])]
+        first = manager.get_result(timeout=60)  # one finishes before the others join
+        assert first is not None
+        ids += [manager.add_request(p, request_id=f"r{i + 3}", max_new_tokens=6) for i, p in enumerate(prompts[3:])]
+        results = {first.request_id: first.generated_tokens}
+        while len(results) < len(prompts):
+            r = manager.get_result(timeout=60)
+            assert r is not None, f"timed out with {sorted(results)} of {ids}"
+            results[r.request_id] = r.generated_tokens
+    finally:
+        manager.stop(block=True, timeout=60)
+    assert [results[f"r{i}"] for i in range(len(prompts))] == want
+    assert model.config._attn_implementation == NAME
+
+
+def test_unpatch_removes_the_continuous_batching_hook():
+    model = testing.tiny_model("llama-tiny")
+    before = dict(vars(model))
+    llmkern.patch(model)
+    assert "init_continuous_batching" in vars(model)
+    llmkern.unpatch(model)
+    assert "init_continuous_batching" not in vars(model) and vars(model).keys() == before.keys()
+    assert _batch(model, _prompts(2)) == _batch(testing.tiny_model("llama-tiny"), _prompts(2))
