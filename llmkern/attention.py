@@ -545,8 +545,9 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     d["create_masks_for_generate"] = create_masks_for_generate
 
     # transformers' continuous batching (generate_batch, init_continuous_batching, `transformers serve`) accepts
-    # only its own attention names ('paged|eager', 'sdpa', flash) and runs its own paged cache: the manager is
-    # created with the model on 'sdpa' and told to switch back to llmkern's when it stops.
+    # only its own attention names ('paged|eager', 'sdpa', flash; 5.4 prefixes the name with 'paged|') and runs its
+    # own paged cache: the manager is created with the model on 'sdpa', and its stop() switches the model back to
+    # llmkern's attention.
     had_cb = "init_continuous_batching" in d
     prev_cb = d.get("init_continuous_batching")
     if hasattr(type(model), "init_continuous_batching"):
@@ -562,19 +563,29 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
             except BaseException:
                 model.set_attn_implementation(NAME)
                 raise
-            if getattr(manager, "_original_attn_impl", "missing") is None:  # HF_INTERNALS["continuous_batching"]
-                manager._original_attn_impl = NAME  # stop() switches the model back to it
-            elif getattr(manager, "_original_attn_impl", None) != "sdpa":
-                warnings.warn("llmkern: this transformers release's continuous-batching manager has no "
-                              "_original_attn_impl; the model stays on 'sdpa' attention after it stops: call "
-                              f"model.set_attn_implementation({NAME!r}) to run llmkern's attention again",
-                              UserWarning, stacklevel=2)
+            if "stop" not in vars(manager):  # a cached manager, handed out again, is wrapped once
+                _switch_back_at_stop(model, manager)
             return manager
 
         d["init_continuous_batching"] = init_continuous_batching
     d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
                                    options=options, hooked=True, had_masks_attr=had_masks,
                                    prev_masks_attr=prev_masks, had_cb_attr=had_cb, prev_cb_attr=prev_cb)
+
+
+def _switch_back_at_stop(model, manager) -> None:
+    """Wrap ``manager.stop`` (on the instance): once transformers' own stop has run (which, from 5.17, restores the
+    name it saw at the start, 'sdpa'), the model goes back to llmkern's attention if it is still installed."""
+    stop = manager.stop
+
+    def stop_then_switch_back(*args, **kwargs):
+        try:
+            return stop(*args, **kwargs)
+        finally:
+            if is_installed(model) and model.config._attn_implementation != NAME:
+                model.set_attn_implementation(NAME)
+
+    manager.stop = stop_then_switch_back
 
 
 _CB_MESSAGE = ("continuous batching (generate_batch, init_continuous_batching, transformers serve): llmkern's paged "

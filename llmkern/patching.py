@@ -73,9 +73,9 @@ HF_INTERNALS = {
                            "eager_mask (output_attentions=True); create_masks_for_generate(config=..., ...). "
                            "Checked: 5.4 (the floor), 5.24 and 5.25.",
     "continuous_batching": "model.init_continuous_batching(...) (what generate_batch and transformers serve call) "
-                           "builds a manager that accepts only transformers' attention names and, from 5.17, keeps "
-                           "the name to restore at stop() in manager._original_attn_impl (llmkern/attention.py). "
-                           "Checked: 5.17 and 5.25; 5.4 switches to 'paged|sdpa' and restores nothing (said).",
+                           "builds a manager that accepts only transformers' attention names and ends a session "
+                           "with manager.stop(...) (llmkern/attention.py wraps it on the instance). Checked: 5.4 "
+                           "(switches to 'paged|sdpa'), 5.17 and 5.25.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
                            "Checked: 5.4 (the floor), 5.24 and 5.25.",

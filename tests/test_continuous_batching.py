@@ -7,6 +7,7 @@ and switched back to llmkern's attention when the manager stops (``llmkern/atten
 fp32 tokens must equal the unpatched model's under continuous batching, with requests joining mid-run.
 """
 
+import inspect
 import warnings
 
 import pytest
@@ -37,9 +38,13 @@ def _gen_config(n=6):
 
 
 def _cb_kwargs():
+    """A small cache (the default sizes it from the free memory): 32 pages of 16 tokens, under the field names of
+    the installed release (5.4 says block_size, later releases page_size)."""
     if ContinuousBatchingConfig is None:
         return {}
-    return dict(continuous_batching_config=ContinuousBatchingConfig(num_blocks=32, page_size=16, max_batch_tokens=64))
+    fields = inspect.signature(ContinuousBatchingConfig).parameters
+    size = "page_size" if "page_size" in fields else "block_size"
+    return dict(continuous_batching_config=ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=64, **{size: 16}))
 
 
 def _batch(model, prompts, n=6):
