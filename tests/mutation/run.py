@@ -223,7 +223,7 @@ class Tree:
 
     def env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([self.path, HERE_IN(self.path)] +
+        env["PYTHONPATH"] = os.pathsep.join([self.path, plugin_dir(self.path)] +
                                             ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.pop("LLMKERN_NO_EXT", None)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -246,7 +246,7 @@ class Tree:
                                  f"tested (PYTHONPATH={self.env()['PYTHONPATH']})")
 
 
-def HERE_IN(tree: str) -> str:
+def plugin_dir(tree: str) -> str:
     """tests/mutation/ inside the tree (where the pytest plugin is imported from)."""
     return os.path.join(tree, "tests", "mutation")
 
