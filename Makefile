@@ -13,7 +13,7 @@ FLOOR   ?= .ci/floor.txt
 COMPAT_PYTHON ?= $(shell python3.12 -c 'import sys' >/dev/null 2>&1 && echo python3.12 || echo $(PYTHON))
 COMPAT_TESTS ?= tests
 
-.PHONY: all install demo test test-compat inspect bench clean gpu-check
+.PHONY: all install demo test test-compat inspect bench clean gpu-check mutation
 
 all: test
 
@@ -53,6 +53,13 @@ test-compat:
 
 inspect: $(STAMP)
 	$(VPY) -m llmkern inspect
+
+# Mutation check (tests/mutation/run.py): plants typical kernel bugs one at a time in a copy of the tracked files and
+# runs the tests that must catch each, per dtype; C++ mutants rebuild the extension there. Long, so not part of
+# `make test` (tests/test_mutation.py checks there that every mutant still applies). ARGS passes options through:
+# make mutation ARGS="--only triton-decode-drops-last-key --no-baseline"
+mutation: $(STAMP)
+	$(VPY) tests/mutation/run.py $(ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m llmkern bench

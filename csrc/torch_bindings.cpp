@@ -402,9 +402,13 @@ void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor
               "src and dst must be int64 tensors of one shape [n], got ", src.sizes(), " and ", dst.sizes());
   const int64_t NB = k_cache.size(0);
   at::Tensor s = src.to(at::kCPU), d = dst.to(at::kCPU);
+  // Every id checked before anything is copied, so a bad one leaves both caches untouched.
   for (int64_t i = 0; i < s.size(0); ++i) {
     const int64_t a = s[i].item<int64_t>(), b = d[i].item<int64_t>();
-    TORCH_CHECK(a >= 0 && a < NB && b >= 0 && b < NB, "copy_blocks: block ", a, " -> ", b, " outside [0, ", NB, ")");
+    TORCH_CHECK_VALUE(a >= 0 && a < NB, "copy_blocks: src[", i, "] = ", a, " is not a block of the cache: expected "
+                      "ids in [0, ", NB, ")");
+    TORCH_CHECK_VALUE(b >= 0 && b < NB, "copy_blocks: dst[", i, "] = ", b, " is not a block of the cache: expected "
+                      "ids in [0, ", NB, ")");
   }
   // index_copy_ is one kernel per cache on any device, and writes through any strides of the caller's views; the
   // copy is whole pages, so there is nothing to fuse.

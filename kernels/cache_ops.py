@@ -60,12 +60,13 @@ def _reshape_and_cache_kernel(
         tl.store(vc + hs[:, None] * stride_vch + ds[None, :] * stride_vcd, v, mask=mask)
 
 
-@triton.jit(do_not_specialize=("H",))
+@triton.jit(do_not_specialize=("num_blocks", "H"))
 def _copy_blocks_kernel(
     kc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
     vc_ptr,  # [num_blocks, BLOCK_SIZE, H, D] strided
-    src_ptr,  # [n] int64 page ids
+    src_ptr,  # [n] int64 page ids; a pair with an id outside [0, num_blocks) is skipped (see copy_blocks_fwd)
     dst_ptr,  # [n] int64 page ids
+    num_blocks,
     H,
     D,
     stride_kcb,
@@ -88,6 +89,7 @@ def _copy_blocks_kernel(
     mask = (hs < H)[:, None] & (ds < D)[None, :]
     src = tl.load(src_ptr + i)
     dst = tl.load(dst_ptr + i)
+    mask = mask & (src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks)
     k_off = row * stride_kcs + hs[:, None] * stride_kch + ds[None, :] * stride_kcd
     v_off = row * stride_vcs + hs[:, None] * stride_vch + ds[None, :] * stride_vcd
     k = tl.load(kc_ptr + src * stride_kcb + k_off, mask=mask)
@@ -132,14 +134,17 @@ def reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 def copy_blocks_fwd(k_cache, v_cache, src, dst) -> None:
-    """Launch ``_copy_blocks_kernel`` over (pair, token row x head tile)."""
-    _, bs, H, D = k_cache.shape
+    """Launch ``_copy_blocks_kernel`` over (pair, token row x head tile).
+
+    A pair whose source or destination is not a block of the pool is skipped, never copied out of bounds (on CUDA
+    tensors the public op cannot read the ids without a sync; on CPU tensors ``llmkern.paged_ops`` raises first)."""
+    nb, bs, H, D = k_cache.shape
     cfg = cache_tile_config(H, D)
     num_hb = triton.cdiv(H, cfg["BLOCK_H"])
     grid = copy_blocks_grid(src.shape[0], bs, H, D)
     with _launch.device_guard(k_cache):
         _launch.launch(
-            _copy_blocks_kernel, grid, k_cache, v_cache, src, dst, H, D, *k_cache.stride(), *v_cache.stride(),
+            _copy_blocks_kernel, grid, k_cache, v_cache, src, dst, nb, H, D, *k_cache.stride(), *v_cache.stride(),
             NUM_HB=num_hb, BLOCK_H=cfg["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
 
@@ -174,7 +179,8 @@ def compile_specs() -> list:
                     name=name, fn=_reshape_and_cache_kernel, signature=sig, constexprs=const,
                     num_warps=cfg["num_warps"], meta={"divisible_by_16": div, "serves": []}))
                 spec.meta["serves"].append(lname)
-            sig = {"kc_ptr": ptr, "vc_ptr": ptr, "src_ptr": "*i64", "dst_ptr": "*i64", "H": "i32", "D": "i32",
+            sig = {"kc_ptr": ptr, "vc_ptr": ptr, "src_ptr": "*i64", "dst_ptr": "*i64", "num_blocks": "i32",
+                   "H": "i32", "D": "i32",
                    **strides_c}
             const = {"stride_kcd": 1, "stride_vcd": 1, "NUM_HB": triton.cdiv(H, cfg["BLOCK_H"]), **tile}
             name = f"copy_blocks[BLOCK_H={cfg['BLOCK_H']},BLOCK_D={cfg['BLOCK_D']},NUM_HB={const['NUM_HB']},{dt}]"

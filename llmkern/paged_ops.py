@@ -212,8 +212,14 @@ def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch
         if top >= k_cache.shape[0] * k_cache.shape[1]:
             raise ValueError(f"slot_mapping holds slot {top}, past the cache's {k_cache.shape[0] * k_cache.shape[1]} "
                              f"slots ({k_cache.shape[0]} blocks of {k_cache.shape[1]})")
+    # Any 1-D view of the slots is taken: the Triton kernel reads slot t at slot_ptr + t and the extension's ops
+    # want a contiguous mapping (a strided one wrote the wrong slots on triton and was a RuntimeError on cpp).
+    slot_mapping = slot_mapping.contiguous()
     backend = backends.select("reshape_and_cache", key.device)
     if backend in ("cpp", "cuda"):
+        if backend == "cuda":  # the CUDA op takes rows of K/V with a unit last stride; any view is accepted here
+            key = key if key.stride(-1) == 1 else key.contiguous()
+            value = value if value.stride(-1) == 1 else value.contiguous()
         torch.ops.llmkern_C.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
         return
     if backend == "reference":
@@ -261,10 +267,37 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
 # copy_blocks
 
 
+def _check_block_ids(k_cache, src, dst) -> None:
+    """Host memory only (reading the ids costs no sync): every id a page of the pool, no page written twice, none
+    both read and written (pairs are copied in parallel: the Triton kernel's result would depend on the order)."""
+    nb = k_cache.shape[0]
+    for name, ids in (("src", src), ("dst", dst)):
+        bad = ((ids < 0) | (ids >= nb)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"{name}[{i}] = {int(ids[i])} is not a block of the cache: expected ids in [0, {nb}) "
+                             f"(k_cache has {nb} blocks)")
+    d = dst.tolist()
+    if len(set(d)) != len(d):
+        raise ValueError(f"dst names a block more than once ({d}): each destination page is written by one pair")
+    both = sorted(set(d) & set(src.tolist()))
+    if both:
+        raise ValueError(f"dst and src share blocks {both}: a destination page may not be the source of another "
+                         f"pair (pairs are copied in parallel)")
+
+
 def _copy_blocks_op(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     _check_copy_blocks(k_cache, v_cache, src, dst)
     if src.shape[0] == 0:
         return
+    if src.device.type == "cpu":
+        # As for reshape_and_cache's slots: on CPU tensors every backend refuses a bad id before copying anything
+        # (the reference wrapped negative ids and half-copied past the end; the Triton kernel read and wrote out of
+        # bounds). On CUDA a check would sync.
+        _check_block_ids(k_cache, src, dst)
+    # Any 1-D views of the ids are taken: the Triton kernel reads pair i at src_ptr + i, the CUDA op wants contiguous
+    # ids.
+    src, dst = src.contiguous(), dst.contiguous()
     backend = backends.select("copy_blocks", k_cache.device)
     if backend in ("cpp", "cuda"):
         torch.ops.llmkern_C.copy_blocks(k_cache, v_cache, src, dst)
@@ -292,7 +325,10 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
     Args:
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, mutated in place; strides as
             :func:`reshape_and_cache` takes them.
-        src, dst: int64 ``[n]`` page ids. No ``dst`` page may also appear in ``src`` (pairs are copied in parallel).
+        src, dst: int64 ``[n]`` page ids in ``[0, num_blocks)``, any 1-D views. No ``dst`` page may appear twice
+            or also in ``src`` (pairs are copied in parallel). On CPU tensors a bad id is a ``ValueError`` naming
+            ``src`` or ``dst``, raised before anything is copied; on CUDA tensors the caller promises it (checking
+            would sync).
 
     Example:
         >>> llmkern.paged_ops.copy_blocks(kc, vc, torch.tensor([0]), torch.tensor([3]))

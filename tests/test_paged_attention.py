@@ -183,13 +183,15 @@ def test_decode_deterministic_and_split_invariant(device):
     torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bs,window,num_splits", [(16, 45, 3), (1, 45, 2), (64, 7, 4), (256, 45, 2), (16, 1, 1),
                                                   (16, 1000, 2)])
-def test_decode_sliding_window(bs, window, num_splits, device):
+def test_decode_sliding_window(bs, window, num_splits, dtype, device):
     # window 45 on 300 tokens: first visible 255 = mid-page (255 % 16 = 15) and mid-split; 1000 > every length.
+    # Every dtype: tests/mutation/run.py's off-by-one window survived in fp16, where no window case ran.
     Hkv, G, D = 2, 7, 64
-    kc, vc, bt, sl, K, V = make_paged(LENS, bs, Hkv, D, torch.float32, device)
-    q = torch.randn(len(LENS), G * Hkv, D, device=device)
+    kc, vc, bt, sl, K, V = make_paged(LENS, bs, Hkv, D, dtype, device)
+    q = torch.randn(len(LENS), G * Hkv, D, generator=torch.Generator().manual_seed(bs + window)).to(dtype).to(device)
     check_decode(q, kc, vc, bt, sl, K, V, LENS, D ** -0.5, sliding_window=window, num_splits=num_splits,
                  what=f"window={window}")
 
@@ -356,11 +358,13 @@ def test_prefill_left_padded(bs, G, dtype, device):
     check_prefill(q4.to(device), kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, what=f"bs={bs} G={G}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [80, 128])
-def test_prefill_window_softcap(D, device):
+def test_prefill_window_softcap(D, dtype, device):
+    # Every dtype: tests/mutation/run.py's off-by-one prefill window survived in fp16 and bf16, where none ran.
     lens, q_lens, S, Hkv, G = [40, 70], [40, 9], 40, 1, 7
-    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, torch.float32, device)
-    q4 = torch.randn(len(lens), G * Hkv, S, D, device=device)
+    kc, vc, bt, sl, K, V = make_paged(lens, 16, Hkv, D, dtype, device)
+    q4 = torch.randn(len(lens), G * Hkv, S, D, generator=torch.Generator().manual_seed(D)).to(dtype).to(device)
     ql = torch.tensor(q_lens, dtype=I32, device=device)
     check_prefill(q4, kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, sliding_window=13, what="window")
     check_prefill(q4 * 3, kc, vc, bt, sl, ql, K, V, lens, q_lens, D ** -0.5, softcap=4.0, what="softcap")
