@@ -292,7 +292,9 @@ def _eager_with_weights(module, query, key, value, attention_mask, scaling, drop
         key, value = handle.cache.dense(handle.layer_idx)
     if isinstance(attention_mask, PagedMask):
         kw = dict(attention_mask._dense_kwargs, allow_is_causal_skip=False)
-        kw["kv_length"] = key.shape[2]  # a reserved cache's masks span max_cache_len; the columns held are fewer
+        # The columns held (a reserved cache's masks span max_cache_len), the queries the last of them: the mask's
+        # own q_offset may be the reserved cache's live column counter, already advanced by plan().
+        kw.update(kv_length=key.shape[2], q_offset=key.shape[2] - query.shape[2], kv_offset=0)
         if kw.get("attention_mask") is not None:
             kw["attention_mask"] = kw["attention_mask"][:, :key.shape[2]]
         attention_mask = eager_mask(dtype=query.dtype, **kw)
@@ -334,6 +336,7 @@ class _InstallState:
     prev_masks_attr: object = None
     had_cb_attr: bool = False  # the instance had its own init_continuous_batching before install
     prev_cb_attr: object = None
+    cb_manager: object = None  # a continuous-batching manager running the model on 'sdpa' until its stop()
 
 
 def is_installed(model) -> bool:
@@ -349,18 +352,24 @@ class _PrivateConfigs:
     copies: list
 
     def restore(self) -> None:
-        """Put the original configs back. What the caller changed on the copies while the model was installed (an
-        attribute set, or ``set_attn_implementation`` to another implementation) is carried over to the originals,
-        as it would have been made there without ``install``; llmkern's own switch is not."""
+        """Put the original config objects back, unchanged: llmkern's own switch lived on the copies only. A copy
+        the caller changed while the model was installed (an attribute set or edited in place, or
+        ``set_attn_implementation`` to another implementation) stays the model's config instead: writing those
+        changes into the original would reach every other model built from it, which ``patch`` promises to leave
+        alone. Its attention implementation is then the caller's switch, or the original's."""
+        keep = set()
         for original, private, snapshot in self.copies:
-            now = vars(private)
-            for key in set(snapshot) - set(now):
-                vars(original).pop(key, None)
-            for key, value in now.items():
-                if key not in snapshot or not _same(value, snapshot[key]):
-                    vars(original)[key] = value  # raw attributes, as stored (no alias mapping, no validation)
+            now = dict(vars(private))
+            switched = now.get("_attn_implementation_internal")
+            if switched == NAME:  # llmkern's switch, not the caller's
+                now["_attn_implementation_internal"] = snapshot.get("_attn_implementation_internal")
+            if now.keys() != snapshot.keys() or any(not _same(now[k], snapshot[k]) for k in now):
+                if switched == NAME:
+                    private._attn_implementation_internal = original._attn_implementation_internal
+                keep.add(id(original))
         for module, original in self.held:
-            vars(module)["config"] = original
+            if id(original) not in keep:
+                vars(module)["config"] = original
 
 
 def _same(a, b) -> bool:
@@ -405,6 +414,15 @@ def _private_configs(model) -> _PrivateConfigs:
     return _PrivateConfigs(held=held, copies=[(o, c, None) for o, c in copies.values()])
 
 
+def check_no_batching_session(model, what: str) -> None:
+    """Refuse ``what`` (patch, unpatch) while a continuous-batching manager runs ``model`` on 'sdpa' (its thread
+    would meet the other attention mid-run)."""
+    state = vars(model).get(_STATE_ATTR)
+    if state is not None and state.cb_manager is not None:
+        raise RuntimeError(f"{what}: a continuous-batching manager is running this model (on 'sdpa' attention, "
+                           f"llmkern's comes back at its stop()); call manager.stop() first")
+
+
 def is_active(model) -> bool:
     """Whether ``model``'s attention runs llmkern's paged attention now: installed, and its config still names
     ``NAME`` (``model.set_attn_implementation(...)`` can switch an installed model to another implementation and
@@ -427,9 +445,8 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     * ``model.generate(...)`` without ``past_key_values`` creates a ``PagedKVCache``: a fixed ``num_blocks`` /
       ``max_memory_bytes`` pool if given, else one sized for the call (batch x beams x max_length) that grows when
       it is passed back for a longer next turn (``out.past_key_values``, HF's multi-turn recipe).
-    * A transformers ``DynamicCache`` (or a dynamic ``cache_implementation``) handed to ``generate`` still works,
-      on SDPA: said once per model with a warning. A static cache cannot work here and is a ``ValueError`` that
-      says what to do instead.
+    * A transformers cache handed to ``generate`` (or another ``cache_implementation`` than the default and
+      "static"), dynamic or static, still works, on SDPA: said once per model with a warning.
 
     Calling it again replaces the options. ``uninstall(model)`` undoes everything.
     """
@@ -447,7 +464,11 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     except BaseException:
         private.restore()
         raise
-    private.copies = [(o, c, copy.copy(vars(c))) for o, c, _ in private.copies]
+    # What the copies hold right after the switch, deep (an in-place edit of a nested dict must show), with the
+    # implementation recorded as the original's: restore() tells the caller's changes from llmkern's own by it.
+    private.copies = [(o, c, {**copy.deepcopy(vars(c)),
+                              "_attn_implementation_internal": o._attn_implementation_internal})
+                      for o, c, _ in private.copies]
     prev = private
 
     # Hook: `generate` asks `self._prepare_cache_for_generation(...)` for a cache (generation/utils.py, step 7).
@@ -524,7 +545,7 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     had_masks = "create_masks_for_generate" in d
     prev_masks = d.get("create_masks_for_generate")
 
-    def create_masks_for_generate(*args, **kwargs):
+    def create_masks_for_generate(self, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, PagedKVCache):
             return _padded_mask(kwargs.get("attention_mask"), cache)
@@ -535,14 +556,15 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
             kwargs["config"] = _as_sdpa(cfg)
         if had_masks:
             return prev_masks(*args, **kwargs)
-        own = getattr(type(model), "create_masks_for_generate", None)
+        own = getattr(type(self), "create_masks_for_generate", None)
         if own is not None:
-            return own(model, *args, **kwargs)
+            return own(self, *args, **kwargs)
         from transformers.masking_utils import create_masks_for_generate as generic
 
         return generic(*args, **kwargs)
 
-    d["create_masks_for_generate"] = create_masks_for_generate
+    # Bound methods, not closures over `model`: a deep copy of the model rebinds them to the copy.
+    d["create_masks_for_generate"] = types.MethodType(create_masks_for_generate, model)
 
     # transformers' continuous batching (generate_batch, init_continuous_batching, `transformers serve`) accepts
     # only its own attention names ('paged|eager', 'sdpa', flash; 5.4 prefixes the name with 'paged|') and runs its
@@ -551,23 +573,23 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
     had_cb = "init_continuous_batching" in d
     prev_cb = d.get("init_continuous_batching")
     if hasattr(type(model), "init_continuous_batching"):
-        own_cb = prev_cb if had_cb else types.MethodType(type(model).init_continuous_batching, model)
-
-        def init_continuous_batching(*args, **kwargs):
-            if model.config._attn_implementation != NAME:
+        def init_continuous_batching(self, *args, **kwargs):
+            own_cb = prev_cb if had_cb else types.MethodType(type(self).init_continuous_batching, self)
+            if self.config._attn_implementation != NAME:
                 return own_cb(*args, **kwargs)
-            _warn_once(model, "continuous batching", _CB_MESSAGE)
-            model.set_attn_implementation("sdpa")
+            _warn_once(self, "continuous batching", _CB_MESSAGE)
+            self.set_attn_implementation("sdpa")
             try:
                 manager = own_cb(*args, **kwargs)
             except BaseException:
-                model.set_attn_implementation(NAME)
+                self.set_attn_implementation(NAME)
                 raise
+            vars(self)[_STATE_ATTR].cb_manager = manager
             if "stop" not in vars(manager):  # a cached manager, handed out again, is wrapped once
-                _switch_back_at_stop(model, manager)
+                _switch_back_at_stop(self, manager)
             return manager
 
-        d["init_continuous_batching"] = init_continuous_batching
+        d["init_continuous_batching"] = types.MethodType(init_continuous_batching, model)
     d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=had_attr, prev_prepare_attr=prev_attr,
                                    options=options, hooked=True, had_masks_attr=had_masks,
                                    prev_masks_attr=prev_masks, had_cb_attr=had_cb, prev_cb_attr=prev_cb)
@@ -582,8 +604,11 @@ def _switch_back_at_stop(model, manager) -> None:
         try:
             return stop(*args, **kwargs)
         finally:
-            if is_installed(model) and model.config._attn_implementation != NAME:
-                model.set_attn_implementation(NAME)
+            state = vars(model).get(_STATE_ATTR)
+            if state is not None and state.cb_manager is manager:
+                state.cb_manager = None
+                if model.config._attn_implementation != NAME:
+                    model.set_attn_implementation(NAME)
 
     manager.stop = stop_then_switch_back
 
@@ -792,6 +817,7 @@ def uninstall(model) -> None:
     state: _InstallState | None = vars(model).get(_STATE_ATTR)
     if state is None:
         return
+    check_no_batching_session(model, "llmkern.unpatch")
     d = vars(model)
     if state.had_prepare_attr:
         d["_prepare_cache_for_generation"] = state.prev_prepare_attr

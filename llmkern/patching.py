@@ -480,7 +480,12 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                "max_memory_bytes": max_memory_bytes, "strict": bool(strict)}
     previous = getattr(model, _STATE_ATTR, None)
     if previous is not None:
-        if previous.report.options == options and (not options["attention"] or _attention_active(model)):
+        from llmkern.attention import NAME, check_no_batching_session
+
+        check_no_batching_session(model, "llmkern.patch")
+        if previous.report.options == options:
+            if options["attention"] and not _attention_active(model):  # switched away: switch the copy back
+                model.set_attn_implementation(NAME)
             return previous.report
         unpatch(model)
     try:
@@ -603,6 +608,9 @@ def unpatch(model: nn.Module) -> bool:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return False
+    from llmkern.attention import check_no_batching_session
+
+    check_no_batching_session(model, "llmkern.unpatch")
     _undo(state)
     object.__delattr__(model, _STATE_ATTR)
     return True

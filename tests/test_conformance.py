@@ -147,14 +147,20 @@ def test_hidden_states_and_attentions(family, head):
     _assert_close(got, want, head)
 
 
-def test_attentions_from_generate_over_the_paged_cache():
-    """generate(output_attentions=True) on a patched model: every step's weights over the columns held, as an
-    eager model returns them, while the cache stays a PagedKVCache."""
-    eager = _model("qwen2", "Qwen2ForCausalLM", attn="eager")
-    model = _model("qwen2", "Qwen2ForCausalLM")
+@pytest.mark.parametrize("static", [False, True], ids=["growable", "reserved"])
+@pytest.mark.parametrize("family,window", [("qwen2", None), ("mistral", 4)])
+def test_attentions_from_generate_over_the_paged_cache(family, window, static):
+    """generate(output_attentions=True) on a patched model: every step's weights, as an eager model returns them
+    at the columns both hold, and its tokens, while the cache stays a PagedKVCache (growable, or reserved with
+    "static"); a sliding window included (the reserved cache's live column counter once shifted that mask)."""
+    cfg = _config(family, sliding_window=window) if window else None
+    eager = _model(family, f"{_prefix(family)}ForCausalLM", cfg, attn="eager")
+    model = _model(family, f"{_prefix(family)}ForCausalLM", cfg)
     ids, mask = _inputs()
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_attentions=True,
               return_dict_in_generate=True)
+    if static:
+        kw["cache_implementation"] = "static"
     want = eager.generate(ids, **kw)
     llmkern.patch(model)
     with pytest.warns(UserWarning, match="output_attentions"):
@@ -164,6 +170,11 @@ def test_attentions_from_generate_over_the_paged_cache():
     assert len(got.attentions) == len(want.attentions) == 4
     for step, (a, b) in enumerate(zip(got.attentions, want.attentions)):
         for layer, (x, y) in enumerate(zip(a, b)):
+            if static:  # eager's static-cache weights span max_cache_len columns
+                y = y[..., :x.shape[-1]]
+                if step == 0:  # a padding query row sees no column: uniform over max_cache_len there, not compared
+                    real = mask.bool()[:, None, :, None]
+                    x, y = x * real, y * real
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step} layer {layer}: {m}")
 
 
@@ -237,10 +248,20 @@ def test_two_models_sharing_config_generation_config_and_class(family):
     assert torch.equal(model.generate(ids, **kw), want)
     assert ref.generation_config.to_dict() == gen_before and cfg.to_dict() == cfg_before
 
-    model.config.output_hidden_states = True  # a caller's own change while patched reaches the original on unpatch
-    llmkern.unpatch(model)
+    llmkern.unpatch(model)  # nothing changed on the copy: the original object comes back
     assert model.config is cfg and all(m.config is cfg for m in model.modules() if "config" in vars(m))
-    assert cfg.output_hidden_states is True and cfg._attn_implementation == "sdpa"
+
+    # A switch away and patch() again switch the private copy, never the shared config.
+    llmkern.patch(model)
+    model.set_attn_implementation("eager")
+    assert llmkern.patch(model).attention == NAME and cfg._attn_implementation == "sdpa"
+    # A caller's own change while patched (set, or in place) stays this model's: the shared config keeps its own.
+    model.config.output_hidden_states = True
+    model.config.rope_parameters["rope_theta"] = 1234.0
+    llmkern.unpatch(model)
+    assert model.config is not cfg and model.config.output_hidden_states is True
+    assert model.config.rope_parameters["rope_theta"] == 1234.0 and model.config._attn_implementation == "sdpa"
+    assert cfg.to_dict() == cfg_before and ref.config is cfg
 
 
 @pytest.mark.parametrize("family", FAMILIES)

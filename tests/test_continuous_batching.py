@@ -98,6 +98,37 @@ def test_streaming_manager_with_requests_joining_mid_run():
     assert model.config._attn_implementation == NAME
 
 
+def test_patch_and_unpatch_refuse_while_a_manager_runs_and_a_copy_batches_itself():
+    model = testing.tiny_model("qwen2-tiny")
+    llmkern.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = model.init_continuous_batching(generation_config=_gen_config(), **_cb_kwargs())
+    try:
+        # patch() again (the config reads 'sdpa' meanwhile) or unpatch would pull the attention from under the
+        # manager's thread
+        with pytest.raises(RuntimeError, match=r"llmkern.patch: a continuous-batching manager is running"):
+            llmkern.patch(model)
+        with pytest.raises(RuntimeError, match=r"llmkern.unpatch: .*manager.stop\(\) first"):
+            llmkern.unpatch(model)
+    finally:
+        manager.stop(block=True, timeout=60)
+    assert model.config._attn_implementation == NAME and llmkern.unpatch(model)
+
+    # The hooks are bound to the instance: a deep copy of a patched model batches itself, not the original.
+    import copy
+
+    llmkern.patch(model)
+    twin = copy.deepcopy(model)
+    assert twin.init_continuous_batching.__self__ is twin and twin.create_masks_for_generate.__self__ is twin
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    prompts = _prompts(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _batch(twin, prompts) != _batch(model, prompts)
+
+
 def test_unpatch_removes_the_continuous_batching_hook():
     model = testing.tiny_model("llama-tiny")
     before = dict(vars(model))
