@@ -9,42 +9,146 @@ import os
 import torch
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tolerance rule
+# Tolerance rule: element by element
 #
-# In fp32 a kernel is compared with an fp64 oracle; in fp16/bf16 with the same oracle. Either way its error may be
-# at most 1.5x the error of eager PyTorch in the same dtype, plus one ulp of the output's magnitude. No blanket atol:
-# the allowance scales with what eager itself gets wrong.
+# A kernel's result is compared with an fp64 oracle (the exact math on the same, already rounded inputs) and with eager
+# PyTorch in the same dtype, element by element, each element against an allowance at its own magnitude s_i: |oracle_i|
+# by default, or what the caller passes (for a sum of products, sum_k |x_k w_k| per output: cancellation can make
+# |oracle_i| far smaller than the terms its rounding errors come from). eps is the dtype's machine epsilon
+# (torch.finfo(dtype).eps), ulp(s) the spacing of the dtype's numbers at magnitude s (eps * 2^floor(log2 s), so
+# eps * s is one to two ulps of s); the smallest (subnormal) spacing is a floor under every ulp term. A per-tensor
+# rule (max error against 1.5 x eager's max error + eps * max|oracle|) let every element be off by ~1.75 ulp of the
+# tensor's largest value: a bf16 rms_norm that zeroed every output under 1.3% of the max passed it.
+#
+# fp16/bf16 outputs. The final rounding to 11 or 8 bits dominates, and eager's error at the same element is the
+# yardstick:
+#   (a) every element:  |out_i - oracle_i| <= 1.5 |eager_i - oracle_i| + eps * s_i.
+#       The eps * s_i (one ulp of the element itself, at least) is needed: where a kernel rounds at eager's points
+#       its fp32 intermediates (summation order, rstd, exp) are still not eager's, and where the two fall on either
+#       side of a rounding midpoint the kernel's result is one ulp from eager's. Eager's error there can be ~0 (it
+#       landed on the exact value) and the kernel's then up to one ulp of the element: (a) holds with nothing to
+#       spare in that case (the suite's correct kernels use at most 91% of it, an fp16 rms_norm).
+#   (b) all but 1 + n / 100 of the n elements:  |out_i - oracle_i| <= 1.5 |eager_i - oracle_i| + ulp(s_i) / 2.
+#       (a) cannot see a wrong rounding mode: truncating instead of rounding to nearest even moves a result by less
+#       than one ulp, and that fits in (a) whatever eager's error (a truncating silu_and_mul uses 97-100% of (a)).
+#       What tells them apart is how often: a correct kernel needs more than half an ulp on top of eager's error
+#       only where its intermediates crossed a midpoint, at most 1 element in 5000 for the row ops here and 0.33%
+#       for the Triton bf16 attention (its tensor-core P @ V rounds probabilities eager does not), while truncation
+#       needs it at ~21% of the elements (tests/test_tolerance.py plants it). The one extra element keeps a tensor of
+#       a few dozen elements from failing on a single coincidence; a tensor that small cannot show a rounding-mode
+#       bug anyway.
+#
+# fp32 outputs. There is no narrowing rounding at the end: a kernel's error is that of its own fp32 arithmetic, largely
+# shared along a row (one rstd) or set by an approximation (exp, rsqrt.approx on a GPU), and unrelated to eager's at the
+# same element (eager's rstd may be exact for a row where the kernel's is one ulp off, making eager's per-element error
+# a lottery). The yardstick is eager's worst relative error over the tensor, R = max_j |eager_j - oracle_j| / s_j:
+#   every element:  |out_i - oracle_i| <= (1.5 R + 2 eps) * s_i
+# (2 eps: the kernel's own roundings that eager's R need not contain, its last product and the row's rstd or exp; the
+# suite's correct kernels need at most 1.7 eps). Still per element: an output zeroed or off at small magnitudes is as
+# far off relative to its own size as it is, wherever the tensor's largest values are.
 
 
 def ulp(dtype: torch.dtype) -> float:
+    """Machine epsilon of ``dtype``: the spacing of its numbers just above 1."""
     return torch.finfo(dtype).eps
+
+
+def ulp_at(mag, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s numbers at magnitude ``mag`` (fp64 tensor of ``mag``'s shape): eps * 2^floor(log2
+    |mag|), and the subnormal spacing below the normal range."""
+    fi = torch.finfo(dtype)
+    m = torch.as_tensor(mag, dtype=torch.float64).abs().clamp(min=fi.tiny)
+    _, e = torch.frexp(m)  # m = f * 2^e, f in [0.5, 1)
+    return torch.ldexp(torch.full_like(m, fi.eps), e - 1)
 
 
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item()
 
 
-def assert_no_worse_than_eager(out: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, *, what: str = "",
-                               scale: float | None = None) -> None:
-    """Fail unless ``max|out - oracle| <= 1.5 * max|eager - oracle| + ulp(dtype) * scale``.
+STRICT_SHARE = 0.01  # (b) above: the share of elements that may need more than half an ulp over eager's error
 
-    ``scale`` defaults to ``max|oracle|``. For a sum of products pass the magnitude its rounding errors scale with,
-    ``max sum|x_k w_k|``: cancellation can make ``|oracle|`` far smaller, and with few outputs (a Linear with
-    out_features 1) the ``1.5 x eager`` term compares two single random errors and gives no margin."""
+
+def assert_no_worse_than_eager(out: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, *, what: str = "",
+                               scale=None) -> float:
+    """Fail unless ``out`` is no further from ``oracle`` than eager is, element by element (the rule above: fp16/bf16
+    ``|out_i - oracle_i| <= 1.5 |eager_i - oracle_i| + eps s_i`` at every element and ``... + ulp(s_i) / 2`` at all
+    but ``1 + n * STRICT_SHARE``; fp32 ``<= (1.5 R + 2 eps) s_i``, R eager's worst relative error). The message names
+    the worst element: its index, the kernel's value, the oracle's, eager's and the allowance. Returns the largest
+    share of its allowance any element used.
+
+    ``scale``: the magnitude ``s`` the ulp terms are taken at, a tensor broadcastable to the output (or a number);
+    default ``|oracle|`` element by element. For a sum of products pass what its rounding errors scale with, e.g.
+    ``sum_k |x_k w_k|`` per output (``F.linear`` of the absolute values), ``sum_j p_j |v_j|`` for attention,
+    ``rope_scale`` and ``silu_and_mul_scale`` below."""
     if out.shape != oracle.shape:
         raise AssertionError(f"{what}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}")
     if out.dtype != eager.dtype:
         raise AssertionError(f"{what}: dtype {out.dtype} != eager's {eager.dtype}")
+    if eager.shape != oracle.shape:
+        raise AssertionError(f"{what}: eager's shape {tuple(eager.shape)} != oracle {tuple(oracle.shape)}")
     if not torch.isfinite(out).all():
         raise AssertionError(f"{what}: non-finite values in the output")
-    e_out = max_err(out, oracle)
-    e_eager = max_err(eager, oracle)
-    if scale is None:
-        scale = oracle.double().abs().max().item()
-    allowed = 1.5 * e_eager + ulp(out.dtype) * scale
-    if e_out > allowed:
-        raise AssertionError(f"{what}: max error {e_out:.3e} vs oracle exceeds allowance {allowed:.3e} "
-                             f"(eager's own error {e_eager:.3e}, dtype {out.dtype})")
+    if out.numel() == 0:
+        return 0.0
+    o = oracle.double()
+    err = (out.double() - o).abs()
+    e = (eager.double() - o).abs()
+    s = o.abs() if scale is None else torch.as_tensor(scale, dtype=torch.float64).expand(o.shape)
+    fi = torch.finfo(out.dtype)
+    eps, floor = fi.eps, fi.tiny * fi.eps  # the smallest spacing: the subnormal one
+    ulp_term = (eps * s).clamp(min=floor)
+    if out.dtype == torch.float32:
+        rel = (e / s.clamp(min=fi.tiny)).max().item()
+        allowed = 1.5 * rel * s + 2 * ulp_term
+        rule = f"(1.5 x eager's worst relative error {rel:.3e} + 2 eps) x s_i"
+    else:
+        allowed = 1.5 * e + ulp_term
+        rule = "1.5 |eager_i - oracle_i| + eps s_i"
+    share = (err / allowed).max().item()
+
+    def where(mask, bound, name):
+        worst = torch.where(mask, err / bound.clamp(min=1e-300), -1.0).flatten().argmax()
+        i = tuple(int(t) for t in torch.unravel_index(worst, err.shape))
+        return (f"{what}: {int(mask.sum())} of {err.numel()} elements over {name}; worst at {i}: out "
+                f"{out[i].item()!r}, oracle {o[i].item()!r}, eager {eager[i].item()!r}, error {err[i].item():.3e}, "
+                f"allowance {bound[i].item():.3e} (s_i {s[i].item():.3e}, dtype {out.dtype})")
+
+    over = err > allowed
+    n_strict = 0
+    if out.dtype != torch.float32:
+        strict = 1.5 * e + ulp_at(s, out.dtype) / 2
+        n_strict = int((err > strict).sum())
+    if over.any():
+        raise AssertionError(where(over, allowed, rule))
+    if out.dtype != torch.float32:
+        budget = 1 + int(err.numel() * STRICT_SHARE)
+        if n_strict > budget:
+            raise AssertionError(where(err > strict, strict, f"1.5 |eager_i - oracle_i| + ulp(s_i) / 2 (at most "
+                                                            f"{budget} may be: a wrong rounding mode?)"))
+    return share
+
+
+def rope_scale(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The magnitude RoPE's rounding errors scale with, per output element (fp64, ``x``'s shape ``[b, H, s, d]``):
+    ``|x1 cos| + |x2 sin|`` on the rotated dims (a difference or sum of two products: ``|out|`` can be far smaller
+    after cancellation), ``|x|`` on dims past ``rotary_dim = cos.shape[-1]``."""
+    x, c, s = x.double().abs(), cos.double().abs().unsqueeze(1), sin.double().abs().unsqueeze(1)
+    rd = c.shape[-1]
+    h = rd // 2
+    x1, x2 = x[..., :h], x[..., h:rd]
+    return torch.cat((x1 * c[..., :h] + x2 * s[..., :h], x2 * c[..., h:] + x1 * s[..., h:], x[..., rd:]), dim=-1)
+
+
+def silu_and_mul_scale(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The magnitude ``silu(gate) * up``'s errors scale with, per element (fp64): ``|out| (1 + k |g| sigmoid(-g))``,
+    ``k = eps(fp32) / eps(dtype)``. A kernel computes exp(-g) in fp32 from a rounded argument (``tl.exp`` compiles to
+    ``ex2.approx`` of the fp32 product ``-g * log2(e)``; tests/conftest.py emulates it), so its exp is off by about
+    ``|g|`` fp32 ulps relative, which silu passes on as ``|g| sigmoid(-g)`` relative: for g << 0 that is the largest
+    error of an fp32 silu, and far below one ulp of an fp16/bf16 output (k = 2^-13, 2^-16)."""
+    g = gate.double()
+    k = torch.finfo(torch.float32).eps / torch.finfo(gate.dtype).eps
+    return (g * torch.sigmoid(g) * up.double()).abs() * (1 + k * g.abs() * torch.sigmoid(-g))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,8 +297,9 @@ def check_cpu_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, 
 
     ``q`` is ``[B, Hq, D]`` (decode, ``q_lens`` None) or ``[B, Hq, S, D]`` (prefill). fp32: every element within
     the error bound of the algorithm (``paged_attention_fp32_bound``) and within ``CPU_ATTENTION_EPS_S * eps * S_i``;
-    the share returned is of the bound. fp16/bf16: no worse than eager (the reference in q's dtype) with the ulp term
-    at ``max S_i``, as the Triton attention tests do; the share returned is of that allowance.
+    the share returned is of the bound. fp16/bf16: no worse than eager (the reference in q's dtype) element by element
+    (``assert_no_worse_than_eager``) with the ulp terms at each output's ``S_i``, as the Triton attention tests do;
+    the share returned is the largest share of its allowance any element used.
     ``num_splits`` None: the binding's choice, at most one split per 256 tokens."""
     from llmkern import reference
 
@@ -224,10 +329,7 @@ def check_cpu_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, 
         rel = (err[live] / (ulp(torch.float32) * mag[live])).max().item() if live.any() else 0.0
         return used, rel
     eager = reference.paged_prefill_attention(q4, k_cache, v_cache, block_tables, seq_lens, ql, scale, window, cap)
-    s = mag.max().item() if mag.numel() else 0.0
-    assert_no_worse_than_eager(out4, eager, oracle, what=what, scale=s)
-    allowed = 1.5 * max_err(eager, oracle) + ulp(out.dtype) * s
-    return (max_err(out4, oracle) / allowed if allowed > 0 else 0.0), None
+    return assert_no_worse_than_eager(out4, eager, oracle, what=what, scale=mag), None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
