@@ -152,6 +152,77 @@ def silu_and_mul_scale(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fp64 oracles, written from the math
+#
+# The tests' oracles do not call llmkern.reference: the reference is one of the implementations under test (the
+# fallback backend, the backward's formula, the yardstick of the C++ attention tests), and an oracle taken from it
+# would move with it (a wrong eps there would widen eager's measured error, and so the allowance, instead of failing).
+# These are the textbook formulas in fp64 on the inputs as given (already rounded to the test dtype); eager's own
+# intermediate roundings are not modelled, they are what eager's error measures. tests/test_reference.py checks the
+# reference and HF's eager against them.
+
+
+def oracle_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last dim, in fp64."""
+    x = x.double()
+    mean_sq = (x * x).sum(-1, keepdim=True) / x.shape[-1]
+    return x / torch.sqrt(mean_sq + eps) * (offset + weight.double())
+
+
+def oracle_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp64 for ``x [b, H, s, d]`` and ``cos``/``sin`` ``[b or 1, s, rd]``: on the first
+    ``rd`` dims, with ``x1, x2`` the two halves of them, ``(x1 cos - x2 sin, x2 cos + x1 sin)`` (cos/sin's own halves
+    used as given); dims past ``rd`` pass through."""
+    x, c, s = x.double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    rd = c.shape[-1]
+    h = rd // 2
+    x1, x2, rest = x[..., :h], x[..., h:rd], x[..., rd:]
+    return torch.cat((x1 * c[..., :h] - x2 * s[..., :h], x2 * c[..., h:] + x1 * s[..., h:], rest), dim=-1)
+
+
+def oracle_silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gate / (1 + exp(-gate)) * up`` in fp64."""
+    g = gate.double()
+    return g / (1 + torch.exp(-g)) * up.double()
+
+
+def oracle_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables,
+                           seq_lens, q_lens, scale: float, sliding_window=None, softcap=None):
+    """``(out, S)`` in fp64, ``[B, Hq, S, D]`` each, for ``q [B, Hq, S, D]`` over the paged caches
+    ``[blocks, block_size, Hkv, D]``: sequence b's token t lives in page ``block_tables[b, t // block_size]`` at slot
+    ``t % block_size``; its query row s sits at position ``seq_lens[b] - S + s`` and is padding (zeros) when
+    ``s < S - q_lens[b]``; the row sees the tokens at positions ``max(0, pos - window + 1) .. pos``; query head h
+    reads KV head ``h // (Hq / Hkv)``. ``out`` = softmax(scale q . k (softcap: c tanh(x / c))) @ v,
+    ``S = sum_j p_j |v_j|`` (what an output's rounding errors scale with). One sequence at a time."""
+    B, Hq, S, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, S, D, dtype=torch.float64)
+    mag = torch.zeros_like(out)
+    for b in range(B):
+        n, nq = int(seq_lens[b]), int(q_lens[b])
+        if n == 0 or nq == 0:
+            continue
+        t = torch.arange(n)
+        pages = torch.tensor([int(block_tables[b, i // bs]) for i in range(n)])
+        k = k_cache[pages, t % bs].double()  # [n, Hkv, D]
+        v = v_cache[pages, t % bs].double()
+        pos = torch.arange(n - nq, n)[:, None]  # the real rows' positions, [nq, 1]
+        lo = 0 if sliding_window is None else (pos - sliding_window + 1).clamp(min=0)
+        sees = (t[None, :] >= lo) & (t[None, :] <= pos)  # [nq, n]
+        qs = q[b, :, S - nq:].double().reshape(Hkv, G, nq, D)
+        x = torch.einsum("hgsd,thd->hgst", qs, k) * scale
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
+        x = x.masked_fill(~sees, float("-inf"))
+        p = torch.exp(x - x.amax(-1, keepdim=True))
+        p = p / p.sum(-1, keepdim=True)
+        out[b, :, S - nq:] = torch.einsum("hgst,thd->hgsd", p, v).reshape(Hq, nq, D)
+        mag[b, :, S - nq:] = torch.einsum("hgst,thd->hgsd", p, v.abs()).reshape(Hq, nq, D)
+    return out, mag
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # fp32 paged attention: an error bound of the algorithm, not of eager
 #
 # In fp32 the rule above leans on eager's error, and eager's error depends on which SDPA/matmul kernel torch picks on
@@ -307,10 +378,7 @@ def check_cpu_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, 
     q4 = q.unsqueeze(2) if decode else q
     ql = torch.ones_like(seq_lens) if decode else q_lens
     window, cap = sliding_window, softcap
-    oracle = reference.paged_prefill_attention(q4.double(), k_cache.double(), v_cache.double(), block_tables,
-                                               seq_lens, ql, scale, window, cap)
-    mag = reference.paged_prefill_attention(q4.double(), k_cache.double(), v_cache.double().abs(), block_tables,
-                                            seq_lens, ql, scale, window, cap)
+    oracle, mag = oracle_paged_attention(q4, k_cache, v_cache, block_tables, seq_lens, ql, scale, window, cap)
     out4 = out.unsqueeze(2) if decode else out
     if out.dtype == torch.float32:
         L = int(seq_lens.max().item()) if seq_lens.numel() else 0
@@ -328,7 +396,16 @@ def check_cpu_paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, 
         live = mag > 0
         rel = (err[live] / (ulp(torch.float32) * mag[live])).max().item() if live.any() else 0.0
         return used, rel
+    # The yardstick is the torch reference in q's dtype, which computes in fp32 and rounds once: its own error is at
+    # most half an ulp of the output plus fp32 noise, within eps * S_i. Checked first, so a wrong reference (a window
+    # off by one, a dropped page) fails here instead of widening the kernel's allowance.
     eager = reference.paged_prefill_attention(q4, k_cache, v_cache, block_tables, seq_lens, ql, scale, window, cap)
+    e = (eager.double() - oracle).abs()
+    bad = e > ulp(out.dtype) * mag
+    if bad.any():
+        i = tuple(int(t) for t in bad.nonzero()[0])
+        raise AssertionError(f"{what}: the reference's own error {e[i].item():.3e} at {i} exceeds eps * S_i "
+                             f"({ulp(out.dtype) * mag[i].item():.3e}): llmkern.reference disagrees with the oracle")
     return assert_no_worse_than_eager(out4, eager, oracle, what=what, scale=mag), None
 
 

@@ -3,7 +3,8 @@
 Every numerical test follows one recipe:
   * eager  = the Hugging Face module/function itself (LlamaRMSNorm, GemmaRMSNorm, apply_rotary_pos_emb, LlamaMLP's
              ``ACT2FN["silu"](gate) * up``) run in the test dtype;
-  * oracle = the same math in fp64 on the same (already rounded) inputs;
+  * oracle = the same math in fp64 on the same (already rounded) inputs, written from the formula in llmkern.testing
+             (never llmkern.reference, which is an implementation under test);
   * kernel = the llmkern op in the test dtype on the ``device`` fixture, and ``llmkern.track()`` proves that the
              Triton backend ran it (on CPU through TRITON_INTERPRET=1, set by conftest.py), never the reference;
   * check  = ``assert_no_worse_than_eager``: element by element, kernel error <= 1.5 x eager's error at that element
@@ -27,7 +28,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 import llmkern
 from llmkern import backends, ops, reference
-from llmkern.testing import assert_no_worse_than_eager, rope_scale, silu_and_mul_scale
+from llmkern.testing import (assert_no_worse_than_eager, oracle_rms_norm, oracle_rope, oracle_silu_and_mul, rope_scale,
+                             silu_and_mul_scale)
 
 try:
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
@@ -120,8 +122,8 @@ def _hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> tor
 
 
 def _norm_oracle(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS, offset: float = 0.0) -> torch.Tensor:
-    # reference.rms_norm stays in fp64 for fp64 inputs: an exact oracle of the same formula.
-    return reference.rms_norm(x.double(), weight.double(), eps, offset)
+    # Written from the math (llmkern.testing), not llmkern.reference: the oracle must not move with the reference.
+    return oracle_rms_norm(x, weight, eps, offset)
 
 
 def _check_rms_norm(x, weight, what, eps=EPS):
@@ -296,15 +298,7 @@ def _random_cos_sin(cos_b, s, rd, device, dtype):
     return cos, sin
 
 
-def _rope_oracle(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hand-written fp64 rotate-half RoPE on the first ``rotary_dim = cos.shape[-1]`` dims; the rest pass through."""
-    x, cos, sin = x.double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1)
-    rd = cos.shape[-1]
-    h = rd // 2
-    x1, x2, xp = x[..., :h], x[..., h:rd], x[..., rd:]
-    o1 = x1 * cos[..., :h] - x2 * sin[..., :h]
-    o2 = x2 * cos[..., h:] + x1 * sin[..., h:]
-    return torch.cat((o1, o2, xp), dim=-1)
+_rope_oracle = oracle_rope  # hand-written fp64 rotate-half RoPE on the first cos.shape[-1] dims (llmkern.testing)
 
 
 def _check_rope(q, k, cos, sin, what, eager_fn=apply_rotary_pos_emb):
@@ -515,9 +509,7 @@ def test_rope_reference_keeps_eager_rounding_order(kernel_backend, device, dtype
 SILU = ACT2FN["silu"]  # what LlamaMLP's act_fn is for hidden_act="silu"
 
 
-def _silu_oracle(gate, up):
-    g = gate.double()
-    return g * torch.sigmoid(g) * up.double()
+_silu_oracle = oracle_silu_and_mul  # gate / (1 + exp(-gate)) * up in fp64 (llmkern.testing)
 
 
 def _check_silu(out, gate, up, what):
