@@ -223,6 +223,109 @@ def oracle_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fp64 gradients, derived by hand
+#
+# Vector-Jacobian products of the oracles above for an output gradient ``g``, each returning ``(grads, magnitudes)``:
+# the gradients in fp64 and, per element, the sum of the absolute values of the terms each one adds up (what its
+# rounding errors scale with, the ``scale`` of assert_no_worse_than_eager; a gradient summed over rows or a row's dot
+# product can cancel far below its terms). tests/test_training.py checks every one against finite differences
+# (torch.autograd.gradcheck in fp64), then holds llmkern's backward and transformers' autograd to them.
+
+
+def oracle_rms_norm_vjp(x, weight, eps: float, g, offset: float = 0.0):
+    """``y = x r (offset + w)``, ``r = (mean(x^2) + eps)^-1/2``:
+    ``dx = r (offset + w) g - x r^3 / N * sum_j g_j (offset + w_j) x_j``, ``dw = sum over rows of g x r``."""
+    x, g = x.double(), g.double()
+    n = x.shape[-1]
+    r = 1 / torch.sqrt((x * x).sum(-1, keepdim=True) / n + eps)
+    gw = g * (offset + weight.double())
+    dx = r * gw - x * r ** 3 * (gw * x).sum(-1, keepdim=True) / n
+    dw = (g * x * r).reshape(-1, n).sum(0)
+    mdx = r * gw.abs() + x.abs() * r ** 3 * (gw * x).abs().sum(-1, keepdim=True) / n
+    mdw = (g * x * r).abs().reshape(-1, n).sum(0)
+    return (dx, dw), (mdx, mdw)
+
+
+def oracle_fused_add_rms_norm_vjp(x, residual, weight, eps: float, g_normed, g_residual):
+    """``s = x + residual``, outputs ``(rms_norm(s), s)``: ``dx = dresidual = drms/ds + g_residual``."""
+    s = x.double() + residual.double()
+    (ds, dw), (mds, mdw) = oracle_rms_norm_vjp(s, weight, eps, g_normed)
+    dx = ds + g_residual.double()
+    mdx = mds + g_residual.double().abs()
+    return (dx, dx, dw), (mdx, mdx, mdw)
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``t [b, H, s, d]`` over the heads and over a broadcast batch, to cos/sin's ``shape`` ``[b or 1, s, d]``."""
+    t = t.sum(1)
+    return t.sum(0, keepdim=True) if shape[0] == 1 and t.shape[0] != 1 else t
+
+
+def oracle_rope_vjp(q, k, cos, sin, g_q, g_k):
+    """Gradients of ``oracle_rope`` for q and k (``o1 = x1 c1 - x2 s1``, ``o2 = x2 c2 + x1 s2`` on the rotated dims,
+    identity past them) and for cos and sin (summed over heads, over q and k, and over the batch where cos has 1)."""
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    rd = c.shape[-1]
+    h = rd // 2
+    grads, mags, dc, ds, mdc, mds = [], [], 0, 0, 0, 0
+    for x, g in ((q, g_q), (k, g_k)):
+        x, g = x.double(), g.double()
+        x1, x2, g1, g2 = x[..., :h], x[..., h:rd], g[..., :h], g[..., h:rd]
+        c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
+        grads.append(torch.cat((g1 * c1 + g2 * s2, -g1 * s1 + g2 * c2, g[..., rd:]), -1))
+        mags.append(torch.cat(((g1 * c1).abs() + (g2 * s2).abs(), (g1 * s1).abs() + (g2 * c2).abs(),
+                               g[..., rd:].abs()), -1))
+        dc = dc + _sum_to(torch.cat((g1 * x1, g2 * x2), -1), cos.shape)
+        ds = ds + _sum_to(torch.cat((-g1 * x2, g2 * x1), -1), sin.shape)
+        mdc = mdc + _sum_to(torch.cat(((g1 * x1).abs(), (g2 * x2).abs()), -1), cos.shape)
+        mds = mds + _sum_to(torch.cat(((g1 * x2).abs(), (g2 * x1).abs()), -1), sin.shape)
+    return (*grads, dc, ds), (*mags, mdc, mds)
+
+
+def oracle_silu_and_mul_vjp(gate, up, g):
+    """``o = a sigma(a) u``: ``da = g u sigma(a) (1 + a (1 - sigma(a)))``, ``du = g a sigma(a)``. The magnitude of
+    ``da`` takes ``1 + |a| (1 - sigma)``: silu's slope crosses zero near a = -1.28, by cancellation."""
+    a, u, g = gate.double(), up.double(), g.double()
+    sig = 1 / (1 + torch.exp(-a))
+    da = g * u * sig * (1 + a * (1 - sig))
+    du = g * a * sig
+    return (da, du), ((g * u).abs() * sig * (1 + a.abs() * (1 - sig)), du.abs())
+
+
+def oracle_linear_vjp(x, weight, bias, g):
+    """``y = x W^T + b``: ``dx = g W``, ``dW = g^T x`` (over all rows), ``db = sum g``."""
+    x, w, g = x.double(), weight.double(), g.double()
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    grads = [g @ w, g2.t() @ x2]
+    mags = [g.abs() @ w.abs(), g2.abs().t() @ x2.abs()]
+    if bias is not None:
+        grads.append(g2.sum(0))
+        mags.append(g2.abs().sum(0))
+    return tuple(grads), tuple(mags)
+
+
+def oracle_mlp_vjp(x, w_gate, w_up, w_down, g):
+    """transformers' LlamaMLP, ``y = W_d (silu(W_g x) * W_u x)`` without biases: gradients of ``x``, ``W_g``,
+    ``W_u``, ``W_d``. Magnitudes compose: each step's is taken from the magnitudes of the gradients it consumes
+    (so a sum that cancelled upstream still counts its terms' size)."""
+    x, wg, wu, wd, g = (t.double() for t in (x, w_gate, w_up, w_down, g))
+    a, b = x @ wg.t(), x @ wu.t()
+    sig = 1 / (1 + torch.exp(-a))
+    act = a * sig
+    h = act * b
+    rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    gh, mgh = g @ wd, g.abs() @ wd.abs()
+    dwd, mdwd = rows(g).t() @ rows(h), rows(g).abs().t() @ rows(h).abs()
+    slope, mslope = sig * (1 + a * (1 - sig)), sig * (1 + a.abs() * (1 - sig))
+    da, mda = gh * b * slope, mgh * b.abs() * mslope
+    db, mdb = gh * act, mgh * act.abs()
+    dwg, mdwg = rows(da).t() @ rows(x), rows(mda).t() @ rows(x).abs()
+    dwu, mdwu = rows(db).t() @ rows(x), rows(mdb).t() @ rows(x).abs()
+    dx, mdx = da @ wg + db @ wu, mda @ wg.abs() + mdb @ wu.abs()
+    return (dx, dwg, dwu, dwd), (mdx, mdwg, mdwu, mdwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # fp32 paged attention: an error bound of the algorithm, not of eager
 #
 # In fp32 the rule above leans on eager's error, and eager's error depends on which SDPA/matmul kernel torch picks on
