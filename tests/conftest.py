@@ -214,12 +214,15 @@ def _interpreter_gpu_numerics(monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 # A real margin for attention (issue #12)
 #
-# With GPU numerics emulated, every attention case must stay within MARGIN of the tolerance rule's allowance
-# (1.5 x eager's error + one ulp), so what passes here keeps headroom on a GPU, whose accumulation orders differ
-# from the interpreter's. The paged-attention tests' assert_no_worse_than_eager gets the tighter bound; the worst
-# usage per test is listed at the end of the run.
+# With GPU numerics emulated, every element of every attention case must stay within MARGIN of its allowance under
+# the tolerance rule (llmkern.testing.assert_no_worse_than_eager, element by element), so what passes here keeps
+# headroom on a GPU, whose accumulation orders differ from the interpreter's. The paged-attention tests'
+# assert_no_worse_than_eager gets the tighter bound; the worst usage per test is listed at the end of the run.
+# 0.85, not the 0.70 of the per-tensor rule: an element's allowance can be as small as one ulp of its S_i (where
+# eager's error happens to be ~0), and a correct bf16 kernel's half-ulp final rounding plus its tensor-core P @ V's
+# rounded probabilities reach 70% of that (test_decode_head_dims_dtypes[80-bfloat16]).
 
-MARGIN = 0.70
+MARGIN = 0.85
 _MARGIN_MODULES = ("test_paged_attention",)
 _USAGE: dict = {}
 
@@ -234,17 +237,13 @@ def _attention_margin(request, monkeypatch):
     from llmkern import testing
 
     def with_margin(out, eager, oracle, *, what="", scale=None):
-        testing.assert_no_worse_than_eager(out, eager, oracle, what=what, scale=scale)
-        e_out, e_eager = testing.max_err(out, oracle), testing.max_err(eager, oracle)
-        if scale is None:
-            scale = oracle.double().abs().max().item()
-        allowed = 1.5 * e_eager + testing.ulp(out.dtype) * scale
-        used = e_out / allowed if allowed > 0 else 0.0
+        used = testing.assert_no_worse_than_eager(out, eager, oracle, what=what, scale=scale)
         key = request.node.nodeid.split("::", 1)[-1]
         _USAGE[key] = max(_USAGE.get(key, 0.0), used)
         if used > MARGIN:
-            raise AssertionError(f"{what}: error {e_out:.3e} uses {used:.0%} of the allowance {allowed:.3e}, more "
-                                 f"than the {MARGIN:.0%} margin kept for GPU numerics ({out.dtype})")
+            raise AssertionError(f"{what}: an element uses {used:.0%} of its allowance, more than the {MARGIN:.0%} "
+                                 f"margin kept for GPU numerics ({out.dtype})")
+        return used
 
     monkeypatch.setattr(mod, "assert_no_worse_than_eager", with_margin)
     yield
@@ -252,8 +251,8 @@ def _attention_margin(request, monkeypatch):
 
 # The C++ attention kernels run for real here, so their margin is their own on every machine: each case records the
 # share of its allowance it used (llmkern.testing.check_cpu_paged_attention: fp32 against the error bound of the
-# algorithm, fp16/bf16 against 1.5 x eager + ulp), a case over CPU_MARGIN fails, and the worst per kernel and dtype is
-# listed at the end of the run.
+# algorithm, fp16/bf16 against the per-element rule), a case over CPU_MARGIN fails, and the worst per kernel and dtype
+# is listed at the end of the run.
 
 CPU_MARGIN = 0.70
 _CPU_USAGE: dict = {}
@@ -285,8 +284,8 @@ def pytest_terminal_summary(terminalreporter):
                                     + ", ".join(f"{k} {v:.0%}" for k, v in worst))
     if _CPU_USAGE:
         terminalreporter.write_line(
-            f"C++ attention tolerance used, worst per kernel/dtype (fp32: of the error bound; fp16/bf16: of 1.5 x "
-            f"eager + ulp; margin {CPU_MARGIN:.0%}): "
+            f"C++ attention tolerance used, worst per kernel/dtype (fp32: of the error bound; fp16/bf16: of the "
+            f"per-element rule; margin {CPU_MARGIN:.0%}): "
             + ", ".join(f"{k} {v:.0%} ({case})" for k, (v, case) in sorted(_CPU_USAGE.items())))
     if _CPU_EPS_S:
         terminalreporter.write_line(

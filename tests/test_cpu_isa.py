@@ -1,6 +1,7 @@
 """Every CPU kernel path of the extension, forced by instruction set: paged decode, paged prefill and the decode-sized
 Linear on avx512, avx2 and the baseline ISA (decode's portable kernel; prefill and Linear then have no C++ kernel and
-llmkern runs the torch reference), each against the torch reference on awkward shapes — GQA groups 1/4/7/8, head dims
+llmkern runs the torch reference), and the row ops on each, against fp64 oracles written from the math
+(llmkern.testing) under the tolerance rule, on awkward shapes — GQA groups 1/4/7/8, head dims
 64/80/96/128/256 (and 48, which only the portable kernel takes), pages of 1 and 16 tokens, ragged batches whose short
 sequences leave splits empty, sliding window, softcap, strided q, fp32/bf16/fp16 — and which kernel served each.
 ISA forcing: ``torch.ops.llmkern_C.set_cpu_isa`` here, ``LLMKERN_CPU_ISA`` in a fresh interpreter.
@@ -15,10 +16,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 import llmkern
 from llmkern import _ext, paged_ops
-from llmkern.testing import assert_no_worse_than_eager, check_cpu_paged_attention
+from llmkern.testing import (assert_no_worse_than_eager, check_cpu_paged_attention, oracle_rms_norm, oracle_rope,
+                             oracle_silu_and_mul, rope_scale, silu_and_mul_scale)
 
 if not _ext.load():
     if os.environ.get("LLMKERN_NO_EXT") == "1":
@@ -177,15 +181,33 @@ def test_prefill(isa, dtype, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap, c
 ROW_WIDTHS = [1, 7, 63, 111, 769, 5125, 9000]
 
 
-def _row_check(op, out, run, what, scale=None):
-    """``run(f)`` runs the torch reference on f(inputs) (identity: eager's order in the dtype; fp64: the oracle)."""
-    assert_no_worse_than_eager(out, run(lambda t: t), run(lambda t: t.double()), what=what, scale=scale)
+def _hf_rms_norm(x, w):
+    """Eager: transformers' LlamaRMSNorm with weight ``w``."""
+    m = LlamaRMSNorm(w.shape[0], eps=1e-6).to(w.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        return m(x)
+
+
+def _hf_rope(q, k, cos, sin):
+    """Eager: transformers' apply_rotary_pos_emb, on the first cos.shape[-1] dims (the rest pass through)."""
+    rd = cos.shape[-1]
+    if rd == q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    qr, kr = apply_rotary_pos_emb(q[..., :rd], k[..., :rd], cos, sin)
+    return torch.cat((qr, q[..., rd:]), -1), torch.cat((kr, k[..., rd:]), -1)
+
+
+def _row_check(out, eager, oracle, what, scale=None):
+    """Eager is transformers' own module or function in the dtype; the oracle the fp64 formula of llmkern.testing
+    (neither is llmkern.reference, which is an implementation under test)."""
+    assert_no_worse_than_eager(out, eager, oracle, what=what, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("N", ROW_WIDTHS)
 def test_row_ops(isa, dtype, N):
-    from llmkern import ops, reference
+    from llmkern import ops
 
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(N)
@@ -198,17 +220,17 @@ def test_row_ops(isa, dtype, N):
         act = ops.silu_and_mul(x * 4, r)
     assert all(ran.backends(op) == {"cpp"} for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul")), ran
     what = f"on {isa}, {dtype}, N={N}"
-    _row_check("rms_norm", normed, lambda f: reference.rms_norm(f(x), f(w), 1e-6), f"rms_norm {what}")
+    _row_check(normed, _hf_rms_norm(x, w), oracle_rms_norm(x, w, 1e-6), f"rms_norm {what}")
     assert torch.equal(res, r + x), f"fused_add_rms_norm residual {what}: not eager's rounded sum"
-    _row_check("fused_add_rms_norm", fused, lambda f: reference.rms_norm(f(res), f(w), 1e-6),
-               f"fused_add_rms_norm {what}")
-    _row_check("silu_and_mul", act, lambda f: reference.silu_and_mul(f(x * 4), f(r)), f"silu_and_mul {what}")
+    _row_check(fused, _hf_rms_norm(res, w), oracle_rms_norm(res, w, 1e-6), f"fused_add_rms_norm {what}")
+    _row_check(act, ACT2FN["silu"](x * 4) * r, oracle_silu_and_mul(x * 4, r), f"silu_and_mul {what}",
+               scale=silu_and_mul_scale(x * 4, r))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("D,rot", [(64, 64), (128, 128), (80, 40), (256, 256)], ids=lambda v: str(v))
 def test_rope(isa, dtype, D, rot):
-    from llmkern import ops, reference
+    from llmkern import ops
 
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(D + rot)
@@ -219,11 +241,10 @@ def test_rope(isa, dtype, D, rot):
     with llmkern.use_backend("cpp"), llmkern.track() as ran:
         qo, ko = ops.apply_rope(q, k, cos, sin)
     assert ran.backends("apply_rope") == {"cpp"}, ran
-    for i, (out, name) in enumerate(((qo, "q"), (ko, "k"))):
-        # ulp term at max(|x1 cos| + |x2 sin|): what the rotation's rounding scales with
-        mag = reference.apply_rope(q.double().abs(), k.double().abs(), cos.double().abs(), sin.double().abs())[i]
-        _row_check("apply_rope", out, lambda f: reference.apply_rope(f(q), f(k), f(cos), f(sin))[i],
-                   f"apply_rope {name} on {isa}, {dtype}, D={D}, rotary {rot}", scale=mag.max().item())
+    for out, eager, x, name in zip((qo, ko), _hf_rope(q, k, cos, sin), (q, k), "qk"):
+        # ulp terms at |x1 cos| + |x2 sin| per element: what the rotation's rounding scales with
+        _row_check(out, eager, oracle_rope(x, cos, sin), f"apply_rope {name} on {isa}, {dtype}, D={D}, rotary {rot}",
+                   scale=rope_scale(x, cos, sin))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,7 +270,7 @@ def test_linear(isa, dtype, M, N, K):
     for b in (None, bias):
         out = C.linear(x, w, b)
         bd = None if b is None else b.double()
-        magnitude = F.linear(x.double().abs(), w.double().abs(), None if b is None else bd.abs()).max().item()
+        magnitude = F.linear(x.double().abs(), w.double().abs(), None if b is None else bd.abs())
         assert_no_worse_than_eager(out, F.linear(x, w, b), F.linear(x.double(), w.double(), bd),
                                    what=f"linear on {want}, {dtype} [{M}, {K}] x [{N}, {K}]", scale=magnitude)
 

@@ -3,7 +3,7 @@
 Each case writes per-sequence K/V ``[B, Hkv, L, D]`` into randomly permuted pages whose unused rows are NaN (a stray
 read of an unwritten slot shows up as a non-finite output), then compares the kernel with
 ``transformers.models.llama.modeling_llama.eager_attention_forward`` in the test dtype (Gemma-2's for softcap) under
-the tolerance rule of ``llmkern.testing``: an fp64 oracle, and no worse than 1.5x eager's own error plus one ulp.
+the tolerance rule of ``llmkern.testing``: an fp64 oracle, and no worse than eager, element by element.
 Under the Triton interpreter the kernels are slow: shapes are small except for a few targeted cases.
 """
 
@@ -76,27 +76,47 @@ def _visible(lens, q_lens, S, L, window):
     return vis
 
 
-def oracle(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
-    """fp64 attention ``[B, Hq, S, D]``; rows that see nothing (padding) are zero."""
-    B, Hq, S, D = q4.shape
-    G = Hq // K.shape[1]
+def _probs(q4, K, lens, q_lens, scale, window=None, softcap=None):
+    """fp64 ``(p, logits, visible)`` ``[B, Hq, S, L]``: softmax weights (rows that see nothing: 0) and their logits."""
+    G = q4.shape[1] // K.shape[1]
     k = K.double().repeat_interleave(G, 1)
-    v = V.double().repeat_interleave(G, 1)
     logits = q4.double() @ k.transpose(-1, -2) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    vis = _visible(lens, q_lens, S, K.shape[2], window)[:, None]
+    vis = _visible(lens, q_lens, q4.shape[2], K.shape[2], window)[:, None]
     p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
-    return p @ v
+    return p, logits, vis
+
+
+def oracle(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
+    """fp64 attention ``[B, Hq, S, D]``; rows that see nothing (padding) are zero."""
+    G = q4.shape[1] // K.shape[1]
+    p, _, _ = _probs(q4, K, lens, q_lens, scale, window, softcap)
+    return p @ V.double().repeat_interleave(G, 1)
 
 
 def error_scale(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
-    """``sum_k p_k |v_k|`` per output: the magnitude an output's rounding errors scale with (the ``scale`` of
-    ``llmkern.testing.assert_no_worse_than_eager``). ``max|out|`` is the wrong one for attention: averaging many
-    values of mixed sign makes an output far smaller than the terms it was rounded from (a row over 300 keys comes
-    out ~3x smaller), and the 1.5 x eager term then compares two single rounding errors, which differ with the CPU's
-    instruction set (AVX-512 against AVX2 torch kernels)."""
-    return oracle(q4, K, V.abs(), lens, q_lens, scale, window, softcap)
+    """The magnitude an output's rounding errors scale with (the ``scale`` of
+    ``llmkern.testing.assert_no_worse_than_eager``), per output element:
+    ``S_i = sum_j p_j |v_ji|``, plus ``k * sum_j p_j |v_ji - o_i| (a_j + |x_j - m| + 1)`` with ``k = eps(fp32) /
+    eps(dtype)``. ``max|out|`` is the wrong one for attention: averaging many values of mixed sign makes an output far
+    smaller than the terms it was rounded from (a row over 300 keys comes out ~3x smaller), and the 1.5 x eager term
+    then compares two single rounding errors, which differ with the CPU's instruction set (AVX-512 against AVX2 torch
+    kernels). The second term is the fp32 scores' own error (llmkern/testing.py, the fp32 derivation: a score x_j's
+    dot product errs in proportion to a_j = scale * sum_d |q_d k_jd|, its exp in proportion to |x_j - m|), which
+    reaches output i weighted by p_j |v_ji - o_i|; it matters in fp32 only (k = 1; 2^-13 and 2^-16 in fp16 and
+    bf16)."""
+    G = q4.shape[1] // K.shape[1]
+    p, x, vis = _probs(q4, K, lens, q_lens, scale, window, softcap)
+    v = V.double().repeat_interleave(G, 1)
+    o = p @ v
+    a = q4.double().abs() @ K.double().abs().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    m = x.masked_fill(~vis, float("-inf")).amax(-1, keepdim=True)
+    pe = p * torch.where(vis, a + (x - m).abs() + 1, 0.0)  # [B, Hq, S, L]
+    spread = torch.stack([torch.einsum("hsl,hsld->hsd", pe[i], (v[i, :, None] - o[i, :, :, None]).abs())
+                          for i in range(len(lens))])  # one sequence at a time: [Hq, S, L, D] each
+    k = torch.finfo(torch.float32).eps / torch.finfo(q4.dtype).eps
+    return p @ v.abs() + k * spread
 
 
 def eager(q4, K, V, lens, q_lens, scale, window=None, softcap=None):
@@ -125,7 +145,7 @@ def check_decode(q, kc, vc, bt, seq_lens, K, V, lens, scale, *, what, **kw):
     eag = eager(q4, K, V, lens, ones, scale, w, c).squeeze(2)
     mag = error_scale(q4, K, V, lens, ones, scale, w, c).squeeze(2)
     live = torch.tensor(lens) > 0
-    assert_no_worse_than_eager(out.cpu()[live], eag[live], ref[live], what=what, scale=mag[live].max().item())
+    assert_no_worse_than_eager(out.cpu()[live], eag[live], ref[live], what=what, scale=mag[live])
     assert (out.cpu()[~live] == 0).all()
     return out
 
@@ -317,7 +337,8 @@ def test_decode_and_prefill_int64_page_offsets(device):
         out = paged_ops.paged_prefill_attention(q4, kc, vc, bt, sl, torch.tensor([3, 2], dtype=I32), D ** -0.5)
         ref = oracle(q4, K, V, lens, [3, 2], D ** -0.5)
         eag = eager(q4, K, V, lens, [3, 2], D ** -0.5)
-        assert_no_worse_than_eager(out[0], eag[0], ref[0], what="int64 prefill")
+        mag = error_scale(q4, K, V, lens, [3, 2], D ** -0.5)
+        assert_no_worse_than_eager(out[0], eag[0], ref[0], what="int64 prefill", scale=mag[0])
         del storage, kc, vc
     finally:
         os.remove(path)
@@ -342,7 +363,7 @@ def check_prefill(q4, kc, vc, bt, sl, ql, K, V, lens, q_lens, scale, *, what, **
     for b, n in enumerate(q_lens):
         if n:
             assert_no_worse_than_eager(out[b, :, S - n:], eag[b, :, S - n:], ref[b, :, S - n:], what=f"{what} b={b}",
-                                       scale=mag[b, :, S - n:].max().item())
+                                       scale=mag[b, :, S - n:])
         assert (out[b, :, : S - n] == 0).all(), f"{what}: padding rows of sequence {b} are not zero"
 
 
