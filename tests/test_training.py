@@ -24,8 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
-from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+try:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+except ImportError:  # pragma: no cover - depends on the transformers build
+    GemmaRMSNorm = None
 
 import llmkern
 from llmkern import ops, paged_ops, testing
@@ -178,6 +182,7 @@ def test_rms_norm_grads(dtype):
                  names=["x", "weight"])
 
 
+@pytest.mark.skipif(GemmaRMSNorm is None, reason="transformers has no Gemma: no eager for offset=1")
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 def test_rms_norm_offset_grads(dtype):
     """offset=1 is GemmaRMSNorm's ``(1 + w)``."""
