@@ -158,6 +158,18 @@ def test_rms_norm_many_rows(device, M, N, dtype):
     _check_rms_norm(x, w, f"rms_norm {_name(dtype)} [{M}, {N}]")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("N", [64, 896])
+def test_rms_norm_rows_near_eps(device, dtype, N):
+    """Rows whose mean square is of the order of eps (1e-6), so the eps the kernel adds shows in every dtype: with
+    unit-scale rows a wrong eps changes the result by ~5e-6 relative, below one ulp of fp16 (the mutation check's
+    hard-coded eps survived there)."""
+    scale = torch.logspace(-4, -2, 33, device=device)[:, None]  # mean squares 1e-8 .. 1e-4 around eps
+    x = (torch.randn(33, N, device=device) * scale).to(dtype)
+    w = torch.randn(N, device=device).to(dtype)
+    _check_rms_norm(x, w, f"rms_norm rows near eps {_name(dtype)} [33, {N}]")
+
+
 def _layouts(M, N, device, dtype):
     """Non-contiguous views of ``[M, N]`` (or ``[b, s, N]``) activations, by name."""
     return {

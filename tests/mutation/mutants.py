@@ -135,9 +135,9 @@ MUTANTS = (
         "python-reference-rms-norm-eps", "python",
         "the reference rms_norm (the tests' fp64 oracle) adds a hard-coded 1e-5 instead of eps",
         (("llmkern/reference.py", "xf.pow(2).mean(-1, keepdim=True) + eps)", "xf.pow(2).mean(-1, keepdim=True) + 1e-5)"),),
-        ("tests/test_ops.py", "-k", "rms_norm and cpp and not gemma"),
-        note="A wrong oracle widens eager's error and so the allowance (issue #23 item 2: nothing bounds the oracle); "
-             "expected to survive until an independent formula bounds it."),
+        ("tests/test_ops.py", "tests/test_reference.py", "-k", "rms_norm and (cpp or test_reference) and not gemma"),
+        note="A wrong oracle would widen eager's error and so the allowance; tests/test_reference.py holds the "
+             "reference to hand-written fp64 formulas and to transformers' eager (issue #23 item 2)."),
     Mutant(
         "python-cache-slot-bound-off-by-one", "python",
         "paged_ops accepts slot num_blocks * block_size (> where >= belongs) on CPU tensors",
