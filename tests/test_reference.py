@@ -271,3 +271,24 @@ def test_reference_paged_attention_rounds_once(dtype, case):
     oracle, mag = oracle_paged_attention(q, kc, vc, tables, seq_lens, ql, D ** -0.5, window, softcap)
     got = reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, D ** -0.5, window, softcap)
     _within(got, oracle, mag, 1, f"reference attention {case} {_name(dtype)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=_name)  # named, so the mutation check's report sees it
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_reference_paged_attention_fp32_near_the_oracle(case, dtype):
+    """The reference is also a backend (what runs where no kernel serves): in fp32 it must be near the oracle too,
+    decode and prefill, every window/softcap/GQA/page case. The fp32 kernel tests no longer compare against it, so a
+    wrong window or GQA mapping in it would otherwise pass them in fp32. The allowance, 32 eps of S_i = sum p|v|
+    (the scores' fp32 rounding comes on top of the sums': the worst case used 7.9 on an AVX-512 AMD machine, and
+    another CPU's matmul blocking may round differently), is far below what one key more or less, or another
+    head's keys, changes."""
+    lens, q_lens, S, Hq, Hkv, D, bs, window, softcap = ATTENTION_CASES[case]
+    kc, vc, tables, seq_lens = _paged(lens, bs, Hkv, D, dtype, 22)
+    q = (torch.randn(len(lens), Hq, S, D, generator=_gen(23)) * 2).to(dtype)
+    ql = torch.tensor(q_lens, dtype=torch.int32)
+    oracle, mag = oracle_paged_attention(q, kc, vc, tables, seq_lens, ql, D ** -0.5, window, softcap)
+    got = reference.paged_prefill_attention(q, kc, vc, tables, seq_lens, ql, D ** -0.5, window, softcap)
+    _within(got, oracle, mag, 32, f"reference attention {case} float32")
+    if S == 1:
+        dec = reference.paged_decode_attention(q[:, :, 0], kc, vc, tables, seq_lens, D ** -0.5, window, softcap)
+        _within(dec, oracle[:, :, 0], mag[:, :, 0], 32, f"reference decode {case} float32")

@@ -122,7 +122,7 @@ MUTANTS = (
         "the reference's sliding window shows window + 1 tokens",
         (("llmkern/reference.py", "mask & (kpos[None, None, :] > qpos[:, :, None] - sliding_window)",
           "mask & (kpos[None, None, :] >= qpos[:, :, None] - sliding_window)"),),
-        ("tests/test_cpu_isa.py", "-k", "window")),
+        ("tests/test_cpu_isa.py", "tests/test_reference.py", "-k", "window or test_reference_paged_attention")),
     Mutant(
         "python-reference-gqa-interleaved", "python",
         "the reference maps query head i to KV head i % Hkv instead of i // G (a GQA group of the wrong heads)",
@@ -130,7 +130,8 @@ MUTANTS = (
           "qf = q.to(acc).reshape(B, G, Hkv, S, D).transpose(1, 2)"),
          ("llmkern/reference.py", "out = torch.einsum(\"bhgsl,bhld->bhgsd\", p, v).reshape(B, Hq, S, D)",
           "out = torch.einsum(\"bhgsl,bhld->bhgsd\", p, v).transpose(1, 2).reshape(B, Hq, S, D)")),
-        ("tests/test_cpu_isa.py", "-k", "test_decode and not window")),
+        ("tests/test_cpu_isa.py", "tests/test_reference.py", "-k",
+         "(test_decode and not window) or test_reference_paged_attention")),
     Mutant(
         "python-reference-rms-norm-eps", "python",
         "the reference rms_norm (the tests' fp64 oracle) adds a hard-coded 1e-5 instead of eps",
