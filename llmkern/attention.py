@@ -158,6 +158,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
         return _decode(cache, plan, handle, query, scale, window, softcap).unsqueeze(1), None  # [B, 1, Hq, D]
 
     cache.write(handle, plan)
+    if plan.fresh and _dense_prefill_ok(query, window, softcap):
+        return _dense_prefill(handle, query, scale), None
     k_pages, v_pages = cache.pages(handle.layer_idx)
     q = query
     if plan.q_index is not None:  # real tokens not all at the end of their row: gather them there
@@ -167,6 +169,41 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     if plan.q_index is not None:
         out = torch.empty_like(out).scatter_(2, plan.q_index[:, None, :, None].expand(B, Hq, S, D), out)
     return out.transpose(1, 2), None  # [B, S, Hq, D]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fresh prefill: whole prompts, nothing cached before, no padding (CPU)
+
+_DENSE_PREFILL = ("dense_prefill_attention", "torch-sdpa")
+
+
+def _dense_prefill_ok(query, window, softcap) -> bool:
+    """Whether a fresh prefill (``StepPlan.fresh``) runs on torch's SDPA instead of the paged prefill kernel.
+
+    On CPU the uncached part of a prompt is a plain causal attention over this step's own K/V, already in hand as
+    dense tensors: torch's fused CPU attention (what an unpatched model runs there) serves it at eager's speed, which
+    the paged kernel does not reach everywhere (it reads K/V through the block table, and has no AMX path; measured in
+    benchmarks/README.md, "Prefill"). The K/V are still written to the pages first, so decode and later chunks read
+    them there. Only when SDPA computes the same thing: no softcap, a sliding window (if any) wider than the prompt,
+    and the automatic backend choice (a backend forced with ``llmkern.use_backend`` or ``LLMKERN_BACKEND`` runs the
+    paged kernel, which is how tests and benchmarks reach it); never under the Triton interpreter.
+    """
+    if query.device.type != "cpu" or softcap or (window and window < query.shape[2]):
+        return False
+    return backends.local.forced is None and backends._ENV_BACKEND is None and not backends.triton_interpret()
+
+
+def _dense_prefill(handle: PagedKV, query, scale: float) -> torch.Tensor:
+    """Causal SDPA over the step's K/V ``[B, Hkv, S, D]``, GQA by broadcast as transformers' SDPA integration does:
+    ``query [B, Hq, S, D]`` -> ``[B, S, Hq, D]``."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, handle.key, handle.value, is_causal=True, scale=scale,
+        enable_gqa=query.shape[1] != handle.key.shape[1])
+    counts = backends._counts
+    counts[_DENSE_PREFILL] = counts.get(_DENSE_PREFILL, 0) + 1
+    for t in backends._trackers:
+        t[_DENSE_PREFILL] += 1
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -192,6 +192,9 @@ class StepPlan:
     max_seq_len: int
     decode: bool  # every sequence adds exactly one token (S == 1): the decode kernel applies
     q_index: torch.Tensor | None  # int64 [B, S]: gathers q rows so real rows are the last q_lens[b] (None = as is)
+    # Every sequence's whole prompt is this step's S columns (nothing held before, no padding): the attention is a
+    # plain causal one over this step's K/V, which dense attention can serve (llmkern.attention, "fresh prefill").
+    fresh: bool = False
     # Per-step state of the attention function (llmkern.attention), filled at the step's first layer:
     num_splits: dict = dataclasses.field(default_factory=dict)  # sliding_window -> decode split count
     direct: set = dataclasses.field(default_factory=set)  # (scale, window, softcap) cleared for direct C++ calls
@@ -967,6 +970,7 @@ class PagedKVCache(Cache):
                     self._tables[b].append(blk)
 
         # 3. Slot mapping: real token t of row b goes to position lens[b] + (its rank among the row's real tokens).
+        whole_prompts = not any(lens) and all(n == S for n in n_new)  # before the lengths move on (lens may alias them)
         old = torch.tensor(lens, dtype=torch.long)
         pos = old[:, None] + real.long().cumsum(1) - 1  # [B, S]
         pos = torch.where(real, pos, torch.zeros((), dtype=torch.long))
@@ -998,6 +1002,7 @@ class PagedKVCache(Cache):
             max_seq_len=max(self._lens),
             decode=S == 1 and all(n == 1 for n in n_new),
             q_index=q_index,
+            fresh=whole_prompts,
         )
         if self.reserved:
             self._primed = True

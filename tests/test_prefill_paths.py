@@ -1,0 +1,163 @@
+"""Which attention serves a prefill on CPU, and that each choice gives eager's tokens.
+
+A fresh prefill (whole prompts, nothing cached before, no padding) runs torch's SDPA over the step's own K/V after
+writing them to the pages (llmkern/attention.py, ``_dense_prefill``); every other prefill — left padding, a
+second turn on a filled cache, a sliding window narrower than the prompt, softcap, or a backend forced with
+``llmkern.use_backend`` — runs the paged prefill kernel. Each case asserts, through ``llmkern.track()``, which one
+ran, and that greedy tokens (fp32) equal the unpatched model's, so the decode steps that follow read what the
+prefill wrote.
+
+The suite runs with ``TRITON_INTERPRET=1`` (tests/conftest.py), where the automatic CPU choice is Triton and this
+routing is off; so the module runs itself once more in a subprocess with ``TRITON_INTERPRET=0``, where the automatic
+choice is the C++ backend, as on a user's machine (``test_routing_in_a_process_without_the_interpreter``).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import testing
+from llmkern.attention import _DENSE_PREFILL
+
+DENSE = _DENSE_PREFILL[0]
+PAGED = "paged_prefill_attention"
+
+
+def _ids(model, b=1, s=23, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (b, s), generator=g)
+
+
+def _gen(model, ids, mask=None, n=8, backend=None, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.inference_mode(), llmkern.use_backend(backend):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, **kw)
+
+
+def _routing_applies() -> str:
+    """Why the routing cannot be seen in this process ("" when it can)."""
+    from llmkern import _ext
+
+    if not _ext.load():
+        return f"the C++ extension is not loaded: {_ext.why_not()}"
+    if llmkern.backends.triton_interpret():
+        return ("TRITON_INTERPRET is set, so the automatic CPU choice is Triton; "
+                "test_routing_in_a_process_without_the_interpreter runs these cases")
+    return ""
+
+
+routing = pytest.mark.skipif(bool(_routing_applies()), reason=_routing_applies() or "-")
+
+
+def test_routing_in_a_process_without_the_interpreter():
+    if not llmkern.backends.triton_interpret():
+        pytest.skip("this process already runs without the interpreter: the cases ran here")
+    from llmkern import _ext
+
+    if not _ext.load():
+        pytest.skip(f"the C++ extension is not loaded: {_ext.why_not()}")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__],
+                       env=env, capture_output=True, text=True, timeout=1200,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tail = r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    assert " passed" in tail and " skipped" in tail and " failed" not in tail, tail
+
+
+@routing
+@pytest.mark.parametrize("layout", ["llama-tiny", "qwen2-tiny", "qwen2.5-0.5b", "mistral-tiny", "qwen3-tiny"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_fresh_prompts_run_sdpa_then_decode_from_the_pages(layout, b):
+    model = testing.tiny_model(layout)
+    ids = _ids(model, b=b)
+    eager = _gen(model, ids)
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        paged = _gen(model, ids)
+    n_layers = model.config.num_hidden_layers
+    assert ran[(DENSE, _DENSE_PREFILL[1])] == n_layers and PAGED not in ran.ops(), dict(ran)
+    assert ran[("paged_decode_attention", "cpp")] == n_layers * 7, dict(ran)  # 8 new tokens: 7 decode steps
+    assert torch.equal(paged, eager), (paged, eager)
+
+
+@routing
+def test_padded_prompts_run_the_paged_kernel():
+    model = testing.tiny_model("qwen2-tiny")
+    ids = _ids(model, b=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    eager = _gen(model, ids, mask)
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        paged = _gen(model, ids, mask)
+    assert PAGED in ran.ops() and DENSE not in ran.ops(), dict(ran)
+    assert torch.equal(paged, eager)
+
+
+@routing
+def test_second_turn_on_a_filled_cache_runs_the_paged_kernel():
+    model = testing.tiny_model("llama-tiny")
+    ids = _ids(model)
+    turn1 = _gen(model, ids, return_dict_in_generate=True)
+    turn2_ids = torch.cat([turn1.sequences, _ids(model, s=17, seed=4)], dim=1)
+    eager2 = _gen(model, turn2_ids)
+    llmkern.patch(model)
+    with llmkern.track() as first:
+        out = _gen(model, ids, return_dict_in_generate=True)
+    assert first[(DENSE, _DENSE_PREFILL[1])] > 0 and PAGED not in first.ops()
+    with llmkern.track() as second:
+        paged2 = _gen(model, turn2_ids, past_key_values=out.past_key_values)
+    assert PAGED in second.ops() and DENSE not in second.ops(), dict(second)
+    assert torch.equal(paged2, eager2)
+
+
+@routing
+@pytest.mark.parametrize("window,dense", [(8, False), (64, True)])
+def test_sliding_window_narrower_than_the_prompt_runs_the_paged_kernel(window, dense):
+    model = testing.tiny_model("mistral-tiny", sliding_window=window)
+    ids = _ids(model, s=23)
+    eager = _gen(model, ids, n=12)
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        paged = _gen(model, ids, n=12)
+    assert (DENSE in ran.ops()) == dense and (PAGED in ran.ops()) == (not dense), dict(ran)
+    assert torch.equal(paged, eager)
+
+
+@routing
+def test_a_forced_backend_runs_the_paged_kernel():
+    model = testing.tiny_model("qwen2-tiny")
+    ids = _ids(model)
+    eager = _gen(model, ids)
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        paged = _gen(model, ids, backend="cpp")
+    assert PAGED in ran.ops() and DENSE not in ran.ops(), dict(ran)
+    assert torch.equal(paged, eager)
+
+
+@routing
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fresh_prefill_logits_match_the_unpatched_model(dtype):
+    """Half precision: the dense path is the unpatched model's own SDPA call, so the prefill's logits agree with
+    eager to the few ulps the fused row ops may move them (the per-op bounds are tests/test_ops.py's)."""
+    model = testing.tiny_model("qwen2-tiny", dtype=dtype)
+    ids = _ids(model, b=2, s=40)
+    with torch.inference_mode():
+        eager = model(ids).logits.float()
+    llmkern.patch(model)
+    cache = llmkern.PagedKVCache(model.config)
+    with torch.inference_mode(), llmkern.track() as ran:
+        patched = model(ids, past_key_values=cache, use_cache=True).logits.float()
+    assert DENSE in ran.ops(), dict(ran)
+    assert cache.seq_lens() == [40, 40]
+    scale = eager.abs().amax()
+    assert (patched - eager).abs().max() <= 0.05 * scale, ((patched - eager).abs().max(), scale)
