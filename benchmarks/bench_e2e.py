@@ -180,6 +180,43 @@ def decode_steps(model, B: int, ctx: int, steps: int, device, prefill_chunk: int
     return gaps, out[:, ctx:], clock.stamps[0] - start
 
 
+BREAKDOWN = ("llmkern C++ kernels", "aten matmul", "aten attention", "other aten ops")
+
+
+def _op_category(key: str) -> str | None:
+    """Which ``BREAKDOWN`` column a profiler op's self time goes to (None: a wrapper whose self time is Python)."""
+    if key.startswith("llmkern_C::"):
+        return BREAKDOWN[0]
+    if key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+        return BREAKDOWN[1]
+    if "scaled_dot_product" in key:
+        return BREAKDOWN[2]
+    if key.startswith("aten::"):
+        return BREAKDOWN[3]
+    return None
+
+
+def step_breakdown(model, B: int, ctx: int, steps: int, device) -> dict[str, float]:
+    """ms per decode step by where it goes (``--breakdown``): the op self times torch.profiler records, per
+    ``BREAKDOWN`` column. A generate of ``steps`` + 1 tokens minus one of 1 token (same prompt), over ``steps``: the
+    prefill and generate's set-up cancel. The rest of a step (Python, the dispatcher, generate's loop) is the timed
+    p50 minus these columns; the profiler's own cost per op lands there too, so it is an upper bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def profiled(n: int) -> dict[str, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode_steps(model, B, ctx, n - 1, device)
+        out = dict.fromkeys(BREAKDOWN, 0.0)
+        for e in prof.key_averages():
+            cat = _op_category(e.key)
+            if cat is not None:
+                out[cat] += e.self_cpu_time_total / 1e3
+        return out
+
+    long, short = profiled(steps + 1), profiled(1)
+    return {k: max(long[k] - short[k], 0.0) / steps for k in BREAKDOWN}
+
+
 def compile_generate_kwargs(args) -> dict:
     """transformers' torch.compile recipe: a static cache and a CompileConfig; generate compiles the decode forward
     (``get_compiled_call``) and runs the prefill uncompiled. On a CPU it does so only when the config's
@@ -334,6 +371,10 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill prompts longer than N tokens N at a time (generate's prefill_chunk_size; not for "
                         "the +compile providers, whose prefill transformers would then compile)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after each uncompiled provider's timed run, two profiled generates split a decode step into "
+                        "C++ kernels, aten matmul, aten attention, other aten ops, and the rest (Python, dispatch, "
+                        "generate's loop) = p50 minus those")
     p.add_argument("--no-fullgraph", dest="fullgraph", action="store_false",
                    help="the +compile providers compile with CompileConfig(fullgraph=False): graph breaks are "
                         "counted instead of raising (default: fullgraph=True)")
@@ -367,6 +408,7 @@ def main(argv=None) -> int:
     bar = H.Progress(total, "e2e")
     summary = []
     prefills: list[tuple[str, str, float]] = []  # (shape, provider, seconds)
+    breakdowns: list = []  # (shape, provider, p50 ms, {BREAKDOWN column: ms per step}) with --breakdown
     compiles: list[tuple[str, str, float, dict, dict]] = []  # (shape, provider, warm-up s, warm-up, timed counts)
     failures: list[str] = []
 
@@ -450,6 +492,9 @@ def main(argv=None) -> int:
                             decode_steps(m, B, min(ctx, 16), 2, args.device)  # warm-up: lazy init
                             gaps, tokens, prefill_s = decode_steps(m, B, ctx, args.steps, args.device,
                                                                    args.prefill_chunk)
+                            if args.breakdown:
+                                breakdowns.append((shape, name, statistics.median(gaps) / 1e3,
+                                                   step_breakdown(m, B, ctx, args.steps, args.device)))
                 except Exception as e:
                     failed(name, shape, e)
                     continue
@@ -523,6 +568,15 @@ def main(argv=None) -> int:
         if reasons:
             print("  graph break reasons (most frequent, last provider since its reset):")
             print("\n".join("    " + x for x in reasons))
+    if breakdowns:
+        print("\nwhere a decode step goes, ms per step (op self times from torch.profiler, a generate of steps + 1 "
+              "tokens minus one of 1; rest = p50 minus the ops: Python, dispatch, generate's loop, profiler cost):")
+        heads = ["p50", *BREAKDOWN, "rest"]
+        print(f"  {'model / shape':<34} {'provider':<16} " + " ".join(f"{h:>19}" for h in heads))
+        for sh, n, p50, parts in breakdowns:
+            rest = p50 - sum(parts.values())
+            cells = [p50, *parts.values(), rest]
+            print(f"  {sh:<34} {n:<16} " + " ".join(f"{c:>19.2f}" for c in cells))
     if prefills:
         chunk = f", {args.prefill_chunk}-token chunks (not for +compile)" if args.prefill_chunk else ""
         print(f"\nprefill (not in the decode numbers above; one run each{chunk}):")

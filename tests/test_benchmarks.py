@@ -138,6 +138,33 @@ def test_e2e_dry_run(tmp_path):
     assert all(r["op"] == "e2e_decode" and float(r["tokens_per_s"]) > 0 for r in rows)
     assert "tokens identical to eager: yes" in rows[1]["note"]  # fp32: the patched model decodes the same tokens
     assert "speedup" in p.stdout
+    assert "where a decode step goes" not in p.stdout  # --breakdown's table only when asked
+
+
+def test_e2e_breakdown_splits_a_step(tmp_path):
+    p = _run("e2e", "--dry-run", "--providers", "llmkern-paged", "--breakdown", "--csv", str(tmp_path / "e.csv"),
+             timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    table = p.stdout.split("where a decode step goes", 1)[1].split("\n\n", 1)[0].splitlines()
+    rows = {line.split()[-7]: [float(x) for x in line.split()[-6:]] for line in table[2:]}
+    assert set(rows) == {"eager", "llmkern-paged"}, table
+    for provider, cells in rows.items():  # p50, the four op columns, the rest = p50 minus the four
+        assert cells[0] > 0 and all(c >= 0 for c in cells[1:5]), (provider, cells)
+        assert abs(cells[0] - sum(cells[1:5]) - cells[5]) < 0.02, (provider, cells)
+
+
+def test_breakdown_categories():
+    spec = importlib.util.spec_from_file_location("bench_e2e", os.path.join(BENCH, "bench_e2e.py"))
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    cat = e2e._op_category
+    assert cat("llmkern_C::paged_decode_attention") == cat("llmkern_C::linear") == e2e.BREAKDOWN[0]
+    assert cat("aten::mm") == cat("aten::addmm") == e2e.BREAKDOWN[1]
+    assert cat("aten::_scaled_dot_product_flash_attention_for_cpu") == e2e.BREAKDOWN[2]
+    assert cat("aten::isin") == cat("aten::argmax") == e2e.BREAKDOWN[3]
+    assert cat("llmkern::reshape_and_cache") is None  # the Python custom op: its self time is Python
 
 
 E2E_COMPILED = ["eager+compile", "llmkern+compile", "llmkern-sdpa+compile"]
