@@ -159,7 +159,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
 
     cache.write(handle, plan)
     if plan.fresh and _dense_prefill_ok(query, window, softcap):
-        return _dense_prefill(handle, query, scale), None
+        return _dense_prefill(handle, query, scale, plan.real), None
     k_pages, v_pages = cache.pages(handle.layer_idx)
     q = query
     if plan.q_index is not None:  # real tokens not all at the end of their row: gather them there
@@ -172,7 +172,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fresh prefill: whole prompts, nothing cached before, no padding (CPU)
+# Fresh prefill: nothing cached before, whole prompts (left padding allowed), on CPU
 
 _DENSE_PREFILL = ("dense_prefill_attention", "torch-sdpa")
 
@@ -193,12 +193,23 @@ def _dense_prefill_ok(query, window, softcap) -> bool:
     return backends.local.forced is None and backends._ENV_BACKEND is None and not backends.triton_interpret()
 
 
-def _dense_prefill(handle: PagedKV, query, scale: float) -> torch.Tensor:
-    """Causal SDPA over the step's K/V ``[B, Hkv, S, D]``, GQA by broadcast as transformers' SDPA integration does:
-    ``query [B, Hq, S, D]`` -> ``[B, S, Hq, D]``."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, handle.key, handle.value, is_causal=True, scale=scale,
-        enable_gqa=query.shape[1] != handle.key.shape[1])
+def _dense_prefill(handle: PagedKV, query, scale: float, real) -> torch.Tensor:
+    """SDPA over the step's K/V ``[B, Hkv, S, D]`` as transformers' SDPA integration calls it: ``query [B, Hq, S, D]``
+    -> ``[B, S, Hq, D]``. No padding: ``is_causal`` with GQA by broadcast. Left padding (``real [B, S]``, False =
+    padding): the causal mask and the padding of the keys as one boolean mask, K/V repeated per query head (what
+    transformers does when there is a mask); a padding row sees no key, and its output is zero, as the paged
+    kernel writes it."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    key, value = handle.key, handle.value
+    if real is None:
+        out = sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        S, group = query.shape[2], query.shape[1] // key.shape[1]
+        causal = torch.ones((S, S), dtype=torch.bool, device=query.device).tril()
+        mask = causal[None, None] & real[:, None, None, :]
+        if group > 1:
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        out = sdpa(query, key, value, attn_mask=mask, scale=scale).masked_fill(~real[:, None, :, None], 0)
     counts = backends._counts
     counts[_DENSE_PREFILL] = counts.get(_DENSE_PREFILL, 0) + 1
     for t in backends._trackers:

@@ -192,9 +192,11 @@ class StepPlan:
     max_seq_len: int
     decode: bool  # every sequence adds exactly one token (S == 1): the decode kernel applies
     q_index: torch.Tensor | None  # int64 [B, S]: gathers q rows so real rows are the last q_lens[b] (None = as is)
-    # Every sequence's whole prompt is this step's S columns (nothing held before, no padding): the attention is a
-    # plain causal one over this step's K/V, which dense attention can serve (llmkern.attention, "fresh prefill").
+    # Nothing was held before this step and each row's real tokens are the last of its S columns (left padding or
+    # none): the attention is a causal one over this step's own K/V, which dense attention can serve
+    # (llmkern.attention, "fresh prefill"). real: bool [B, S] on the device when some column is padding, else None.
     fresh: bool = False
+    real: torch.Tensor | None = None
     # Per-step state of the attention function (llmkern.attention), filled at the step's first layer:
     num_splits: dict = dataclasses.field(default_factory=dict)  # sliding_window -> decode split count
     direct: set = dataclasses.field(default_factory=set)  # (scale, window, softcap) cleared for direct C++ calls
@@ -970,7 +972,7 @@ class PagedKVCache(Cache):
                     self._tables[b].append(blk)
 
         # 3. Slot mapping: real token t of row b goes to position lens[b] + (its rank among the row's real tokens).
-        whole_prompts = not any(lens) and all(n == S for n in n_new)  # before the lengths move on (lens may alias them)
+        nothing_held = not any(lens)  # before the lengths move on (lens may alias them)
         old = torch.tensor(lens, dtype=torch.long)
         pos = old[:, None] + real.long().cumsum(1) - 1  # [B, S]
         pos = torch.where(real, pos, torch.zeros((), dtype=torch.long))
@@ -1002,7 +1004,8 @@ class PagedKVCache(Cache):
             max_seq_len=max(self._lens),
             decode=S == 1 and all(n == 1 for n in n_new),
             q_index=q_index,
-            fresh=whole_prompts,
+            fresh=nothing_held and q_index is None,
+            real=real.to(dev) if nothing_held and q_index is None and not all(n == S for n in n_new) else None,
         )
         if self.reserved:
             self._primed = True
@@ -1182,7 +1185,8 @@ class PagedKVCache(Cache):
             plan = dataclasses.replace(
                 p, device=device, slot_mapping=p.slot_mapping.to(device), block_tables=p.block_tables.to(device),
                 seq_lens=p.seq_lens.to(device), q_lens=p.q_lens.to(device),
-                q_index=None if p.q_index is None else p.q_index.to(device), num_splits={}, direct=set())
+                q_index=None if p.q_index is None else p.q_index.to(device), num_splits={}, direct=set(),
+                real=None if p.real is None else p.real.to(device))
             self._plans[device] = plan
         return plan
 

@@ -1,7 +1,7 @@
 """Which attention serves a prefill on CPU, and that each choice gives eager's tokens.
 
-A fresh prefill (whole prompts, nothing cached before, no padding) runs torch's SDPA over the step's own K/V after
-writing them to the pages (llmkern/attention.py, ``_dense_prefill``); every other prefill — left padding, a
+A fresh prefill (nothing cached before, whole prompts, left padding or none) runs torch's SDPA over the step's own K/V after
+writing them to the pages (llmkern/attention.py, ``_dense_prefill``); every other prefill — padding after a real token, a
 second turn on a filled cache, a sliding window narrower than the prompt, softcap, or a backend forced with
 ``llmkern.use_backend`` — runs the paged prefill kernel. Each case asserts, through ``llmkern.track()``, which one
 ran, and that greedy tokens (fp32) equal the unpatched model's, so the decode steps that follow read what the
@@ -87,13 +87,30 @@ def test_fresh_prompts_run_sdpa_then_decode_from_the_pages(layout, b):
 
 
 @routing
-def test_padded_prompts_run_the_paged_kernel():
-    model = testing.tiny_model("qwen2-tiny")
+@pytest.mark.parametrize("layout", ["qwen2-tiny", "qwen2.5-0.5b"])
+def test_left_padded_prompts_run_sdpa(layout):
+    model = testing.tiny_model(layout)
     ids = _ids(model, b=3)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     mask[2, :9] = 0
     ids = ids.masked_fill(mask == 0, 0)
+    eager = _gen(model, ids, mask)
+    llmkern.patch(model)
+    with llmkern.track() as ran:
+        paged = _gen(model, ids, mask)
+    assert DENSE in ran.ops() and PAGED not in ran.ops(), dict(ran)
+    assert torch.equal(paged, eager)
+
+
+@routing
+def test_padding_inside_a_prompt_runs_the_paged_kernel():
+    """A padding column after a real token (not left padding): the real tokens are gathered to the end of the row
+    (StepPlan.q_index), which the paged kernel serves."""
+    model = testing.tiny_model("llama-tiny")
+    ids = _ids(model, b=2)
+    mask = torch.ones_like(ids)
+    mask[1, 5:8] = 0
     eager = _gen(model, ids, mask)
     llmkern.patch(model)
     with llmkern.track() as ran:
@@ -145,19 +162,26 @@ def test_a_forced_backend_runs_the_paged_kernel():
 
 
 @routing
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fresh_prefill_logits_match_the_unpatched_model(dtype):
-    """Half precision: the dense path is the unpatched model's own SDPA call, so the prefill's logits agree with
-    eager to the few ulps the fused row ops may move them (the per-op bounds are tests/test_ops.py's)."""
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fresh_prefill_is_transformers_sdpa_call(dtype, padded):
+    """The dense path makes transformers' own SDPA call: the prefill's logits are bit-equal to those of the model
+    patched with ``attention=False`` (the same row ops and Linear, transformers' SDPA attention), in every dtype,
+    with and without left padding (at the real positions)."""
     model = testing.tiny_model("qwen2-tiny", dtype=dtype)
     ids = _ids(model, b=2, s=40)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+    llmkern.patch(model, attention=False)
     with torch.inference_mode():
-        eager = model(ids).logits.float()
+        want = model(ids, attention_mask=mask).logits
+    llmkern.unpatch(model)
     llmkern.patch(model)
     cache = llmkern.PagedKVCache(model.config)
     with torch.inference_mode(), llmkern.track() as ran:
-        patched = model(ids, past_key_values=cache, use_cache=True).logits.float()
+        got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
     assert DENSE in ran.ops(), dict(ran)
-    assert cache.seq_lens() == [40, 40]
-    scale = eager.abs().amax()
-    assert (patched - eager).abs().max() <= 0.05 * scale, ((patched - eager).abs().max(), scale)
+    assert cache.seq_lens() == [40, 33 if padded else 40]
+    real = mask.bool()
+    assert torch.equal(got[real], want[real]), (got[real] - want[real]).abs().max()
