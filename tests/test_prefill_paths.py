@@ -185,3 +185,26 @@ def test_fresh_prefill_is_transformers_sdpa_call(dtype, padded):
     assert cache.seq_lens() == [40, 33 if padded else 40]
     real = mask.bool()
     assert torch.equal(got[real], want[real]), (got[real] - want[real]).abs().max()
+
+
+@routing
+@pytest.mark.parametrize("padded", [False, True])
+def test_fresh_prefill_under_torch_compile(padded):
+    """torch.compile(dynamic=True) over a patched model: the dense prefill is traced (plan.fresh and the backend
+    choice are host values dynamo guards on) and the tokens are eager's."""
+    model = testing.tiny_model("qwen2-tiny")
+    ids = _ids(model, b=2)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    eager = _gen(model, ids, mask, n=6)
+    llmkern.patch(model)
+    model.forward = torch.compile(model.forward, dynamic=True, backend="aot_eager")
+    try:
+        with llmkern.track() as ran:
+            paged = _gen(model, ids, mask, n=6)
+    finally:
+        del model.forward
+    assert DENSE in ran.ops(), dict(ran)
+    assert torch.equal(paged, eager)
