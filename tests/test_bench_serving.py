@@ -110,3 +110,47 @@ def test_bad_flags_are_errors_naming_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit):
         B.finish(p, p.parse_args(flags))
     assert message in capsys.readouterr().err
+
+
+def test_vllm_provider_runs_in_the_python_it_is_given(tmp_path):
+    """The vllm provider's contract without vLLM: a stand-in 'Python' gets the runner, a saved model directory and the
+    workload, and its last JSON line becomes the row (tokens compared with the first provider's)."""
+    seen = tmp_path / "seen.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+runner, model, work = args[0], args[args.index("--model") + 1], args[args.index("--workload") + 1]
+w = json.load(open(work))
+open({str(seen)!r}, "w").write(json.dumps({{"runner": os.path.basename(runner), "args": args,
+    "config": os.path.exists(os.path.join(model, "config.json")), "n": len(w["prompts"])}}))
+print("INFO a log line")
+print(json.dumps({{"vllm": "0.0-fake", "wall_s": 0.5, "generated": len(w["prompts"]) * w["new_tokens"],
+    "tokens": [[1] * w["new_tokens"] for _ in w["prompts"]], "threads": 1, "ttft_p50_s": None, "ttft_p99_s": None,
+    "itl_mean_p50_s": 0.01, "itl_mean_p99_s": 0.02}}))
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "s.csv"
+    p = _run("--dry-run", "--arrival", "both", "--rate", "50", "--providers", "cb-sdpa,vllm",
+             "--vllm-python", str(fake), "--csv", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    called = __import__("json").loads(seen.read_text())
+    assert called["runner"] == "_vllm_serving_runner.py" and called["config"] and called["n"] == 3
+    assert called["args"][called["args"].index("--dtype") + 1] == "fp32"
+    rows = _rows(out)
+    assert [(r["arrival"], r["provider"]) for r in rows] == [("all", "cb-sdpa"), ("all", "vllm"), ("poisson", "cb-sdpa")]
+    assert float(rows[1]["tokens_per_s"]) == pytest.approx(12 / 0.5, rel=1e-3)
+    assert rows[1]["tokens_vs_first"] == "3 of 3 differ"  # the stand-in's tokens are not the model's
+    assert "skipped for Poisson arrivals" in p.stdout
+
+
+def test_vllm_provider_without_a_python_is_an_error_that_says_how(capsys, monkeypatch):
+    B = _bench()
+    monkeypatch.delenv("LLMKERN_VLLM_PYTHON", raising=False)
+    p = B.build_parser()
+    with pytest.raises(SystemExit):
+        B.finish(p, p.parse_args(["--providers", "cb-sdpa,vllm"]))
+    assert "--vllm-python" in capsys.readouterr().err
+    assert "vllm" not in B.finish(p, p.parse_args([])).provider_list
+    monkeypatch.setenv("LLMKERN_VLLM_PYTHON", "/some/python")
+    assert B.finish(p, p.parse_args([])).provider_list[-1] == "vllm"
