@@ -214,7 +214,9 @@ def run_vllm(model, work: Workload, args, arrival: str) -> Result | None:
         print("  vllm: skipped for Poisson arrivals (LLM.generate is an offline batch API: all requests at once)")
         return None
     with tempfile.TemporaryDirectory(prefix="llmkern-serving-") as d:
-        _save_hf(model, os.path.join(d, "model"))
+        from llmkern import testing
+
+        testing.save_as_hf(model, os.path.join(d, "model"))
         with open(os.path.join(d, "work.json"), "w") as f:
             json.dump({"prompts": work.prompts, "new_tokens": work.new_tokens}, f)
         cmd = [args.vllm_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_serving_runner.py"),
@@ -230,23 +232,6 @@ def run_vllm(model, work: Workload, args, arrival: str) -> Result | None:
     print(f"  vllm: vLLM {out['vllm']} offline LLM.generate; ITL is each request's mean gap (no per-token times)")
     return Result("vllm", arrival, out["generated"] / out["wall_s"], ms(out["ttft_p50_s"]), ms(out["ttft_p99_s"]),
                   ms(out["itl_mean_p50_s"]), ms(out["itl_mean_p99_s"]), out["wall_s"], out["generated"], tokens)
-
-
-def _save_hf(model, path: str) -> None:
-    """The model's weights as a Hugging Face directory vLLM loads. SmolLM2 comes dequantised from GGUF, and
-    transformers refuses to save a model it considers GGUF-quantised: the marker is lifted for the save only."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    qcfg = getattr(model.config, "quantization_config", None)
-    gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
-    if gguf:
-        model.hf_quantizer = None
-        del model.config.quantization_config
-    try:
-        model.save_pretrained(path)
-    finally:
-        if gguf:
-            model.hf_quantizer = quantizer
-            model.config.quantization_config = qcfg
 
 
 def run_provider(model, name: str, work: Workload, args, arrival: str) -> Result | None:

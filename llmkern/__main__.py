@@ -1,15 +1,16 @@
-"""``python -m llmkern demo|inspect|bench`` (also installed as the ``llmkern`` command)."""
+"""``python -m llmkern demo|inspect|bench|serve`` (also installed as the ``llmkern`` command)."""
 
 import sys
 
 # The one program name every usage line shows (the subcommands' parsers are "<PROG> demo", ...).
 PROG = "python -m llmkern"
 
-USAGE = f"""usage: {PROG} [-h] [--version] {{demo,inspect,bench}} [options]
+USAGE = f"""usage: {PROG} [-h] [--version] {{demo,inspect,bench,serve}} [options]
 
   demo     generate with eager and with the patched model; compare tokens and ms/token
   inspect  compile every Triton kernel config for sm_80/sm_90 (no GPU needed); registers, smem, spills
   bench    the quick benchmark suite
+  serve    transformers' OpenAI-compatible server (`transformers serve`) with the model it loads patched
 
   -h, --help  show this message and exit
   --version   show llmkern's version and exit
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
         except ImportError:
             print(f"{PROG} bench: the benchmark suite is not part of this build yet", file=sys.stderr)
             return 2
+    elif cmd == "serve":
+        from llmkern.serve import main as run
     else:
-        print(f"{USAGE}\n\n{PROG}: error: unknown command {cmd!r} (choose from demo, inspect, bench)", file=sys.stderr)
+        print(f"{USAGE}\n\n{PROG}: error: unknown command {cmd!r} (choose from demo, inspect, bench, serve)",
+              file=sys.stderr)
         return 2
     return run(rest)
 

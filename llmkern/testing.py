@@ -584,3 +584,26 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device="cpu"):
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tok
+
+
+def save_as_hf(model, path: str, tokenizer=None) -> str:
+    """Save ``model`` (and ``tokenizer``) as a plain Hugging Face directory at ``path``; returns ``path``.
+
+    For programs that load a model by path themselves (``python -m llmkern serve``, vLLM in
+    ``benchmarks/bench_serving.py``). SmolLM2 comes dequantised from GGUF, and transformers refuses to save a model
+    it still marks as GGUF-quantised although its weights are plain tensors: the marker is lifted for the save only."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qcfg = getattr(model.config, "quantization_config", None)
+    gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
+    if gguf:
+        model.hf_quantizer = None
+        del model.config.quantization_config
+    try:
+        model.save_pretrained(path)
+    finally:
+        if gguf:
+            model.hf_quantizer = quantizer
+            model.config.quantization_config = qcfg
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
