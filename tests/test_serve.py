@@ -207,7 +207,8 @@ def test_the_patching_loader_patches_what_transformers_loads(monkeypatch):
     llmkern.unpatch(model)
 
 
-def test_help_lists_transformers_serve_options(capsys):
+def test_help_lists_transformers_serve_options(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the option table to the terminal's width
     why = _serving_missing()
     if why and "SmolLM2" not in why:
         pytest.skip(why)
