@@ -160,6 +160,9 @@ class Provider:
     build: Callable[[dict], Callable[[], object]]
     note: str = ""
     ops: tuple = ()  # restrict to these ops (empty = all ops of the script)
+    # A provider timed in another process (a peer library in its own Python environment): ``measure(inputs)``
+    # returns ``((p20, p50, p80) µs, note)`` measured there with the same method; ``build`` is then not called.
+    measure: Callable[[dict], tuple[tuple[float, float, float], str]] | None = None
 
 
 def importable(module: str) -> bool:
@@ -494,8 +497,11 @@ class Row:
     series: str = ""
 
 
-def run(title: str, args, cases: list[Case], providers: list[Provider], notes: list[str]) -> list[Row]:
-    """Time every provider on every case; print the table, write the CSV (and plots). Returns the rows."""
+def run(title: str, args, cases: list[Case], providers: list[Provider], notes: list[str],
+        after_case: Callable[[dict[str, "Row"]], None] | None = None) -> list[Row]:
+    """Time every provider on every case; print the table, write the CSV (and plots). Returns the rows.
+    ``after_case(rows_by_provider)`` may annotate one case's rows (e.g. ratios between providers) before they are
+    printed and written."""
     if args.providers == "list":
         for p in providers:
             print(f"{p.name}{'  (' + p.note + ')' if p.note else ''}")
@@ -527,6 +533,14 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
                 continue
             bar.step(f"{c.shape} {p.name}")
             try:
+                if p.measure is not None:
+                    us, extra = p.measure(inputs)
+                    r = Row(c.op, p.name, c.shape, tuple(us), c.bytes, "perf_counter(peer)",
+                            note="; ".join(n for n in (p.note, extra) if n), x=c.x, series=c.series)
+                    r.gbps = c.bytes / (us[1] * 1e-6) / 1e9 if c.bytes else None
+                    r.pct_peak = 100.0 * r.gbps / pk if (pk and r.gbps) else None
+                    case_rows[p.name] = r
+                    continue
                 fn = p.build(inputs)
                 if args.device.type == "cuda":
                     us, timer = time_cuda(fn, nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
@@ -545,7 +559,9 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
         for r in case_rows.values():
             if eager is not None:
                 r.speedup = eager.us[1] / r.us[1]
-            rows.append(r)
+        if after_case is not None:
+            after_case(case_rows)
+        rows.extend(case_rows.values())
         del inputs
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
