@@ -432,6 +432,12 @@ def time_cpu(fn: Callable[[], object], *, budget_s: float, min_samples: int = 5,
     return _quantiles(samples)
 
 
+def cpu_timing(args) -> tuple[float, int]:
+    """``time_cpu``'s (budget_s, min_samples) for this run's mode (--dry-run, --quick, full); a provider timed in
+    another process (``Provider.measure``) passes the same on."""
+    return (0.05 if args.dry_run else (0.25 if args.quick else 0.6)), (3 if args.dry_run else 5)
+
+
 def time_cuda(fn: Callable[[], object], *, nbytes: int, quick: bool, dry_run: bool) -> tuple[tuple, str]:
     """µs (p20, p50, p80) of one call of ``fn`` on CUDA, and the timer used."""
     import triton.testing
@@ -510,7 +516,7 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
         raise SystemExit(0)
     print(header(title, args, notes), flush=True)
     pk, pk_src = peak(args.device, args.dry_run)
-    budget = 0.05 if args.dry_run else (0.25 if args.quick else 0.6)
+    budget, min_samples = cpu_timing(args)
     limit = mem_available(args.device)
 
     runnable = []
@@ -545,7 +551,7 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
                 if args.device.type == "cuda":
                     us, timer = time_cuda(fn, nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
                 else:
-                    us = time_cpu(fn, budget_s=budget, min_samples=3 if args.dry_run else 5)
+                    us = time_cpu(fn, budget_s=budget, min_samples=min_samples)
                     timer = "perf_counter"
             except Exception as e:  # one provider failing must not hide the others' numbers
                 msg = f"{p.name} on {c.op} {c.shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

