@@ -332,7 +332,8 @@ class VllmPeer:
         us = tuple(float(x) for x in r["us"])
         if len(us) != 3 or not 0 < us[0] <= us[1] <= us[2]:
             raise RuntimeError(f"vLLM runner returned bad timings {r['us']!r}")
-        return us, (f"vllm {out['vllm']} (torch {out['torch']}) {out['entry']}, block {r['block_size']}, "
+        return us, (f"vllm {out['vllm']} (torch {out['torch']}, {out.get('kernels', '?')}) {out['entry']}, "
+                    f"block {r['block_size']}, "
                     f"isa {r['isa']}, {out['threads']} threads, "
                     f"max |err| vs torch {r['max_abs_err']:.1e} (tol {r['tol']:.0e})")
 

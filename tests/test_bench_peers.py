@@ -61,7 +61,7 @@ for a in args.block_size:
     bs = 128 if a == "default" else int(a)
     res.append({{"block_size_arg": a, "block_size": bs, "isa": "vec" if bs % 32 == 0 else "vec16",
                 "us": [9.0 * bs, 10.0 * bs, 11.0 * bs], "max_abs_err": 1e-7, "tol": r.TOL[args.dtype]}})
-print(json.dumps(r.report(args, res, "0.0-fake", "0.0-fake")))
+print(json.dumps(r.report(args, res, "0.0-fake", "0.0-fake", "vllm._C")))
 '''
 
 
@@ -120,6 +120,7 @@ def test_fake_peer_rows_land_in_the_table_and_csv(fake_peer, tmp_path):
     assert v["timer"] == "perf_counter(peer)" and v["bytes"] == rows["llmkern-reference"]["bytes"]
     assert float(v["speedup_vs_eager"]) > 0 and float(v["gbps"]) > 0
     assert "block 128" in v["note"] and "block 16," in v16["note"] and "0.0-fake" in v["note"]
+    assert "vllm._C)" in v["note"]
     ref50 = float(rows["llmkern-reference"]["us_p50"])
     assert f"llmkern-reference/vllm-cpu p50 {ref50 / 1280.0:.2f}" in v["note"]
     assert "llmkern vs vLLM-CPU" in p.stdout and "llmkern-reference/vllm-cpu-bs16" in p.stdout
