@@ -538,26 +538,21 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
             if p.ops and c.op not in p.ops:
                 continue
             bar.step(f"{c.shape} {p.name}")
+            note = p.note
             try:
-                if p.measure is not None:
+                if p.measure is not None:  # timed in another process, with time_cpu and this run's budget
                     us, extra = p.measure(inputs)
-                    r = Row(c.op, p.name, c.shape, tuple(us), c.bytes, "perf_counter(peer)",
-                            note="; ".join(n for n in (p.note, extra) if n), x=c.x, series=c.series)
-                    r.gbps = c.bytes / (us[1] * 1e-6) / 1e9 if c.bytes else None
-                    r.pct_peak = 100.0 * r.gbps / pk if (pk and r.gbps) else None
-                    case_rows[p.name] = r
-                    continue
-                fn = p.build(inputs)
-                if args.device.type == "cuda":
-                    us, timer = time_cuda(fn, nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
+                    us, timer, note = tuple(us), "perf_counter(peer)", "; ".join(n for n in (p.note, extra) if n)
+                elif args.device.type == "cuda":
+                    us, timer = time_cuda(p.build(inputs), nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
                 else:
-                    us = time_cpu(fn, budget_s=budget, min_samples=min_samples)
+                    us = time_cpu(p.build(inputs), budget_s=budget, min_samples=min_samples)
                     timer = "perf_counter"
             except Exception as e:  # one provider failing must not hide the others' numbers
                 msg = f"{p.name} on {c.op} {c.shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 failures.append(msg)
                 continue
-            r = Row(c.op, p.name, c.shape, us, c.bytes, timer, note=p.note, x=c.x, series=c.series)
+            r = Row(c.op, p.name, c.shape, us, c.bytes, timer, note=note, x=c.x, series=c.series)
             r.gbps = c.bytes / (us[1] * 1e-6) / 1e9 if c.bytes else None
             r.pct_peak = 100.0 * r.gbps / pk if (pk and r.gbps) else None
             case_rows[p.name] = r
