@@ -1,4 +1,4 @@
-"""The capturable decode step (reserved PagedKVCache, llmkern/cache.py module docstring): torch.compile with
+"""The capturable decode step (reserved PagedKVCache, llmkern/cache/__init__.py module docstring): torch.compile with
 fullgraph=True, no recompiles across page boundaries, no host sync, transformers' compile path through generate,
 and, on a CUDA runner, CUDA-graph capture and replay.
 

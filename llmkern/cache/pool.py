@@ -1,0 +1,294 @@
+"""The page pool of a ``PagedKVCache`` (llmkern/cache/__init__.py): which pages exist, where, in what format.
+
+Holds the block allocator (free list and reference counts over block ids) and, per layer, the K and V pages
+``[num_blocks, block_size, Hkv, D]`` on that layer's device, in that layer's dtype and KV head count: making them at
+a layer's first K/V, growing the pool (doubling, one layer at a time), copying pages (copy-on-write), writing a
+step's K/V at its slots and reading token rows back, and what all of it costs in bytes.
+
+This is the only module that knows the page format (llmkern/paged_ops.py holds the kernels that read and write it):
+a new format (8-bit pages with scales) changes this module and the kernels. It may touch the pages and the
+allocator; it knows nothing of sequences, block tables or plans (llmkern/cache/sequences.py, llmkern/cache/plan.py),
+which hand it block ids and slots.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmkern import paged_ops
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the paged ops take
+MAX_BLOCK_SIZE = 256  # paged_ops.MAX_BLOCK_SIZE: a block is one tile of the attention kernels
+
+
+class CacheExhaustedError(RuntimeError):
+    """The paged KV cache has fewer free blocks than a step needs. Raised before anything is allocated or written,
+    so the cache still holds exactly what it held before the failed step."""
+
+    def __init__(self, message: str, *, capacity: int, free: int, demand: int):
+        super().__init__(message)
+        self.capacity = capacity
+        self.free = free
+        self.demand = demand
+
+
+class BlockAllocator:
+    """Free list and reference counts over block ids ``0 .. num_blocks - 1``.
+
+    A block is free when its count is 0. ``allocate`` hands out blocks with count 1; sharing a block between
+    sequences (beam search) is ``incref``; a sequence letting go of it is ``decref``, which returns it to the free
+    list at 0. Lowest ids are handed out first.
+
+        >>> a = BlockAllocator(4)
+        >>> a.allocate(2)
+        [0, 1]
+        >>> a.incref([1]); a.decref([0, 1]); a.num_free
+        3
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._ref = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block: int) -> int:
+        return self._ref[block]
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheExhaustedError(
+                f"block allocator: {n} blocks requested, {len(self._free)} of {self.num_blocks} free",
+                capacity=self.num_blocks, free=len(self._free), demand=n)
+        out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._ref[b] = 1
+        return out
+
+    def incref(self, blocks) -> None:
+        for b in blocks:
+            if self._ref[b] <= 0:
+                raise RuntimeError(f"block {b} is free; it cannot be shared")
+            self._ref[b] += 1
+
+    def decref(self, blocks) -> None:
+        for b in blocks:
+            if self._ref[b] <= 0:
+                raise RuntimeError(f"block {b} is already free")
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+
+    def grow(self, num_blocks: int) -> None:
+        """Add free blocks ``self.num_blocks .. num_blocks - 1``."""
+        if num_blocks < self.num_blocks:
+            raise ValueError(f"cannot shrink the allocator from {self.num_blocks} to {num_blocks} blocks")
+        self._ref.extend([0] * (num_blocks - self.num_blocks))
+        self._free.extend(range(self.num_blocks, num_blocks))
+        self._free.sort(reverse=True)  # keep handing out the lowest id first
+        self.num_blocks = num_blocks
+
+    def reset(self) -> None:
+        self.__init__(self.num_blocks)
+
+
+def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K + V of one block over all layers."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * kv_heads * head_dim * itemsize
+
+
+def blocks_for_fraction(fraction: float, devices: list, per_layer_block: int, free_bytes) -> int:
+    """Blocks per layer of a fixed pool taking ``fraction`` of the memory free on ``devices`` (one per layer; each
+    device pays for the layers it holds, the smallest pool wins). ``free_bytes(device)`` reads the free memory."""
+    if any(d is None for d in devices):
+        raise ValueError("memory_fraction needs every layer's device: pass device= a device, or a map without "
+                         "None entries (or max_memory_bytes instead)")
+    blocks = []
+    for dev in dict.fromkeys(devices):
+        layers = sum(d == dev for d in devices)
+        blocks.append(int(fraction * free_bytes(dev)) // (per_layer_block * layers))
+    n = min(blocks)
+    if n < 1:
+        free = ", ".join(f"{d}: {free_bytes(d)} bytes" for d in dict.fromkeys(devices))
+        raise ValueError(f"memory_fraction={fraction} of the free memory ({free}) does not hold one block of "
+                         f"every layer ({per_layer_block} bytes per layer and block)")
+    return n
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: CUDA from the driver, CPU from the kernel's MemAvailable (Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    raise ValueError(f"memory_fraction sizes pools on CUDA or CPU devices, got {device}; pass max_memory_bytes")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:  # "cuda" (None index) matches any cuda:i
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+class PagePool:
+    """Per layer, K and V pages ``[num_blocks, block_size, Hkv, D]`` (None until made), and the allocator over their
+    block ids. Each layer has its own device, dtype and KV head count, taken from the K/V it is handed unless given
+    (``explicit_*``; ``layer_devices[i]`` None = the K/V's).
+
+    ``on_layer(i)`` is called whenever layer ``i``'s pages are replaced (made, re-made, grown): the cache's
+    transformers-facing layer objects mirror them. ``static_addresses``: mark the pages as fixed addresses for
+    compiled steps (the reserved mode)."""
+
+    def __init__(self, *, num_layers: int, block_size: int, head_dim: int, kv_heads: int, num_blocks: int,
+                 default_dtype: torch.dtype, default_device: torch.device, layer_devices: list,
+                 explicit_dtype: torch.dtype | None, explicit_kv_heads: int | None, static_addresses: bool,
+                 on_layer=None):
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.head_dim = head_dim
+        self.kv_heads = kv_heads  # what the pool is sized with before pages exist
+        self.default_dtype = default_dtype
+        self.default_device = default_device
+        self.layer_devices = layer_devices
+        self.explicit_dtype = explicit_dtype
+        self.explicit_kv_heads = explicit_kv_heads
+        self.static_addresses = static_addresses
+        self.on_layer = on_layer or (lambda i: None)
+        self.allocator = BlockAllocator(num_blocks)
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.filled: set[int] = set()  # layers handed K/V since the last reset: their pages may hold tokens
+        self.peak_bytes = 0
+
+    # -- what exists -----------------------------------------------------------------------------------------------
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)
+
+    def first_pages(self) -> torch.Tensor | None:
+        return next((k for k in self.k if k is not None), None)
+
+    def bytes_per_token(self) -> int:
+        """K + V of one token over all layers (a layer without pages yet: as it will be made)."""
+        per_token = 0
+        for k in self.k:
+            if k is None:
+                per_token += 2 * self.kv_heads * self.head_dim * self.default_dtype.itemsize
+            else:
+                per_token += 2 * k.shape[2] * self.head_dim * k.element_size()
+        return per_token
+
+    def pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_pages, v_pages)`` of a layer, each ``[num_blocks, block_size, Hkv, D]`` on the layer's device."""
+        k = self.k[layer_idx]
+        if k is None:
+            raise RuntimeError(f"layer {layer_idx} of the PagedKVCache has no pages yet: they are made from the first "
+                               f"K/V it is handed (update)")
+        return k, self.v[layer_idx]
+
+    # -- making and growing ----------------------------------------------------------------------------------------
+
+    def make_layer(self, i: int, heads: int, dtype: torch.dtype, device) -> None:
+        # Zeroed, not empty: a kernel never reads past seq_len, but garbage pages would make a bug look random.
+        shape = (self.allocator.num_blocks, self.block_size, heads, self.head_dim)
+        self.k[i] = self.v[i] = None  # the old pages (another dtype, device, heads) go first
+        self.on_layer(i)
+        with torch.inference_mode(False):  # normal tensors: a crop or reorder outside inference mode writes them
+            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+        if self.static_addresses:  # fixed addresses: a compiled step may treat them as static (CUDA graphs)
+            torch._dynamo.mark_static_address(self.k[i])
+            torch._dynamo.mark_static_address(self.v[i])
+        self.on_layer(i)
+        self.peak_bytes = max(self.peak_bytes, self.bytes())
+
+    def ensure_layer(self, i: int, key: torch.Tensor) -> None:
+        """Make layer ``i``'s pages match its K/V ``key [B, Hkv, S, D]`` (heads, dtype, device), before anything of
+        the step is written: created at its first K/V, re-created while it holds no tokens."""
+        k = self.k[i]
+        heads, dtype, device = key.shape[1], key.dtype, key.device
+        if k is not None and k.shape[2] == heads and k.dtype == dtype and k.device == device:
+            return
+        if self.explicit_dtype is not None and dtype != self.explicit_dtype:
+            raise TypeError(f"PagedKVCache was created with dtype={self.explicit_dtype} but the model's keys are "
+                            f"{dtype}")
+        want = self.layer_devices[i]
+        if want is not None and not same_device(device, want):
+            raise ValueError(f"PagedKVCache was created with device={want} for layer {i} but the model's keys of "
+                             f"that layer are on {device}")
+        if self.explicit_kv_heads is not None and heads != self.explicit_kv_heads:
+            raise ValueError(f"PagedKVCache was created with num_kv_heads={self.explicit_kv_heads} but the keys of "
+                             f"layer {i} hold {heads} KV heads")
+        if k is not None and i in self.filled and self.allocator.num_used:
+            raise RuntimeError(f"PagedKVCache layer {i} holds tokens as {k.dtype} with {k.shape[2]} KV heads on "
+                               f"{k.device}; it cannot take {dtype} keys with {heads} KV heads on {device} (reset() "
+                               f"it first)")
+        self.make_layer(i, heads, dtype, device)
+
+    def grow(self, min_blocks: int) -> None:
+        """Grow the pool to at least ``min_blocks`` (doubling), one layer's K or V pages at a time: each is copied
+        into its larger replacement (on its own device) and released before the next, so the pages never hold more
+        than the new pool plus one old layer's K (or V) pages. (A ``torch.cat`` of every layer would hold old and
+        new pools at once.) Layers without pages yet get the new size when they are made."""
+        old = self.allocator.num_blocks
+        new = max(min_blocks, 2 * old, 1)
+        one_old = max((t.numel() * t.element_size() for t in self.k if t is not None), default=0)
+        for pages in (self.k, self.v):
+            for i, t in enumerate(pages):
+                if t is None:
+                    continue
+                with torch.inference_mode(False):  # normal tensors, as make_layer makes them
+                    grown = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    grown[:old].copy_(t)
+                    grown[old:].zero_()
+                pages[i] = grown  # the last references to the old pages: this list and the layer's view
+                del t
+                self.on_layer(i)
+        self.allocator.grow(new)
+        self.peak_bytes = max(self.peak_bytes, self.bytes() + one_old)
+
+    # -- reading and writing pages ---------------------------------------------------------------------------------
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages ``src[i] -> dst[i]`` in every layer (on each layer's device)."""
+        index: dict = {}  # device -> (src, dst) there
+        for k, v in zip(self.k, self.v):
+            if k is None:  # made later at its first K/V, zeroed: it holds nothing to copy
+                continue
+            if k.device not in index:
+                index[k.device] = (torch.tensor(src, dtype=torch.int64, device=k.device),
+                                   torch.tensor(dst, dtype=torch.int64, device=k.device))
+            paged_ops.copy_blocks(k, v, *index[k.device])
+
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write a layer's new ``key``/``value`` ``[B, Hkv, S, D]`` at ``slot_mapping`` (``[B * S]``, -1 skipped)."""
+        B, H, S, D = key.shape
+        kc, vc = self.pages(layer_idx)
+        # [B, Hkv, S, D] -> [B*S, Hkv, D]: a view for S == 1 (decode), one copy for a prefill chunk.
+        paged_ops.reshape_and_cache(key.transpose(1, 2).reshape(B * S, H, D),
+                                    value.transpose(1, 2).reshape(B * S, H, D), kc, vc, slot_mapping)
+
+    def read(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows ``[len(slots), Hkv, D]`` of a layer at token ``slots`` (``block * block_size + row``)."""
+        k_pages, v_pages = self.pages(layer_idx)
+        slots = slots.to(k_pages.device)
+        return k_pages.flatten(0, 1)[slots], v_pages.flatten(0, 1)[slots]
