@@ -1,8 +1,10 @@
 // Vector traits: one struct per instruction set with the same static members (W lanes of fp32, loads that widen
 // bf16/fp16, stores that narrow them, FMA, horizontal reductions, 2^n for vec_exp), so that attention_vec.h and
 // linear_vec.h write each algorithm once, templated on `class V`, and a translation unit per instruction set
-// instantiates it (vec_avx2.cpp: VecAvx2, 8 lanes). A 16-lane AVX-512 struct with the same members plugs in the
-// same way.
+// instantiates it (vec_avx2.cpp: VecAvx2, 8 lanes). What differs per instruction set beyond the width is a trait
+// too: the attention chunk size (chunk_tokens), how many registers the P @ V output row may hold (kPvRegs), and a
+// bf16 dot-product instruction where there is one (kBf16Dot). A 16-lane AVX-512 struct with the same members plugs
+// in the same way.
 //
 // Include after the translation unit's `#pragma GCC target(...)` and after every standard header (a template
 // defined after the pragma is compiled for that target wherever it is instantiated). Everything here is in an
@@ -31,6 +33,14 @@ constexpr int64_t elem_size(DType t) { return t == kF32 ? 4 : 2; }
 struct VecAvx2 {
   static constexpr int W = 8;
   using reg = __m256;
+  // Attention: tokens per chunk, a multiple of W with the packed fp32 K and V of a chunk within 32 KiB (L1), at most
+  // 64; up to 12 of the 16 registers hold the P @ V output row; no bf16 dot product (K is widened to fp32).
+  static constexpr int64_t chunk_tokens(int64_t D) {
+    const int64_t c = 4096 / D / W * W;
+    return c < W ? W : c > 64 ? 64 : c;
+  }
+  static constexpr int kPvRegs = 12;
+  static constexpr bool kBf16Dot = false;
 
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float f) { return _mm256_set1_ps(f); }
