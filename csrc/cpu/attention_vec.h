@@ -1,6 +1,6 @@
 // Paged attention — decode stage 1 and prefill — written once over the vector traits of vec.h (`class V`, W fp32
-// lanes), for the translation units that instantiate it per instruction set (vec_avx2.cpp: AVX2, 8 lanes).
-// attention_avx512.cpp is a hand-written AVX-512 copy of the same algorithm.
+// lanes), for the translation units that instantiate it per instruction set (vec_avx2.cpp: AVX2, 8 lanes;
+// vec_avx512.cpp: AVX-512 + AVX512-BF16, 16 lanes).
 //
 // Why this shape: a plain loop over tokens is compute-bound at 5-10 GB/s on a 2-core Zen 4, far from the ~33 GB/s
 // its memory delivers. Here each K/V row of the range is read from memory once per (sequence, KV head) whatever the

@@ -4,7 +4,7 @@
 // reaches ~9 GB/s on such shapes on this project's machine; this kernel streams W 16 rows at a time.
 //
 //   * 16 output features at a time: 16 accumulators take x . w_n over K in 16-lane pieces (VDPBF16PS on bf16
-//     pairs for bf16), then one transpose-and-add tree gives the 16 sums in one vector (as in attention_avx512.cpp).
+//     pairs for bf16), then one transpose-and-add tree gives the 16 sums in one vector (as attention_vec.h does).
 //   * each x row reuses the 16 weight rows from L1/L2; K tails use masked loads; N tails point the missing rows at
 //     the last real one and drop their results.
 //   * fp32 accumulation; bf16 outputs round to nearest even once, after the bias add (what oneDNN's bf16 GEMM does).
