@@ -76,11 +76,28 @@ constexpr int pv_piece() {
   return p;
 }
 
+// Cache-line-aligned storage for the buffers the vector loops read: malloc's 16-byte alignment puts a
+// full-width (64-byte) load across two lines three times out of four, and which buffers it hits changes from run
+// to run with the heap.
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <class T>
+using LineVector = std::vector<T, LineAligned<T>>;
+
 // One thread's working memory, for row blocks of up to M rows.
 template <class V>
 struct Workspace {
-  std::vector<float> q, acc, row_max, row_sum, scores, kf, vf;  // kf: [CH, D] fp32, or [CH, D] bf16 as stored
-  std::vector<uint16_t> qb;
+  LineVector<float> q, acc, row_max, row_sum, scores, kf, vf;  // kf: [CH, D] fp32, or [CH, D] bf16 as stored
+  LineVector<uint16_t> qb;
   std::vector<int64_t> lo, hi, offs, voffs;  // offs, voffs: the chunk's K and V row offsets
   std::vector<unsigned char> row_bytes;  // one row as stored (q gathered in, prefill output scattered out)
   Workspace(int64_t M, int64_t D)
