@@ -76,9 +76,9 @@ constexpr int pv_piece() {
   return p;
 }
 
-// Cache-line-aligned storage for the buffers the vector loops read: malloc's 16-byte alignment puts a
-// full-width (64-byte) load across two lines three times out of four, and which buffers it hits changes from run
-// to run with the heap.
+// Cache-line-aligned storage for the buffers the vector loops read. malloc aligns to 16 bytes: a buffer that starts
+// 16, 32 or 48 bytes into a line has every 64-byte load cross two lines (AVX2's 32-byte loads: one in two), and
+// which buffers are hit changes from run to run with the heap.
 template <class T>
 struct LineAligned {
   using value_type = T;
