@@ -333,7 +333,7 @@ def oracle_mlp_vjp(x, w_gate, w_up, w_down, g):
 # the same on every machine passed on AMD and failed on Intel. The fp32 standard is the greedy tokens of eager; what a
 # kernel test needs is that the kernel's error is within what its own arithmetic can produce. So the C++ fp32
 # attention tests bound each output element by a first-order rounding-error analysis of flash-decoding as the C++
-# kernels compute it (csrc/cpu/attention_avx512.cpp, attention_vec.h, kernels_impl.h), with the data's own
+# kernels compute it (csrc/cpu/attention_vec.h per vector width, kernels_impl.h), with the data's own
 # magnitudes. u = 2^-24 is the unit roundoff; a sum whose terms pass through at most k roundings is off by at most
 # lam * sqrt(k) * u * sum|terms| (the probabilistic bound of Higham & Mary, "A new approach to probabilistic rounding
 # error analysis", SIAM J. Sci. Comput. 2019; rounding errors independent with mean zero: it fails with probability

@@ -54,8 +54,8 @@ def _served(path: str, D: int) -> str:
 
 @pytest.fixture(params=list(ATTENTION_PATHS))
 def cpu_attention(request):
-    """Run the C++ attention tests on every CPU kernel: the AVX-512 (+BF16) one (attention_avx512.cpp), the AVX2 one
-    (attention_vec.h) and the portable one (kernels_impl.h, baseline ISA). A path this CPU cannot run is skipped with
+    """Run the C++ attention tests on every CPU kernel: attention_vec.h for AVX-512 (+BF16; vec_avx512.cpp) and for
+    AVX2 (vec_avx2.cpp), and the portable one (kernels_impl.h, baseline ISA). A path this CPU cannot run is skipped with
     the reason, never replaced by another."""
     path = request.param
     try:

@@ -1,18 +1,22 @@
 // Paged attention — decode stage 1 and prefill — written once over the vector traits of vec.h (`class V`, W fp32
-// lanes), for the translation units that instantiate it per instruction set (vec_avx2.cpp). Same algorithm and
-// semantics as attention_avx512.cpp; the difference is that K and V are widened to fp32 once per chunk (there is no
-// bf16 dot-product instruction below AVX512-BF16), so every later read of them is a plain load.
+// lanes), for the translation units that instantiate it per instruction set (vec_avx2.cpp: AVX2, 8 lanes;
+// vec_avx512.cpp: AVX-512 + AVX512-BF16, 16 lanes).
 //
-// One pass over the K/V rows of one (sequence, KV head) serves a block of query rows (decode: the G heads of the
-// group; prefill: a tile of positions times G), chunk by chunk:
-//   1. gather: the chunk's K and V rows, widened to fp32, are packed [CH, D]. Rows of one KV head sit Hkv * D
-//      elements apart (4 KiB for Llama-3-8B in fp32), so left in place they fall into the same few L1 sets and
-//      evict each other while the block's rows re-read them; packed, each line is read from memory once. The next
-//      chunk's rows are prefetched into L2 meanwhile: every row is on its own 4 KiB page, where the hardware
-//      prefetchers stop.
+// Why this shape: a plain loop over tokens is compute-bound at 5-10 GB/s on a 2-core Zen 4, far from the ~33 GB/s
+// its memory delivers. Here each K/V row of the range is read from memory once per (sequence, KV head) whatever the
+// group size, and every FMA lane does useful work. One pass serves a block of query rows (decode: the G heads of the
+// group; prefill: a tile of positions times G), chunk by chunk (V::chunk_tokens):
+//   1. gather: the chunk's K and V rows are packed [CH, D], V widened to fp32, K too unless the scores take it as
+//      stored (bf16 with V::kBf16Dot). Rows of one KV head sit Hkv * D elements apart (4 KiB for Llama-3-8B in
+//      fp32), so left in place they fall into the same few L1 sets and evict each other while the block's rows
+//      re-read them; packed, each line is read from memory once. The next chunk's rows are prefetched into L2
+//      meanwhile: every row is on its own 4 KiB page, where the hardware prefetchers stop.
 //   2. scores: per query row and W tokens, W accumulators take q . k over D in W-lane pieces, and one hsum turns
-//      them into a vector of W scores — every FMA lane does useful work for any group size.
-//   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to 12 registers).
+//      them into a vector of W scores — every FMA lane does useful work for any group size. bf16 with
+//      V::kBf16Dot: the dot-product instruction on the raw bf16 q and K (products exact in fp32), and the softmax
+//      scale applied to the fp32 scores, so no rounding is added over eager's bf16 q . k; otherwise q is widened
+//      and pre-scaled.
+//   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to V::kPvRegs).
 // fp32 accumulation throughout; FMAs round once where eager's unfused matmul rounds twice. Sliding window, softcap,
 // left padding and empty ranges as kernels.h says.
 #pragma once
@@ -48,7 +52,9 @@ struct KvHead {
 // A block of M query rows and their online-softmax state.
 struct QueryRows {
   int64_t M;
-  const float* q;     // [M, D] fp32, pre-scaled
+  const float* q;     // [M, D] fp32, pre-scaled (scores by FMA)
+  const uint16_t* qb;  // [M, D] raw bf16 (scores by the bf16 dot; they are then multiplied by scale)
+  float scale;
   const int64_t* lo;  // row m sees tokens [lo[m], hi[m]); null: every token of the pass
   const int64_t* hi;
   float softcap;      // 0: off
@@ -57,63 +63,106 @@ struct QueryRows {
   float* row_sum;     // [M]
 };
 
-// Tokens per chunk: a multiple of W, the packed fp32 K and V of a chunk within 32 KiB (L1), at most 64.
-template <class V>
-constexpr int64_t chunk_tokens(int64_t D) {
-  const int64_t c = 4096 / D / V::W * V::W;
-  return c < V::W ? V::W : c > 64 ? 64 : c;
+// Whether scores of dtype T at head_dim ND * W take the bf16 dot product on q and K as stored: it consumes W pairs
+// of elements per step, so ND must be even.
+template <class V, DType T, int ND>
+constexpr bool kDotBf16 = T == kBF16 && V::kBf16Dot && ND % 2 == 0;
+
+// Registers per P @ V piece: the largest divisor of ND within V::kPvRegs.
+template <class V, int ND>
+constexpr int pv_piece() {
+  int p = ND < V::kPvRegs ? ND : V::kPvRegs;
+  while (ND % p) --p;
+  return p;
 }
+
+// Cache-line-aligned storage for the buffers the vector loops read. malloc aligns to 16 bytes: a buffer that starts
+// 16, 32 or 48 bytes into a line has every 64-byte load cross two lines (AVX2's 32-byte loads: one in two), and
+// which buffers are hit changes from run to run with the heap.
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <class T>
+using LineVector = std::vector<T, LineAligned<T>>;
 
 // One thread's working memory, for row blocks of up to M rows.
 template <class V>
 struct Workspace {
-  std::vector<float> q, acc, row_max, row_sum, scores, kf, vf;
+  LineVector<float> q, acc, row_max, row_sum, scores, kf, vf;  // kf: [CH, D] fp32, or [CH, D] bf16 as stored
+  LineVector<uint16_t> qb;
   std::vector<int64_t> lo, hi, offs, voffs;  // offs, voffs: the chunk's K and V row offsets
   std::vector<unsigned char> row_bytes;  // one row as stored (q gathered in, prefill output scattered out)
   Workspace(int64_t M, int64_t D)
-      : q(M * D), acc(M * D), row_max(M), row_sum(M), scores(M * chunk_tokens<V>(D)), kf(chunk_tokens<V>(D) * D),
-        vf(chunk_tokens<V>(D) * D), lo(M), hi(M), offs(chunk_tokens<V>(D)), voffs(chunk_tokens<V>(D)),
-        row_bytes(4 * D) {}
+      : q(M * D), acc(M * D), row_max(M), row_sum(M), scores(M * V::chunk_tokens(D)), kf(V::chunk_tokens(D) * D),
+        vf(V::chunk_tokens(D) * D), qb(V::kBf16Dot ? M * D : 0), lo(M), hi(M), offs(V::chunk_tokens(D)),
+        voffs(V::chunk_tokens(D)), row_bytes(4 * D) {}
   // The first M rows, state cleared; ranged: rows carry their own [lo, hi).
-  QueryRows start(int64_t M, int64_t D, float softcap, bool ranged) {
+  QueryRows start(int64_t M, int64_t D, float scale, float softcap, bool ranged) {
     std::fill(acc.begin(), acc.begin() + M * D, 0.f);
     std::fill(row_max.begin(), row_max.begin() + M, -std::numeric_limits<float>::infinity());
     std::fill(row_sum.begin(), row_sum.begin() + M, 0.f);
-    return {M, q.data(), ranged ? lo.data() : nullptr, ranged ? hi.data() : nullptr, softcap, acc.data(),
-            row_max.data(), row_sum.data()};
+    return {M, q.data(), qb.data(), scale, ranged ? lo.data() : nullptr, ranged ? hi.data() : nullptr, softcap,
+            acc.data(), row_max.data(), row_sum.data()};
   }
 };
 
-// q row (dtype T, element stride sd) -> fp32 times scale. `tmp` holds D elements as stored.
-template <class V, DType T>
-inline void load_query(const void* q, int64_t off, int64_t sd, int64_t D, float scale, float* dst,
+// Query row m (dtype T, element stride sd) into the block: fp32 times scale, or raw bf16 for the bf16 dot. `tmp`
+// holds D elements as stored.
+template <class V, DType T, int ND>
+inline void load_query(const void* q, int64_t off, int64_t sd, float scale, Workspace<V>& w, int64_t m,
                        unsigned char* tmp) {
-  constexpr int64_t es = elem_size(T);
+  constexpr int64_t es = elem_size(T), D = ND * V::W;
   const unsigned char* src = static_cast<const unsigned char*>(q) + off * es;
   if (sd != 1) {
     for (int64_t d = 0; d < D; ++d) std::memcpy(tmp + d * es, src + d * sd * es, es);
     src = tmp;
   }
-  const typename V::reg vs = V::set1(scale);
-  for (int64_t i = 0; i < D; i += V::W) V::store(dst + i, V::mul(V::template load_as<T>(src + i * es), vs));
+  if constexpr (kDotBf16<V, T, ND>) {
+    std::memcpy(w.qb.data() + m * D, src, D * es);
+  } else {
+    const typename V::reg vs = V::set1(scale);
+    float* dst = w.q.data() + m * D;
+    for (int64_t i = 0; i < D; i += V::W) V::store(dst + i, V::mul(V::template load_as<T>(src + i * es), vs));
+  }
 }
 
-// Scores of one query row against nblk * W packed K rows.
-template <class V, int ND>
-inline void score_row(const float* q, const float* kf, int64_t nblk, float* s) {
+// Scores of query row m against nblk * W packed K rows: fp32 q . k, or bf16 pairs then times r.scale.
+template <class V, DType T, int ND>
+inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nblk, float* s) {
   constexpr int W = V::W, D = ND * V::W;
   for (int64_t b = 0; b < nblk; ++b) {
-    const float* kb = kf + b * W * D;
     typename V::reg dot[W];
 #pragma GCC unroll 16
     for (int t = 0; t < W; ++t) dot[t] = V::zero();
-#pragma GCC unroll 32
-    for (int i = 0; i < ND; ++i) {
-      const typename V::reg qv = V::load(q + i * W);
+    if constexpr (kDotBf16<V, T, ND>) {
+      const uint16_t* q = r.qb + m * D;
+      const uint16_t* kb = reinterpret_cast<const uint16_t*>(kf) + b * W * D;
 #pragma GCC unroll 16
-      for (int t = 0; t < W; ++t) dot[t] = V::fma(qv, V::load(kb + t * D + i * W), dot[t]);
+      for (int i = 0; i < ND / 2; ++i) {
+        const typename V::bf16x2 qv = V::load_bf16x2(q + 2 * i * W);
+#pragma GCC unroll 16
+        for (int t = 0; t < W; ++t) dot[t] = V::dot_bf16(dot[t], qv, V::load_bf16x2(kb + t * D + 2 * i * W));
+      }
+      V::store(s + b * W, V::mul(V::hsum(dot), V::set1(r.scale)));
+    } else {
+      const float* q = r.q + m * D;
+      const float* kb = kf + b * W * D;
+#pragma GCC unroll 32
+      for (int i = 0; i < ND; ++i) {
+        const typename V::reg qv = V::load(q + i * W);
+#pragma GCC unroll 16
+        for (int t = 0; t < W; ++t) dot[t] = V::fma(qv, V::load(kb + t * D + i * W), dot[t]);
+      }
+      V::store(s + b * W, V::hsum(dot));
     }
-    V::store(s + b * W, V::hsum(dot));
   }
 }
 
@@ -123,7 +172,7 @@ template <class V, int ND>
 inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, float* acc, float* row_max,
                            float* row_sum) {
   using reg = typename V::reg;
-  constexpr int W = V::W, D = ND * V::W, PW = ND <= 12 ? ND : 8;
+  constexpr int W = V::W, D = ND * V::W, PW = pv_piece<V, ND>();
   static_assert(ND % PW == 0, "output pieces must tile the head");
   const float neg_inf = -std::numeric_limits<float>::infinity();
   reg vmax = V::load(s);
@@ -165,7 +214,8 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
 template <class V, DType T, int ND>
 void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, int64_t t1) {
   constexpr int W = V::W;
-  constexpr int64_t D = ND * V::W, es = elem_size(T), CH = chunk_tokens<V>(D);
+  constexpr int64_t D = ND * V::W, es = elem_size(T), CH = V::chunk_tokens(D);
+  constexpr bool dot_bf16 = kDotBf16<V, T, ND>;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* kf = w.kf.data();
   float* vf = w.vf.data();
@@ -174,16 +224,25 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   kv.offsets(t0, std::min(CH, t1 - t0), offs, voffs);
   for (int64_t c0 = t0; c0 < t1; c0 += CH) {
     const int64_t n = std::min(CH, t1 - c0), nblk = (n + W - 1) / W;
-    for (int64_t j = 0; j < n; ++j) {  // gather and widen
+    for (int64_t j = 0; j < n; ++j) {  // gather: V widened, K widened or (bf16 dot) copied as stored
       const char* kr = kv.k + offs[j];
       const char* vr = kv.v + voffs[j];
+      if constexpr (dot_bf16) {  // D bf16 = D / 2 fp32 words, moved as bits
+#pragma GCC unroll 16
+        for (int i = 0; i < ND / 2; ++i)
+          V::store(kf + j * D / 2 + i * W, V::load(reinterpret_cast<const float*>(kr) + i * W));
+      }
 #pragma GCC unroll 32
       for (int i = 0; i < ND; ++i) {
-        V::store(kf + j * D + i * W, V::template load_as<T>(kr + i * W * es));
+        if constexpr (!dot_bf16) V::store(kf + j * D + i * W, V::template load_as<T>(kr + i * W * es));
         V::store(vf + j * D + i * W, V::template load_as<T>(vr + i * W * es));
       }
     }
-    std::fill(kf + n * D, kf + nblk * W * D, 0.f);  // tail lanes score 0, then are masked
+    // Tail lanes score 0, then are masked.
+    if constexpr (dot_bf16)
+      std::fill(kf + n * D / 2, kf + nblk * W * D / 2, 0.f);
+    else
+      std::fill(kf + n * D, kf + nblk * W * D, 0.f);
     if (c0 + CH < t1) {  // the next chunk: offsets, and its lines on their way to L2
       const int64_t n1 = std::min(CH, t1 - c0 - CH);
       kv.offsets(c0 + CH, n1, offs, voffs);
@@ -200,7 +259,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
         std::fill(sm, sm + nblk * W, neg_inf);
         continue;
       }
-      score_row<V, ND>(r.q + m * D, kf, nblk, sm);
+      score_row<V, T, ND>(r, m, kf, nblk, sm);
       if (r.softcap > 0.f)
         for (int64_t j = 0; j < n; ++j) sm[j] = r.softcap * std::tanh(sm[j] / r.softcap);
       if (lo > c0 || hi < c0 + nblk * W)  // offsets from c0 fit in int32
@@ -239,9 +298,8 @@ struct DecodeRange {
         continue;
       }
       for (int64_t g = 0; g < G; ++g)
-        load_query<V, T>(a.q, it.b * a.sqb + (it.h * G + g) * a.sqh, a.sqd, D, a.scale, w.q.data() + g * D,
-                         w.row_bytes.data());
-      QueryRows r = w.start(G, D, a.softcap, false);
+        load_query<V, T, ND>(a.q, it.b * a.sqb + (it.h * G + g) * a.sqh, a.sqd, a.scale, w, g, w.row_bytes.data());
+      QueryRows r = w.start(G, D, a.scale, a.softcap, false);
       attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + it.b * a.sbt, it.h),
                             r, w, it.t0, it.t1);
       for (int64_t g = 0; g < G; ++g) {
@@ -278,15 +336,15 @@ struct PrefillRange {
           const int64_t m = (s - s0) * G + g;
           w.lo[m] = lo;
           w.hi[m] = hi;
-          load_query<V, T>(a.q, b * a.sqb + (h * G + g) * a.sqh + s * a.sqs, a.sqd, D, a.scale, w.q.data() + m * D,
-                           w.row_bytes.data());
+          load_query<V, T, ND>(a.q, b * a.sqb + (h * G + g) * a.sqh + s * a.sqs, a.sqd, a.scale, w, m,
+                               w.row_bytes.data());
         }
         if (live) {
           need_lo = std::min(need_lo, lo);
           need_hi = std::max(need_hi, hi);
         }
       }
-      QueryRows r = w.start((s1 - s0) * G, D, a.softcap, true);
+      QueryRows r = w.start((s1 - s0) * G, D, a.scale, a.softcap, true);
       if (need_lo < need_hi)
         attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + b * a.sbt, h), r,
                               w, need_lo, need_hi);
@@ -307,7 +365,7 @@ struct PrefillRange {
   }
 };
 
-// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W).
+// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W = 8 or 16).
 constexpr bool vec_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
 
 // Fn<V, T, D / W>::run(args...) for the call's dtype and head dim; kNoKernel for any other.

@@ -148,11 +148,11 @@ int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, co
                    t1, Hkv, D, NB, BS, t)
 }
 
-namespace avx512_attn {
-bool supported(DType t, int64_t D);
+namespace avx512_vec {
+bool attention_supported(DType t, int64_t D);
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
 int paged_prefill(const PrefillArgs&, int64_t, int64_t);
-}  // namespace avx512_attn
+}  // namespace avx512_vec
 
 namespace avx512_linear {
 bool supported(DType t);
@@ -169,11 +169,11 @@ int linear(const LinearArgs&, int64_t, int64_t);
 
 #if !defined(__x86_64__)
 // Other architectures compile the x86-only translation units empty: their entry points serve nothing.
-namespace avx512_attn {
-bool supported(DType, int64_t) { return false; }
+namespace avx512_vec {
+bool attention_supported(DType, int64_t) { return false; }
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
 int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
-}  // namespace avx512_attn
+}  // namespace avx512_vec
 namespace avx512_linear {
 bool supported(DType) { return false; }
 int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
@@ -200,12 +200,13 @@ const char* kernel_name(Kernel k) {
   }
 }
 
-// The best vectorised attention kernel the active ISA allows for (t, D). An AVX-512 CPU without AVX512-BF16, or a
-// head_dim the AVX-512 kernel lacks (80), gets the AVX2 one.
+// The best vectorised attention kernel the active ISA allows for (t, D): attention_vec.h instantiated for AVX-512
+// (vec_avx512.cpp) or AVX2 (vec_avx2.cpp). An AVX-512 CPU without AVX512-BF16, or a head_dim the AVX-512
+// instantiation does not serve (80), gets the AVX2 one.
 Kernel prefill_kernel(DType t, int64_t D) {
   if (!fast_attention_on.load(std::memory_order_relaxed)) return kKernelNone;
   const Isa isa = active_isa();
-  if (isa >= kIsaAvx512 && avx512_attn::supported(t, D)) return kKernelAvx512;
+  if (isa >= kIsaAvx512 && avx512_vec::attention_supported(t, D)) return kKernelAvx512;
   if (isa >= kIsaAvx2 && avx2_vec::attention_supported(t, D)) return kKernelAvx2;
   return kKernelNone;
 }
@@ -228,7 +229,7 @@ bool set_fast_attention(bool on) { return fast_attention_on.exchange(on); }
 
 int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   switch (decode_kernel(a.t, a.D)) {
-    case kKernelAvx512: return avx512_attn::paged_decode_stage1(a, i0, i1);
+    case kKernelAvx512: return avx512_vec::paged_decode_stage1(a, i0, i1);
     case kKernelAvx2: return avx2_vec::paged_decode_stage1(a, i0, i1);
     default: LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
   }
@@ -236,7 +237,7 @@ int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
 
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
   switch (prefill_kernel(a.t, a.D)) {
-    case kKernelAvx512: return avx512_attn::paged_prefill(a, i0, i1);
+    case kKernelAvx512: return avx512_vec::paged_prefill(a, i0, i1);
     case kKernelAvx2: return avx2_vec::paged_prefill(a, i0, i1);
     default: return kNoKernel;
   }

@@ -158,8 +158,8 @@ struct PrefillArgs {
   DType t;
 };
 
-// The vectorised attention kernels: attention_avx512.cpp (AVX-512 + AVX512-BF16; head_dim 64, 96, 128, 256) and
-// attention_vec.h as instantiated by vec_avx2.cpp (AVX2 + FMA + F16C; head_dim 64, 80, 96, 128, 256), the best one
+// The vectorised attention kernels: attention_vec.h as instantiated by vec_avx512.cpp (AVX-512 + AVX512-BF16;
+// head_dim 64, 96, 128, 256) and by vec_avx2.cpp (AVX2 + FMA + F16C; head_dim 64, 80, 96, 128, 256), the best one
 // the active instruction set allows. paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
 // paged_prefill returns kNoKernel (the caller then uses the pure-torch reference). fast_attention_supported: whether
 // a vectorised kernel serves (t, D). set_fast_attention(false) forces the portable decode kernel and no prefill

@@ -1,13 +1,16 @@
 // Vector traits: one struct per instruction set with the same static members (W lanes of fp32, loads that widen
 // bf16/fp16, stores that narrow them, FMA, horizontal reductions, 2^n for vec_exp), so that attention_vec.h and
 // linear_vec.h write each algorithm once, templated on `class V`, and a translation unit per instruction set
-// instantiates it (vec_avx2.cpp: VecAvx2, 8 lanes). A 16-lane AVX-512 struct with the same members plugs in the
-// same way.
+// instantiates it (vec_avx2.cpp: VecAvx2, 8 lanes; vec_avx512.cpp: VecAvx512, 16 lanes). What differs per
+// instruction set beyond the width is a trait too: the attention chunk size (chunk_tokens), how many registers the
+// P @ V output row may hold (kPvRegs), and a bf16 dot-product instruction where there is one (kBf16Dot).
 //
 // Include after the translation unit's `#pragma GCC target(...)` and after every standard header (a template
-// defined after the pragma is compiled for that target wherever it is instantiated). Everything here is in an
-// anonymous namespace: the same inline function compiled for two instruction sets must never be merged by the
-// linker, or an AVX-512 copy could end up serving an AVX2-only CPU.
+// defined after the pragma is compiled for that target wherever it is instantiated). VecAvx512 is defined only where
+// the translation unit asks for it with `#define LLMKERN_VEC_AVX512` (GCC's C++ front end does not set __AVX512F__
+// under the pragma, and 512-bit types in an AVX2 unit draw ABI warnings). Everything here is in an anonymous
+// namespace: the same inline function compiled for two instruction sets must never be merged by the linker, or an
+// AVX-512 copy could end up serving an AVX2-only CPU.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +34,14 @@ constexpr int64_t elem_size(DType t) { return t == kF32 ? 4 : 2; }
 struct VecAvx2 {
   static constexpr int W = 8;
   using reg = __m256;
+  // Attention: tokens per chunk, a multiple of W with the packed fp32 K and V of a chunk within 32 KiB (L1), at most
+  // 64; up to 12 of the 16 registers hold the P @ V output row; no bf16 dot product (K is widened to fp32).
+  static constexpr int64_t chunk_tokens(int64_t D) {
+    const int64_t c = 4096 / D / W * W;
+    return c < W ? W : c > 64 ? 64 : c;
+  }
+  static constexpr int kPvRegs = 12;
+  static constexpr bool kBf16Dot = false;
 
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float f) { return _mm256_set1_ps(f); }
@@ -122,6 +133,100 @@ struct VecAvx2 {
   }
   static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };
+
+#if defined(LLMKERN_VEC_AVX512)
+// AVX-512 F/BW/VL/DQ + AVX512-BF16 + FMA + F16C: 16 fp32 lanes in a zmm register (32 of them).
+struct VecAvx512 {
+  static constexpr int W = 16;
+  using reg = __m512;
+  // Attention: 64 tokens per chunk (four score vectors), 32 from head_dim 128 on, so that the packed K (bf16 as
+  // stored) and V (fp32) of a chunk stay near L1; the whole output row (up to 16 registers of 32) stays in registers
+  // over P @ V; bf16 scores by VDPBF16PS on K as stored (products exact in fp32, fp32 accumulation).
+  static constexpr int64_t chunk_tokens(int64_t D) { return D >= 128 ? 32 : 64; }
+  static constexpr int kPvRegs = 16;
+  static constexpr bool kBf16Dot = true;
+  using bf16x2 = __m512bh;  // 2W bf16: W pairs
+
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float f) { return _mm512_set1_ps(f); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+
+  template <DType T>
+  static reg load_as(const void* p) {
+    if constexpr (T == kF32) {
+      return _mm512_loadu_ps(static_cast<const float*>(p));
+    } else {
+      const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+      if constexpr (T == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      return _mm512_cvtph_ps(h);
+    }
+  }
+  static void load_bf16_pairs(const void* p, reg* even, reg* odd) {
+    const __m512i h = _mm512_loadu_si512(p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  // bf16 by integer rounding, not VCVTNEPS2BF16: that one flushes denormal inputs to zero.
+  template <DType T>
+  static void store_as(void* p, reg v) {
+    if constexpr (T == kF32) {
+      _mm512_storeu_ps(static_cast<float*>(p), v);
+    } else if constexpr (T == kF16) {
+      _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+      _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+  }
+  // a . b pairwise into acc: acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1] (VDPBF16PS).
+  static bf16x2 load_bf16x2(const void* p) { return (bf16x2)_mm512_loadu_si512(p); }
+  static reg dot_bf16(reg acc, bf16x2 a, bf16x2 b) { return _mm512_dpbf16_ps(acc, a, b); }
+
+  static float reduce_add(reg v) { return _mm512_reduce_add_ps(v); }
+  static float reduce_max(reg v) { return _mm512_reduce_max_ps(v); }
+  // v[0 .. 15] -> one vector whose lane t is the sum of v[t]'s lanes (45 shuffles/adds for 16 dot products).
+  static reg hsum(const reg* v) {
+    reg w[8], x[4];
+    for (int i = 0; i < 8; ++i)  // 128-bit lane L: [a(0+2), b(0+2), a(1+3), b(1+3)] of (a, b) = (v[2i], v[2i+1])
+      w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int j = 0; j < 4; ++j) {  // 128-bit lane L of x[j]: lane-L sums of v[4j .. 4j+3]
+      const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+      x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // Sum the four 128-bit lanes; 128-bit lane j of the result holds v[4j .. 4j+3].
+    const reg z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    const reg z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+  }
+  static reg round(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg exp2_int(reg n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static reg keep_range(reg x, int32_t base, int32_t lo, int32_t hi, float fill) {
+    const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(base));
+    const __mmask16 in = _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(lo), _MM_CMPINT_NLT) &
+                         _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(hi), _MM_CMPINT_LT);
+    return _mm512_mask_blend_ps(in, _mm512_set1_ps(fill), x);
+  }
+  static reg zero_where_neg_inf(reg x, reg y) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_UQ), y);
+  }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
+#endif  // LLMKERN_VEC_AVX512
 
 #endif  // __x86_64__
 
