@@ -36,6 +36,22 @@ kc::DType dtype_of(const at::Tensor& t, const char* name) {
   }
 }
 
+bool is_8bit_cache(at::ScalarType t) { return t == at::kChar || t == at::kFloat8_e4m3fn; }
+
+// A cache's dtype: float pages as dtype_of, or 8-bit codes (int8, float8_e4m3fn).
+kc::DType cache_dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kChar: return kc::kI8;
+    case at::kFloat8_e4m3fn: return kc::kF8E4M3;
+    case at::kFloat:
+    case at::kHalf:
+    case at::kBFloat16: return dtype_of(t, name);
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16, bfloat16, int8 or float8_e4m3fn, got ",
+                       t.scalar_type());
+  }
+}
+
 void ok(int status, const char* op) {
   TORCH_CHECK(status == kc::kOk, "llmkern ", op, ": ", kc::status_string(status));
 }
@@ -208,15 +224,55 @@ void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
 // A checked cache's element strides along blocks, slots and heads.
 kc::CacheStrides cache_strides(const at::Tensor& cache) { return {cache.stride(0), cache.stride(1), cache.stride(2)}; }
 
+// 8-bit pages (int8 or float8_e4m3fn caches) come with their scales, k_scales and v_scales: float16
+// [num_blocks, block_size, num_kv_heads] (any strides) on the caches' device, one per token row of each KV head
+// (llmkern/reference.py, quantize_kv); float pages come without. Returns the cache's dtype.
+kc::DType check_scales(const at::Tensor& k_cache, const std::optional<at::Tensor>& k_scales,
+                       const std::optional<at::Tensor>& v_scales) {
+  const bool has_k = k_scales.has_value(), has_v = v_scales.has_value();
+  TORCH_CHECK(has_k == has_v, "k_scales and v_scales must be given together (8-bit pages) or both be None (float "
+              "pages), got only ", has_k ? "k_scales" : "v_scales");
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
+  if (!is_8bit_cache(k_cache.scalar_type())) {
+    TORCH_CHECK_TYPE(!has_k, "k_scales and v_scales are for 8-bit pages (int8 or float8_e4m3fn caches), but "
+                     "k_cache is ", k_cache.scalar_type(), ": pass None for float pages");
+    return cache_dtype_of(k_cache, "k_cache");
+  }
+  TORCH_CHECK(has_k, "k_cache and v_cache are ", k_cache.scalar_type(), " (8-bit pages): k_scales and v_scales "
+              "(float16 [", NB, ", ", BS, ", ", Hkv, "], one per token and KV head) must be given");
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{*k_scales, "k_scales"}, {*v_scales, "v_scales"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf, name, " must be float16, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == NB && t.size(1) == BS && t.size(2) == Hkv, name, " must have shape [",
+                NB, ", ", BS, ", ", Hkv, "] (the caches' [num_blocks, block_size, num_kv_heads]), got ", t.sizes());
+    check_same_device(t, name, k_cache, "k_cache");
+  }
+  return cache_dtype_of(k_cache, "k_cache");
+}
+
+// The kernels' view of checked scales (null for float pages).
+kc::KvScales kv_scales(const std::optional<at::Tensor>& s) {
+  if (!s.has_value()) return {nullptr, 0, 0, 0};
+  return {s->data_ptr(), s->stride(0), s->stride(1), s->stride(2)};
+}
+
+// key/value rows into the pages; 8-bit pages (k_scales / v_scales given) quantize them on the way (kernels.h).
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-                           const at::Tensor& slot_mapping) {
+                           const at::Tensor& slot_mapping, const std::optional<at::Tensor>& k_scales,
+                           const std::optional<at::Tensor>& v_scales) {
   check_cache(k_cache, v_cache);
+  const kc::DType ct = check_scales(k_cache, k_scales, v_scales);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.size(1) == Hkv && key.size(2) == D,
               "key and value must have shape [num_tokens, ", Hkv, ", ", D, "], got ", key.sizes(), " and ",
               value.sizes());
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type(),
-              "key/value dtype must match the cache dtype ", k_cache.scalar_type());
+  if (kc::is_8bit(ct)) {
+    TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value must have one dtype, got ",
+                key.scalar_type(), " and ", value.scalar_type());
+  } else {
+    TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type(),
+                "key/value dtype must match the cache dtype ", k_cache.scalar_type());
+  }
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == key.size(0) && slot_mapping.is_contiguous(),
               "slot_mapping must be a contiguous int64 tensor of shape [", key.size(0), "], got ",
@@ -230,23 +286,28 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
     TORCH_CHECK(slots[t] < NB * BS, "slot_mapping[", t, "] = ", slots[t], " is past the cache's ", NB * BS, " slots");
   auto dt = dtype_of(key, "key");
   const kc::CacheStrides kcs = cache_strides(k_cache), vcs = cache_strides(v_cache);
+  const kc::KvScales kss = kv_scales(k_scales), vss = kv_scales(v_scales);
   at::parallel_for(0, T, row_grain(Hkv * D), [&](int64_t b, int64_t e) {
     ok(kc::reshape_and_cache(key.data_ptr(), key.stride(0), key.stride(1), key.stride(2), value.data_ptr(),
                              value.stride(0), value.stride(1), value.stride(2), k_cache.data_ptr(), kcs,
-                             v_cache.data_ptr(), vcs, slots, b, e, Hkv, D, NB, BS, dt),
+                             v_cache.data_ptr(), vcs, slots, b, e, Hkv, D, NB, BS, dt, ct, kss, vss),
        "reshape_and_cache");
   });
 }
 
-// The checks decode and prefill share: q's heads and dtype against the cache, the block tables and seq_lens
-// (int32, one row per sequence), every length within its table and every page id it reaches inside the pool.
-// Returns the longest sequence.
+// The checks decode and prefill share: q's heads and dtype against the cache (float pages: one dtype; 8-bit pages:
+// q float32, float16 or bfloat16), the block tables and seq_lens (int32, one row per sequence), every length within
+// its table and every page id it reaches inside the pool. Returns the longest sequence.
 int64_t check_paged(const at::Tensor& q, int64_t Hq, const at::Tensor& k_cache, const at::Tensor& block_tables,
                     const at::Tensor& seq_lens, int64_t B) {
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of the cache's KV heads (", Hkv, ")");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
-              k_cache.scalar_type());
+  if (is_8bit_cache(k_cache.scalar_type())) {
+    dtype_of(q, "q");
+  } else {
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q dtype ", q.scalar_type(), " must match the cache dtype ",
+                k_cache.scalar_type());
+  }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
                   block_tables.stride(1) == 1,
               "block_tables must be int32 [", B, ", max_blocks] with unit last stride, got ",
@@ -274,8 +335,11 @@ int64_t check_paged(const at::Tensor& q, int64_t Hq, const at::Tensor& k_cache, 
 
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                      int64_t sliding_window, double softcap, int64_t num_splits) {
+                                      int64_t sliding_window, double softcap, int64_t num_splits,
+                                      const std::optional<at::Tensor>& k_scales,
+                                      const std::optional<at::Tensor>& v_scales) {
   check_cache(k_cache, v_cache);
+  const kc::DType ct = check_scales(k_cache, k_scales, v_scales);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(q.dim() == 3 && q.size(2) == D, "q must have shape [batch, num_heads, ", D, "], got ", q.sizes());
   const int64_t B = q.size(0), Hq = q.size(1);
@@ -298,7 +362,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
                    cache_strides(k_cache), cache_strides(v_cache), tables, block_tables.stride(0), lens, B, Hq, Hkv,
                    D, BS, NB, ns, split_len,
                    static_cast<float>(scale), static_cast<float>(softcap), sliding_window,
-                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), dtype_of(q, "q")};
+                   part_out.data_ptr<float>(), part_lse.data_ptr<float>(), dtype_of(q, "q"), ct,
+                   kv_scales(k_scales), kv_scales(v_scales)};
   at::parallel_for(0, B * Hkv * ns, 1, [&](int64_t b, int64_t e) { ok(kc::paged_decode_stage1(a, b, e), "decode"); });
   at::parallel_for(0, B * Hq, 64, [&](int64_t b, int64_t e) {
     ok(kc::paged_decode_reduce(a, out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), b, e), "decode");
@@ -309,8 +374,10 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
 at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                        const at::Tensor& q_lens, double scale, int64_t sliding_window,
-                                       double softcap) {
+                                       double softcap, const std::optional<at::Tensor>& k_scales,
+                                       const std::optional<at::Tensor>& v_scales) {
   check_cache(k_cache, v_cache);
+  const kc::DType ct = check_scales(k_cache, k_scales, v_scales);
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hkv = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(q.dim() == 4 && q.size(3) == D, "q must have shape [batch, num_heads, seq, ", D, "], got ", q.sizes());
   const int64_t B = q.size(0), Hq = q.size(1), S = q.size(2);
@@ -319,8 +386,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
               "q_lens must be a contiguous int32 tensor of shape [", B, "], got ", q_lens.scalar_type(), " ",
               q_lens.sizes());
   const auto dt = dtype_of(q, "q");
-  TORCH_CHECK(kc::fast_attention_supported(dt, D), "llmkern paged_prefill_attention: no C++ kernel for head_dim ", D,
-              " on this CPU (", kc::isa_name(), ")");
+  TORCH_CHECK(kc::fast_attention_supported(dt, D, ct), "llmkern paged_prefill_attention: no C++ kernel for head_dim ",
+              D, kc::is_8bit(ct) ? " over 8-bit pages" : "", " on this CPU (", kc::isa_name(), ")");
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* qls = q_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -336,7 +403,8 @@ at::Tensor paged_prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k_
                     v_cache.data_ptr(), cache_strides(k_cache), cache_strides(v_cache), tables,
                     block_tables.stride(0), lens, qls, B, Hq, Hkv, S, D, BS, NB,
                     static_cast<float>(scale), static_cast<float>(softcap), sliding_window, out.data_ptr(),
-                    out.stride(0), out.stride(1), out.stride(2), out.stride(3), tile, dt};
+                    out.stride(0), out.stride(1), out.stride(2), out.stride(3), tile, dt, ct,
+                    kv_scales(k_scales), kv_scales(v_scales)};
   const int64_t items = B * Hkv * ((S + tile - 1) / tile);
   at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { ok(kc::paged_prefill(a, b, e), "paged_prefill_attention"); });
   return out;
@@ -384,13 +452,34 @@ bool cpu_linear_supported(at::ScalarType dtype) {
                              : dtype == at::kBFloat16 ? kc::linear_supported(kc::kBF16) : false;
 }
 
-bool cpu_fast_attention(at::ScalarType dtype, int64_t head_dim) {
+// q's dtype as the kernels name it; false for a dtype they do not take.
+bool kernel_dtype(at::ScalarType dtype, kc::DType* t) {
   switch (dtype) {
-    case at::kFloat: return kc::fast_attention_supported(kc::kF32, head_dim);
-    case at::kHalf: return kc::fast_attention_supported(kc::kF16, head_dim);
-    case at::kBFloat16: return kc::fast_attention_supported(kc::kBF16, head_dim);
+    case at::kFloat: *t = kc::kF32; return true;
+    case at::kHalf: *t = kc::kF16; return true;
+    case at::kBFloat16: *t = kc::kBF16; return true;
     default: return false;
   }
+}
+
+// The cache's dtype for q's dtype t: None or t itself for float pages, int8 / float8_e4m3fn for 8-bit ones; false
+// for any other.
+bool kernel_cache_dtype(kc::DType t, std::optional<at::ScalarType> cache_dtype, kc::DType* ct) {
+  if (!cache_dtype.has_value()) {
+    *ct = t;
+    return true;
+  }
+  switch (*cache_dtype) {
+    case at::kChar: *ct = kc::kI8; return true;
+    case at::kFloat8_e4m3fn: *ct = kc::kF8E4M3; return true;
+    default: return kernel_dtype(*cache_dtype, ct) && *ct == t;
+  }
+}
+
+bool cpu_fast_attention(at::ScalarType dtype, int64_t head_dim, std::optional<at::ScalarType> cache_dtype) {
+  kc::DType t, ct;
+  return kernel_dtype(dtype, &t) && kernel_cache_dtype(t, cache_dtype, &ct) &&
+         kc::fast_attention_supported(t, head_dim, ct);
 }
 
 bool set_cpu_fast_attention(bool on) { return kc::set_fast_attention(on); }
@@ -411,10 +500,13 @@ void copy_blocks_impl(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor
                       "ids in [0, ", NB, ")");
   }
   // index_copy_ is one kernel per cache on any device, and writes through any strides of the caller's views; the
-  // copy is whole pages, so there is nothing to fuse.
+  // copy is whole pages, so there is nothing to fuse. 1-byte pages (int8, float8_e4m3fn) are copied as int8 bits:
+  // index_copy_ does not take every float8 dtype.
   at::Tensor di = dst.to(k_cache.device()), si = src.to(k_cache.device());
-  k_cache.index_copy_(0, di, k_cache.index_select(0, si));
-  v_cache.index_copy_(0, di, v_cache.index_select(0, si));
+  at::Tensor kb = k_cache.element_size() == 1 ? k_cache.view(at::kChar) : k_cache;
+  at::Tensor vb = v_cache.element_size() == 1 ? v_cache.view(at::kChar) : v_cache;
+  kb.index_copy_(0, di, kb.index_select(0, si));
+  vb.index_copy_(0, di, vb.index_select(0, si));
 }
 
 // The active instruction set of the CPU kernels. A LLMKERN_CPU_ISA naming none is reported here (llmkern._ext.load
@@ -442,16 +534,16 @@ std::string set_cpu_isa(const std::string& name) {
 // Which kernel serves `op` ("paged_decode_attention", "paged_prefill_attention" or "linear") for dtype and head_dim
 // under the active ISA: "avx512", "avx2", "portable", or "reference" (no C++ kernel: llmkern runs the torch
 // reference). The C++ ops dispatch by the same choice.
-std::string cpu_kernel(const std::string& op, at::ScalarType dtype, int64_t head_dim) {
-  kc::DType t;
-  switch (dtype) {
-    case at::kFloat: t = kc::kF32; break;
-    case at::kHalf: t = kc::kF16; break;
-    case at::kBFloat16: t = kc::kBF16; break;
-    default: return "reference";
-  }
-  if (op == "paged_decode_attention") return kc::kernel_name(kc::decode_kernel(t, head_dim));
-  if (op == "paged_prefill_attention") return kc::kernel_name(kc::prefill_kernel(t, head_dim));
+// cache_dtype: the pages' dtype for attention (None: q's; int8 / float8_e4m3fn: 8-bit pages).
+std::string cpu_kernel(const std::string& op, at::ScalarType dtype, int64_t head_dim,
+                       std::optional<at::ScalarType> cache_dtype) {
+  kc::DType t, ct;
+  if (!kernel_dtype(dtype, &t)) return "reference";
+  const bool cache_ok = kernel_cache_dtype(t, cache_dtype, &ct);
+  if (op == "paged_decode_attention")
+    return cache_ok ? kc::kernel_name(kc::decode_kernel(t, head_dim, ct)) : "reference";
+  if (op == "paged_prefill_attention")
+    return cache_ok ? kc::kernel_name(kc::prefill_kernel(t, head_dim, ct)) : "reference";
   TORCH_CHECK_VALUE(op == "linear", "cpu_kernel: op must be paged_decode_attention, paged_prefill_attention or "
                     "linear, got '", op, "'");
   return kc::kernel_name(kc::linear_kernel(t));
@@ -472,22 +564,29 @@ TORCH_LIBRARY(llmkern_C, m) {
   m.def("fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
-  m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  // 8-bit pages (int8 / float8_e4m3fn caches): their fp16 scales [num_blocks, block_size, num_kv_heads] come last;
+  // None for float pages.
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> ()");
   m.def("copy_blocks(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst) -> ()");
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, int sliding_window, float softcap, int num_splits) -> Tensor");
+      "float scale, int sliding_window, float softcap, int num_splits, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> Tensor");
   m.def(
       "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "Tensor q_lens, float scale, int sliding_window, float softcap) -> Tensor");
+      "Tensor q_lens, float scale, int sliding_window, float softcap, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_linear_supported(ScalarType dtype) -> bool", &cpu_linear_supported);
   m.def("cpu_isa() -> str", &isa);
   m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
-  m.def("cpu_kernel(str op, ScalarType dtype, int head_dim=0) -> str", &cpu_kernel);
-  // Whether a vectorised (AVX-512 or AVX2) attention kernel serves (dtype, head_dim) here; the setter (tests) returns
-  // the old value.
-  m.def("cpu_fast_attention(ScalarType dtype, int head_dim) -> bool", &cpu_fast_attention);
+  m.def("cpu_kernel(str op, ScalarType dtype, int head_dim=0, ScalarType? cache_dtype=None) -> str", &cpu_kernel);
+  // Whether a vectorised (AVX-512 or AVX2) attention kernel serves (q dtype, head_dim, cache dtype: None for q's own,
+  // int8 / float8_e4m3fn for 8-bit pages) here; the setter (tests) returns the old value.
+  m.def("cpu_fast_attention(ScalarType dtype, int head_dim, ScalarType? cache_dtype=None) -> bool",
+        &cpu_fast_attention);
   m.def("set_cpu_fast_attention(bool on) -> bool", &set_cpu_fast_attention);
   m.def("has_cuda() -> bool", &has_cuda);
 }

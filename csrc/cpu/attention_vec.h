@@ -19,6 +19,12 @@
 //   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to V::kPvRegs).
 // fp32 accumulation throughout; FMAs round once where eager's unfused matmul rounds twice. Sliding window, softcap,
 // left padding and empty ranges as kernels.h says.
+//
+// 8-bit pages (cache dtype C = kI8 / kF8E4M3, one fp16 scale per token row): the gather widens the codes (V::load_as
+// in code units, vec.h) and reads the chunk's scales; nothing dequantized is stored beyond the chunk's packed rows.
+// K's scale is folded into the scores (score_j = (q . code_j) * sk_j), V's into the softmax weights (p_j * sv_j
+// multiplies code_j in P @ V; the row's sum takes p_j). With bf16 q the K codes go to bf16 (exact: at most 8
+// significant bits) and through the bf16 dot product like bf16 pages. Head dims 64 and 128 (vec_8bit_head_dim).
 #pragma once
 
 #include "vec.h"
@@ -36,15 +42,32 @@ struct KvHead {
   int64_t BS;
   int64_t kb, ks, kh;  // K: bytes from one page to the next, from one token's row to the next, to this KV head's row
   int64_t vb, vs, vh;  // V: the same
-  // Byte offsets of tokens [c0, c0 + n) in K (kout) and V (vout). The page is tracked incrementally: a 64-bit
-  // division per token costs more than the token's arithmetic. int64: a pool may pass 2^31 bytes.
-  void offsets(int64_t c0, int64_t n, int64_t* kout, int64_t* vout) const {
+  // 8-bit pages: the fp16 scales of K and V (null for float pages), element strides along pages, slots, and to
+  // this KV head's scale.
+  const uint16_t* ksc;
+  const uint16_t* vsc;
+  int64_t ksb, kss, ksh, vsb, vss, vsh;
+  // Byte offsets of tokens [c0, c0 + n) in K (kout) and V (vout), and with kScales their scales' element offsets
+  // (ksout, vsout). The page is tracked incrementally: a 64-bit division per token costs more than the token's
+  // arithmetic. int64: a pool may pass 2^31 bytes.
+  template <bool kScales>
+  void offsets(int64_t c0, int64_t n, int64_t* kout, int64_t* vout, int64_t* ksout, int64_t* vsout) const {
     int64_t page = c0 / BS, slot = c0 % BS;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = table[page];
-      kout[j] = p * kb + slot * ks + kh;
-      vout[j] = p * vb + slot * vs + vh;
-      if (++slot == BS) slot = 0, ++page;
+    for (int64_t j = 0; j < n; ++page, slot = 0) {  // page by page: the products once per page
+      const int64_t p = table[page], m = std::min(BS - slot, n - j);
+      const int64_t k0 = p * kb + kh + slot * ks, v0 = p * vb + vh + slot * vs;
+      for (int64_t i = 0; i < m; ++i) {
+        kout[j + i] = k0 + i * ks;
+        vout[j + i] = v0 + i * vs;
+      }
+      if constexpr (kScales) {
+        const int64_t ks0 = p * ksb + ksh + slot * kss, vs0 = p * vsb + vsh + slot * vss;
+        for (int64_t i = 0; i < m; ++i) {
+          ksout[j + i] = ks0 + i * kss;
+          vsout[j + i] = vs0 + i * vss;
+        }
+      }
+      j += m;
     }
   }
 };
@@ -97,13 +120,16 @@ using LineVector = std::vector<T, LineAligned<T>>;
 template <class V>
 struct Workspace {
   LineVector<float> q, acc, row_max, row_sum, scores, kf, vf;  // kf: [CH, D] fp32, or [CH, D] bf16 as stored
+  LineVector<float> ksc, vsc;  // 8-bit pages: the chunk's K and V scales [CH] (times the code unit)
   LineVector<uint16_t> qb;
   std::vector<int64_t> lo, hi, offs, voffs;  // offs, voffs: the chunk's K and V row offsets
+  std::vector<int64_t> ksoffs, vsoffs;       // 8-bit pages: the chunk's K and V scale offsets
   std::vector<unsigned char> row_bytes;  // one row as stored (q gathered in, prefill output scattered out)
   Workspace(int64_t M, int64_t D)
       : q(M * D), acc(M * D), row_max(M), row_sum(M), scores(M * V::chunk_tokens(D)), kf(V::chunk_tokens(D) * D),
-        vf(V::chunk_tokens(D) * D), qb(V::kBf16Dot ? M * D : 0), lo(M), hi(M), offs(V::chunk_tokens(D)),
-        voffs(V::chunk_tokens(D)), row_bytes(4 * D) {}
+        vf(V::chunk_tokens(D) * D), ksc(V::chunk_tokens(D)), vsc(V::chunk_tokens(D)), qb(V::kBf16Dot ? M * D : 0),
+        lo(M), hi(M), offs(V::chunk_tokens(D)), voffs(V::chunk_tokens(D)), ksoffs(V::chunk_tokens(D)),
+        vsoffs(V::chunk_tokens(D)), row_bytes(4 * D) {}
   // The first M rows, state cleared; ranged: rows carry their own [lo, hi).
   QueryRows start(int64_t M, int64_t D, float scale, float softcap, bool ranged) {
     std::fill(acc.begin(), acc.begin() + M * D, 0.f);
@@ -134,9 +160,10 @@ inline void load_query(const void* q, int64_t off, int64_t sd, float scale, Work
   }
 }
 
-// Scores of query row m against nblk * W packed K rows: fp32 q . k, or bf16 pairs then times r.scale.
+// Scores of query row m against nblk * W packed K rows: fp32 q . k, or bf16 pairs then times r.scale. 8-bit pages
+// (ksc non-null): times each token's K scale, which for the bf16 dot already includes r.scale.
 template <class V, DType T, int ND>
-inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nblk, float* s) {
+inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nblk, float* s, const float* ksc) {
   constexpr int W = V::W, D = ND * V::W;
   for (int64_t b = 0; b < nblk; ++b) {
     typename V::reg dot[W];
@@ -151,7 +178,7 @@ inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nb
 #pragma GCC unroll 16
         for (int t = 0; t < W; ++t) dot[t] = V::dot_bf16(dot[t], qv, V::load_bf16x2(kb + t * D + 2 * i * W));
       }
-      V::store(s + b * W, V::mul(V::hsum(dot), V::set1(r.scale)));
+      V::store(s + b * W, V::mul(V::hsum(dot), ksc ? V::load(ksc + b * W) : V::set1(r.scale)));
     } else {
       const float* q = r.q + m * D;
       const float* kb = kf + b * W * D;
@@ -161,16 +188,17 @@ inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nb
 #pragma GCC unroll 16
         for (int t = 0; t < W; ++t) dot[t] = V::fma(qv, V::load(kb + t * D + i * W), dot[t]);
       }
-      V::store(s + b * W, V::hsum(dot));
+      V::store(s + b * W, ksc ? V::mul(V::hsum(dot), V::load(ksc + b * W)) : V::hsum(dot));
     }
   }
 }
 
 // Online-softmax step of one row over a chunk's scores s[0 .. nblk * W) (-inf where masked), then its P @ V into
-// acc. The output row stays in registers over the chunk, PW registers at a time.
+// acc. The output row stays in registers over the chunk, PW registers at a time. 8-bit pages (vsc non-null): the
+// weights that multiply V are p_j times token j's V scale; the row's sum takes p_j.
 template <class V, int ND>
 inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, float* acc, float* row_max,
-                           float* row_sum) {
+                           float* row_sum, const float* vsc) {
   using reg = typename V::reg;
   constexpr int W = V::W, D = ND * V::W, PW = pv_piece<V, ND>();
   static_assert(ND % PW == 0, "output pieces must tile the head");
@@ -186,7 +214,7 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
   for (int64_t b = 0; b < nblk; ++b) {
     const reg x = V::load(s + b * W);
     const reg p = V::zero_where_neg_inf(x, vec_exp<V>(V::sub(x, vm)));
-    V::store(s + b * W, p);
+    V::store(s + b * W, vsc ? V::mul(p, V::load(vsc + b * W)) : p);
     vsum = V::add(vsum, p);
   }
   // The chunk's sums start from zero and join the running ones with one FMA each (acc * alpha + chunk): a token's
@@ -210,32 +238,51 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
   }
 }
 
-// All rows of r over tokens [t0, t1) of one KV head.
-template <class V, DType T, int ND>
+// All rows of r over tokens [t0, t1) of one KV head, whose cache holds dtype C (T, or 8-bit codes with scales).
+template <class V, DType T, DType C, int ND>
 void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, int64_t t1) {
   constexpr int W = V::W;
-  constexpr int64_t D = ND * V::W, es = elem_size(T), CH = V::chunk_tokens(D);
-  constexpr bool dot_bf16 = kDotBf16<V, T, ND>;
+  constexpr int64_t D = ND * V::W, es = elem_size(C), CH = V::chunk_tokens(D);
+  constexpr bool dot_bf16 = kDotBf16<V, T, ND>, q8 = is_8bit(C);
+  static_assert(C == T || q8, "the cache holds q's dtype or 8-bit codes");
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* kf = w.kf.data();
   float* vf = w.vf.data();
   int64_t* offs = w.offs.data();
   int64_t* voffs = w.voffs.data();
-  kv.offsets(t0, std::min(CH, t1 - t0), offs, voffs);
+  // 8-bit: K's scales times the code unit (and the softmax scale where the bf16 dot leaves it to the scores; the
+  // fp32 q is pre-scaled), V's times the code unit; zero past the chunk's last token (masked anyway).
+  float* ksc = q8 ? w.ksc.data() : nullptr;
+  float* vsc = q8 ? w.vsc.data() : nullptr;
+  const float kmul = kCodeUnit<C> * (dot_bf16 ? r.scale : 1.f), vmul = kCodeUnit<C>;
+  int64_t* ksoffs = w.ksoffs.data();
+  int64_t* vsoffs = w.vsoffs.data();
+  kv.offsets<q8>(t0, std::min(CH, t1 - t0), offs, voffs, ksoffs, vsoffs);
   for (int64_t c0 = t0; c0 < t1; c0 += CH) {
     const int64_t n = std::min(CH, t1 - c0), nblk = (n + W - 1) / W;
+    if constexpr (q8) {
+      for (int64_t j = 0; j < n; ++j) {
+        ksc[j] = _cvtsh_ss(kv.ksc[ksoffs[j]]) * kmul;
+        vsc[j] = _cvtsh_ss(kv.vsc[vsoffs[j]]) * vmul;
+      }
+      std::fill(ksc + n, ksc + nblk * W, 0.f);
+      std::fill(vsc + n, vsc + nblk * W, 0.f);
+    }
     for (int64_t j = 0; j < n; ++j) {  // gather: V widened, K widened or (bf16 dot) copied as stored
       const char* kr = kv.k + offs[j];
       const char* vr = kv.v + voffs[j];
-      if constexpr (dot_bf16) {  // D bf16 = D / 2 fp32 words, moved as bits
+      if constexpr (dot_bf16 && q8) {  // 8-bit codes to bf16, 2W at a time
+#pragma GCC unroll 16
+        for (int i = 0; i < ND / 2; ++i) V::template codes_to_bf16<C>(kr + 2 * i * W, kf + j * D / 2 + i * W);
+      } else if constexpr (dot_bf16) {  // D bf16 = D / 2 fp32 words, moved as bits
 #pragma GCC unroll 16
         for (int i = 0; i < ND / 2; ++i)
           V::store(kf + j * D / 2 + i * W, V::load(reinterpret_cast<const float*>(kr) + i * W));
       }
 #pragma GCC unroll 32
       for (int i = 0; i < ND; ++i) {
-        if constexpr (!dot_bf16) V::store(kf + j * D + i * W, V::template load_as<T>(kr + i * W * es));
-        V::store(vf + j * D + i * W, V::template load_as<T>(vr + i * W * es));
+        if constexpr (!dot_bf16) V::store(kf + j * D + i * W, V::template load_as<C>(kr + i * W * es));
+        V::store(vf + j * D + i * W, V::template load_as<C>(vr + i * W * es));
       }
     }
     // Tail lanes score 0, then are masked.
@@ -245,12 +292,23 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
       std::fill(kf + n * D, kf + nblk * W * D, 0.f);
     if (c0 + CH < t1) {  // the next chunk: offsets, and its lines on their way to L2
       const int64_t n1 = std::min(CH, t1 - c0 - CH);
-      kv.offsets(c0 + CH, n1, offs, voffs);
+      kv.offsets<q8>(c0 + CH, n1, offs, voffs, ksoffs, vsoffs);
       for (int64_t j = 0; j < n1; ++j)
         for (int64_t l = 0; l < D * es; l += 64) {
           V::prefetch_l2(kv.k + offs[j] + l);
           V::prefetch_l2(kv.v + voffs[j] + l);
         }
+      if constexpr (q8) {  // the scales' lines, each once (a page's scales share a few lines)
+        uintptr_t klast = 0, vlast = 0;
+        for (int64_t j = 0; j < n1; ++j) {
+          const uintptr_t kl = reinterpret_cast<uintptr_t>(kv.ksc + ksoffs[j]) >> 6;
+          const uintptr_t vl = reinterpret_cast<uintptr_t>(kv.vsc + vsoffs[j]) >> 6;
+          if (kl != klast) V::prefetch_l2(kv.ksc + ksoffs[j]);
+          if (vl != vlast) V::prefetch_l2(kv.vsc + vsoffs[j]);
+          klast = kl;
+          vlast = vl;
+        }
+      }
     }
     for (int64_t m = 0; m < r.M; ++m) {
       float* sm = w.scores.data() + m * CH;
@@ -259,7 +317,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
         std::fill(sm, sm + nblk * W, neg_inf);
         continue;
       }
-      score_row<V, T, ND>(r, m, kf, nblk, sm);
+      score_row<V, T, ND>(r, m, kf, nblk, sm, ksc);
       if (r.softcap > 0.f)
         for (int64_t j = 0; j < n; ++j) sm[j] = r.softcap * std::tanh(sm[j] / r.softcap);
       if (lo > c0 || hi < c0 + nblk * W)  // offsets from c0 fit in int32
@@ -268,21 +326,26 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
                                              static_cast<int32_t>(lo - c0), static_cast<int32_t>(hi - c0), neg_inf));
     }
     for (int64_t m = 0; m < r.M; ++m)
-      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vf, r.acc + m * D, r.row_max + m, r.row_sum + m);
+      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vf, r.acc + m * D, r.row_max + m, r.row_sum + m,
+                            vsc);
   }
 }
 
-// KV head h of the caches of `a` (DecodeArgs or PrefillArgs), for the sequence whose block table row is `table`.
-template <class V, DType T, class Args>
+// KV head h of the caches of `a` (DecodeArgs or PrefillArgs; cache dtype C), for the sequence whose block table row
+// is `table`.
+template <class V, DType C, class Args>
 inline KvHead kv_head(const Args& a, const int32_t* table, int64_t h) {
-  constexpr int64_t es = elem_size(T);
+  constexpr int64_t es = elem_size(C);
   const CacheStrides &k = a.kcs, &v = a.vcs;
+  const KvScales &ks = a.kss, &vs = a.vss;
   return {static_cast<const char*>(a.k_cache), static_cast<const char*>(a.v_cache), table, a.BS,
-          k.sb * es, k.ss * es, h * k.sh * es, v.sb * es, v.ss * es, h * v.sh * es};
+          k.sb * es, k.ss * es, h * k.sh * es, v.sb * es, v.ss * es, h * v.sh * es,
+          static_cast<const uint16_t*>(ks.p), static_cast<const uint16_t*>(vs.p),
+          ks.sb, ks.ss, h * ks.sh, vs.sb, vs.ss, h * vs.sh};
 }
 
 // Stage 1 of decode for work items [i0, i1) (kernels.h: DecodeArgs, decode_item).
-template <class V, DType T, int ND>
+template <class V, DType T, DType C, int ND>
 struct DecodeRange {
   static void run(const DecodeArgs& a, int64_t i0, int64_t i1) {
     constexpr int64_t D = ND * V::W;
@@ -300,8 +363,7 @@ struct DecodeRange {
       for (int64_t g = 0; g < G; ++g)
         load_query<V, T, ND>(a.q, it.b * a.sqb + (it.h * G + g) * a.sqh, a.sqd, a.scale, w, g, w.row_bytes.data());
       QueryRows r = w.start(G, D, a.scale, a.softcap, false);
-      attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + it.b * a.sbt, it.h),
-                            r, w, it.t0, it.t1);
+      attend_rows<V, T, C, ND>(kv_head<V, C>(a, a.block_tables + it.b * a.sbt, it.h), r, w, it.t0, it.t1);
       for (int64_t g = 0; g < G; ++g) {
         const typename V::reg sum = V::set1(r.row_sum[g]);  // divided, not multiplied by 1 / sum: one rounding
         for (int64_t i = 0; i < D; i += V::W)
@@ -313,7 +375,7 @@ struct DecodeRange {
 };
 
 // Prefill for work items [i0, i1): (b, KV head h, tile of a.tile query positions) as kernels.h's PrefillArgs says.
-template <class V, DType T, int ND>
+template <class V, DType T, DType C, int ND>
 struct PrefillRange {
   static void run(const PrefillArgs& a, int64_t i0, int64_t i1) {
     constexpr int64_t D = ND * V::W, es = elem_size(T);
@@ -346,8 +408,7 @@ struct PrefillRange {
       }
       QueryRows r = w.start((s1 - s0) * G, D, a.scale, a.softcap, true);
       if (need_lo < need_hi)
-        attend_rows<V, T, ND>(kv_head<V, T>(a, a.block_tables + b * a.sbt, h), r,
-                              w, need_lo, need_hi);
+        attend_rows<V, T, C, ND>(kv_head<V, C>(a, a.block_tables + b * a.sbt, h), r, w, need_lo, need_hi);
       unsigned char* row = w.row_bytes.data();
       for (int64_t m = 0; m < r.M; ++m) {
         const int64_t s = s0 + m / G, g = m % G;
@@ -365,28 +426,48 @@ struct PrefillRange {
   }
 };
 
-// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W = 8 or 16).
+// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W = 8 or 16) for float pages; 64 and
+// 128 (the supported models' head dims) for 8-bit pages, whose other head dims the portable decode kernel serves.
 constexpr bool vec_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
+constexpr bool vec_8bit_head_dim(int64_t D) { return D == 64 || D == 128; }
+constexpr bool vec_head_dim(int64_t D, DType ct) { return is_8bit(ct) ? vec_8bit_head_dim(D) : vec_head_dim(D); }
 
-// Fn<V, T, D / W>::run(args...) for the call's dtype and head dim; kNoKernel for any other.
-template <class V, template <class, DType, int> class Fn, DType T, class Args>
+// Fn<V, T, C, D / W>::run(args...) for the call's dtypes and head dim; kNoKernel for any other.
+template <class V, template <class, DType, DType, int> class Fn, DType T, DType C, class Args>
 int run_head_dim(int64_t D, const Args& a, int64_t i0, int64_t i1) {
-  switch (D) {
-    case 64: Fn<V, T, 64 / V::W>::run(a, i0, i1); return kOk;
-    case 80: Fn<V, T, 80 / V::W>::run(a, i0, i1); return kOk;
-    case 96: Fn<V, T, 96 / V::W>::run(a, i0, i1); return kOk;
-    case 128: Fn<V, T, 128 / V::W>::run(a, i0, i1); return kOk;
-    case 256: Fn<V, T, 256 / V::W>::run(a, i0, i1); return kOk;
-    default: return kNoKernel;
+  if constexpr (is_8bit(C)) {
+    switch (D) {
+      case 64: Fn<V, T, C, 64 / V::W>::run(a, i0, i1); return kOk;
+      case 128: Fn<V, T, C, 128 / V::W>::run(a, i0, i1); return kOk;
+      default: return kNoKernel;
+    }
+  } else {
+    switch (D) {
+      case 64: Fn<V, T, C, 64 / V::W>::run(a, i0, i1); return kOk;
+      case 80: Fn<V, T, C, 80 / V::W>::run(a, i0, i1); return kOk;
+      case 96: Fn<V, T, C, 96 / V::W>::run(a, i0, i1); return kOk;
+      case 128: Fn<V, T, C, 128 / V::W>::run(a, i0, i1); return kOk;
+      case 256: Fn<V, T, C, 256 / V::W>::run(a, i0, i1); return kOk;
+      default: return kNoKernel;
+    }
   }
 }
 
-template <class V, template <class, DType, int> class Fn, class Args>
+template <class V, template <class, DType, DType, int> class Fn, DType T, class Args>
+int run_cache_dtype(const Args& a, int64_t i0, int64_t i1) {
+  if (a.ct == T) return run_head_dim<V, Fn, T, T>(a.D, a, i0, i1);
+  if (a.kss.p == nullptr || a.vss.p == nullptr) return kBadDType;  // 8-bit pages come with their scales
+  if (a.ct == kI8) return run_head_dim<V, Fn, T, kI8>(a.D, a, i0, i1);
+  if (a.ct == kF8E4M3) return run_head_dim<V, Fn, T, kF8E4M3>(a.D, a, i0, i1);
+  return kBadDType;
+}
+
+template <class V, template <class, DType, DType, int> class Fn, class Args>
 int run_attention(const Args& a, int64_t i0, int64_t i1) {
   switch (a.t) {
-    case kF32: return run_head_dim<V, Fn, kF32>(a.D, a, i0, i1);
-    case kBF16: return run_head_dim<V, Fn, kBF16>(a.D, a, i0, i1);
-    case kF16: return run_head_dim<V, Fn, kF16>(a.D, a, i0, i1);
+    case kF32: return run_cache_dtype<V, Fn, kF32>(a, i0, i1);
+    case kBF16: return run_cache_dtype<V, Fn, kBF16>(a, i0, i1);
+    case kF16: return run_cache_dtype<V, Fn, kF16>(a, i0, i1);
     default: return kBadDType;
   }
 }

@@ -25,7 +25,7 @@ namespace cpu {
                    int64_t, int64_t, DType);                                                                      \
   int reshape_and_cache(const void*, int64_t, int64_t, int64_t, const void*, int64_t, int64_t, int64_t, void*,     \
                         const CacheStrides&, void*, const CacheStrides&, const int64_t*, int64_t, int64_t, int64_t, \
-                        int64_t, int64_t, int64_t, DType);                                                        \
+                        int64_t, int64_t, int64_t, DType, DType, const KvScales&, const KvScales&);               \
   int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);                                                   \
   int paged_decode_reduce(const DecodeArgs&, void*, int64_t, int64_t, int64_t, int64_t, int64_t);                 \
   }
@@ -143,13 +143,13 @@ int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
                       int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
                       const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv, int64_t D,
-                      int64_t NB, int64_t BS, DType t) {
+                      int64_t NB, int64_t BS, DType t, DType ct, const KvScales& kss, const KvScales& vss) {
   LLMKERN_DISPATCH(reshape_and_cache, key, skt, skh, skd, value, svt, svh, svd, k_cache, kcs, v_cache, vcs, slots, t0,
-                   t1, Hkv, D, NB, BS, t)
+                   t1, Hkv, D, NB, BS, t, ct, kss, vss)
 }
 
 namespace avx512_vec {
-bool attention_supported(DType t, int64_t D);
+bool attention_supported(DType t, int64_t D, DType ct);
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
 int paged_prefill(const PrefillArgs&, int64_t, int64_t);
 }  // namespace avx512_vec
@@ -160,7 +160,7 @@ int linear(const LinearArgs&, int64_t, int64_t);
 }  // namespace avx512_linear
 
 namespace avx2_vec {
-bool attention_supported(DType t, int64_t D);
+bool attention_supported(DType t, int64_t D, DType ct);
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
 int paged_prefill(const PrefillArgs&, int64_t, int64_t);
 bool linear_supported(DType t);
@@ -170,7 +170,7 @@ int linear(const LinearArgs&, int64_t, int64_t);
 #if !defined(__x86_64__)
 // Other architectures compile the x86-only translation units empty: their entry points serve nothing.
 namespace avx512_vec {
-bool attention_supported(DType, int64_t) { return false; }
+bool attention_supported(DType, int64_t, DType) { return false; }
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
 int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
 }  // namespace avx512_vec
@@ -179,7 +179,7 @@ bool supported(DType) { return false; }
 int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
 }  // namespace avx512_linear
 namespace avx2_vec {
-bool attention_supported(DType, int64_t) { return false; }
+bool attention_supported(DType, int64_t, DType) { return false; }
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
 int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
 bool linear_supported(DType) { return false; }
@@ -200,19 +200,19 @@ const char* kernel_name(Kernel k) {
   }
 }
 
-// The best vectorised attention kernel the active ISA allows for (t, D): attention_vec.h instantiated for AVX-512
-// (vec_avx512.cpp) or AVX2 (vec_avx2.cpp). An AVX-512 CPU without AVX512-BF16, or a head_dim the AVX-512
-// instantiation does not serve (80), gets the AVX2 one.
-Kernel prefill_kernel(DType t, int64_t D) {
+// The best vectorised attention kernel the active ISA allows for (t, D, cache dtype ct): attention_vec.h
+// instantiated for AVX-512 (vec_avx512.cpp) or AVX2 (vec_avx2.cpp). An AVX-512 CPU without AVX512-BF16, or a
+// head_dim the AVX-512 instantiation does not serve (80), gets the AVX2 one.
+Kernel prefill_kernel(DType t, int64_t D, DType ct) {
   if (!fast_attention_on.load(std::memory_order_relaxed)) return kKernelNone;
   const Isa isa = active_isa();
-  if (isa >= kIsaAvx512 && avx512_vec::attention_supported(t, D)) return kKernelAvx512;
-  if (isa >= kIsaAvx2 && avx2_vec::attention_supported(t, D)) return kKernelAvx2;
+  if (isa >= kIsaAvx512 && avx512_vec::attention_supported(t, D, ct)) return kKernelAvx512;
+  if (isa >= kIsaAvx2 && avx2_vec::attention_supported(t, D, ct)) return kKernelAvx2;
   return kKernelNone;
 }
 
-Kernel decode_kernel(DType t, int64_t D) {
-  const Kernel k = prefill_kernel(t, D);
+Kernel decode_kernel(DType t, int64_t D, DType ct) {
+  const Kernel k = prefill_kernel(t, D, ct);
   return k == kKernelNone ? kKernelPortable : k;
 }
 
@@ -223,12 +223,12 @@ Kernel linear_kernel(DType t) {
   return kKernelNone;
 }
 
-bool fast_attention_supported(DType t, int64_t D) { return prefill_kernel(t, D) != kKernelNone; }
+bool fast_attention_supported(DType t, int64_t D, DType ct) { return prefill_kernel(t, D, ct) != kKernelNone; }
 
 bool set_fast_attention(bool on) { return fast_attention_on.exchange(on); }
 
 int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  switch (decode_kernel(a.t, a.D)) {
+  switch (decode_kernel(a.t, a.D, a.ct)) {
     case kKernelAvx512: return avx512_vec::paged_decode_stage1(a, i0, i1);
     case kKernelAvx2: return avx2_vec::paged_decode_stage1(a, i0, i1);
     default: LLMKERN_DISPATCH(paged_decode_stage1, a, i0, i1)
@@ -236,7 +236,7 @@ int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
 }
 
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
-  switch (prefill_kernel(a.t, a.D)) {
+  switch (prefill_kernel(a.t, a.D, a.ct)) {
     case kKernelAvx512: return avx512_vec::paged_prefill(a, i0, i1);
     case kKernelAvx2: return avx2_vec::paged_prefill(a, i0, i1);
     default: return kNoKernel;

@@ -11,7 +11,12 @@
 namespace llmkern {
 namespace cpu {
 
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// q, key/value and output dtypes (kF32, kF16, kBF16), and the cache's: the same float types, or 8-bit codes (kI8,
+// kF8E4M3: float8_e4m3fn) with one fp16 scale per (token, KV head) beside the pages (llmkern/reference.py's
+// quantize_kv: codes = round(x / s), s = fp16(amax / QMAX); dequantized x = code * s in fp32).
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kI8 = 3, kF8E4M3 = 4 };
+constexpr bool is_8bit(DType t) { return t == kI8 || t == kF8E4M3; }
+constexpr int64_t dtype_bytes(DType t) { return t == kF32 ? 4 : is_8bit(t) ? 1 : 2; }
 
 enum Status : int {
   kOk = 0,
@@ -40,10 +45,13 @@ Isa set_isa(Isa isa);  // the caller checks isa <= isa_cap(); returns the previo
 
 // Which kernel serves an op for (dtype, head_dim) under the active instruction set; kKernelNone: no C++ kernel (the
 // caller runs the pure-torch reference). The dispatchers below use the same choice.
+// ct: the cache's dtype (t for float pages, kI8 / kF8E4M3 for 8-bit ones).
 enum Kernel : int { kKernelNone = 0, kKernelPortable = 1, kKernelAvx2 = 2, kKernelAvx512 = 3 };
 const char* kernel_name(Kernel k);  // "reference", "portable", "avx2", "avx512"
-Kernel decode_kernel(DType t, int64_t D);   // never kKernelNone: the portable kernel serves any D
-Kernel prefill_kernel(DType t, int64_t D);
+Kernel decode_kernel(DType t, int64_t D, DType ct);   // never kKernelNone: the portable kernel serves any D
+Kernel prefill_kernel(DType t, int64_t D, DType ct);
+inline Kernel decode_kernel(DType t, int64_t D) { return decode_kernel(t, D, t); }
+inline Kernel prefill_kernel(DType t, int64_t D) { return prefill_kernel(t, D, t); }
 Kernel linear_kernel(DType t);
 
 // y[m, :] = rms_norm(x[m, :]) * w for m in [m_begin, m_end).
@@ -85,13 +93,24 @@ struct CacheStrides {
   int64_t sb, ss, sh;
 };
 
+// The fp16 scales of 8-bit pages: scales[NB, BS, Hkv] (one per token row of each KV head) at p, element strides
+// along blocks, slots and heads (any values). p null: float pages, no scales. Written by reshape_and_cache only.
+struct KvScales {
+  void* p;
+  int64_t sb, ss, sh;
+};
+
 // Write key/value [T, Hkv, D] rows t in [t_begin, t_end) to slot_mapping[t] of caches [NB, BS, Hkv, D] (strides
 // kcs / vcs). slot < 0 is padding and skipped; slot >= NB * BS is an error (kBadSlot) and nothing of that row is
 // written.
+// 8-bit caches (ct kI8 / kF8E4M3): each row is quantized on write as llmkern/reference.py's quantize_kv does (fp32
+// amax, the fp16 scale rounded to nearest even and clamped to [2^-14, 65504], codes x / s rounded to nearest even)
+// and its scale written to kss / vss (null for float caches, where ct == t); t is key/value's dtype.
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
                       int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
                       const CacheStrides& vcs, const int64_t* slot_mapping, int64_t t_begin, int64_t t_end,
-                      int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t);
+                      int64_t Hkv, int64_t D, int64_t NB, int64_t BS, DType t, DType ct, const KvScales& kss,
+                      const KvScales& vss);
 
 // Paged decode attention, stage 1: one work item = (sequence b, KV head h, split s). It serves all G query heads of
 // KV head h, reads each K/V row of its token range once, and writes fp32 partial out [G, D] and log-sum-exp [G]
@@ -113,7 +132,9 @@ struct DecodeArgs {
   int64_t window;  // 0 = off
   float* part_out;  // [B, Hq, num_splits, D]
   float* part_lse;  // [B, Hq, num_splits]
-  DType t;
+  DType t;          // q's (and the output's)
+  DType ct;         // the cache's: t, or 8-bit codes with scales kss / vss
+  KvScales kss, vss;
 };
 int paged_decode_stage1(const DecodeArgs& a, int64_t item_begin, int64_t item_end);
 
@@ -155,16 +176,20 @@ struct PrefillArgs {
   void* out;       // [B, Hq, S, D], q's dtype
   int64_t sob, soh, sos, sod;
   int64_t tile;
-  DType t;
+  DType t;   // q's and out's
+  DType ct;  // the cache's: t, or 8-bit codes with scales kss / vss
+  KvScales kss, vss;
 };
 
 // The vectorised attention kernels: attention_vec.h as instantiated by vec_avx512.cpp (AVX-512 + AVX512-BF16;
 // head_dim 64, 96, 128, 256) and by vec_avx2.cpp (AVX2 + FMA + F16C; head_dim 64, 80, 96, 128, 256), the best one
-// the active instruction set allows. paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
+// the active instruction set allows. 8-bit pages: head_dim 64 and 128 on both (the supported models' head dims; the
+// portable decode kernel takes any other). paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
 // paged_prefill returns kNoKernel (the caller then uses the pure-torch reference). fast_attention_supported: whether
 // a vectorised kernel serves (t, D). set_fast_attention(false) forces the portable decode kernel and no prefill
 // kernel; it returns the previous setting.
-bool fast_attention_supported(DType t, int64_t D);
+bool fast_attention_supported(DType t, int64_t D, DType ct);
+inline bool fast_attention_supported(DType t, int64_t D) { return fast_attention_supported(t, D, t); }
 bool set_fast_attention(bool on);
 int paged_prefill(const PrefillArgs& a, int64_t item_begin, int64_t item_end);
 

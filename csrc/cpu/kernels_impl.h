@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -41,6 +42,27 @@ static inline void st(bf16* p, float f) {
   uint32_t r = ((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) : (u + 0x7fffu + ((u >> 16) & 1u));
   p->v = static_cast<uint16_t>(r >> 16);
 }
+// 8-bit cache codes (llmkern/reference.py's quantize_kv): int8, and float8_e4m3fn (bias 7, 3 mantissa bits, no
+// infinities; the quantizer never writes the NaN codes 0x7f / 0xff). ld gives the code's value (exact in fp32); the
+// row's scale multiplies it.
+struct fp8e4m3 {
+  uint8_t v;
+};
+static inline float ld(const int8_t* p) { return static_cast<float>(*p); }
+static inline float ld(const fp8e4m3* p) {
+  // Normal codes: the exponent rebiased from 7 to 127 in the bits. Subnormal ones (exponent field 0): m * 2^-9,
+  // computed from the integer m, so no fp32 denormal is involved (torch.set_flush_denormal(True) sets DAZ).
+  const uint32_t b = p->v, sign = (b & 0x80u) << 24;
+  uint32_t u = ((b & 0x7fu) << 20) + ((127u - 7u) << 23);
+  float f;
+  std::memcpy(&f, &u, 4);
+  if ((b & 0x78u) == 0) f = static_cast<float>(b & 7u) * 0x1p-9f;
+  std::memcpy(&u, &f, 4);
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // Round a float to T's precision and back (eager's `.to(dtype)` between two ops).
 template <typename T>
 static inline float rnd(float f) {
@@ -239,11 +261,58 @@ static void silu_and_mul_rows(const T* g, int64_t sgm, int64_t sgi, const T* u, 
 // ---------------------------------------------------------------------------------------------------------------
 // KV cache write
 
-template <typename T>
+// One row x[0 .. D) (element stride sd) as 8-bit codes into dst and its fp16 scale into *scale, exactly as
+// llmkern/reference.py's quantize_kv in fp32: s = fp16(clamp(amax / QMAX, 2^-14, 65504)) rounded to nearest even,
+// y = clamp(x / float(s), -QMAX, QMAX), codes round(y) (int8, half to even) or e4m3(y) (round to nearest even).
+template <typename T, typename C>
+static void quantize_row(const T* x, int64_t sd, int64_t D, C* dst, f16* scale, float* tmp) {
+  constexpr bool i8 = std::is_same_v<C, int8_t>;
+  constexpr float qmax = i8 ? 127.f : 448.f;
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    tmp[d] = ld(x + d * sd);
+    const float a = std::fabs(tmp[d]);
+    amax = a > amax || a != a ? a : amax;  // a NaN propagates, as torch's amax does
+  }
+  float s = amax / qmax;
+  s = s < 0x1p-14f ? 0x1p-14f : s;
+  s = s > 65504.f ? 65504.f : s;
+  const f16 sh = static_cast<f16>(s);  // round to nearest even
+  *scale = sh;
+  const float sf = static_cast<float>(sh);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    float y = tmp[d] / sf;
+    y = y < -qmax ? -qmax : y;
+    y = y > qmax ? qmax : y;
+    if constexpr (i8) {
+      // Round half to even with the 1.5 * 2^23 trick (|y| <= 127; std::nearbyint is a libm call).
+      dst[d] = static_cast<int8_t>((y + 12582912.f) - 12582912.f);
+    } else {
+      uint32_t u;
+      std::memcpy(&u, &y, 4);
+      const uint32_t sign = (u >> 24) & 0x80u, mag = u & 0x7fffffffu;
+      float a;
+      std::memcpy(&a, &mag, 4);
+      // Below 2^-6 (subnormal codes m * 2^-9): m = round(a * 2^9), which reaches 8 = the first normal's code. Else
+      // the mantissa rounded from 23 bits to 3 (nearest even; a carry moves into the exponent), the exponent
+      // rebiased from 127 to 7.
+      const uint32_t sub = static_cast<uint32_t>((a * 512.f + 12582912.f) - 12582912.f);
+      const uint32_t nrm = ((mag + 0x7ffffu + ((mag >> 20) & 1u)) >> 20) - ((127u - 7u) << 3);
+      dst[d].v = static_cast<uint8_t>((a < 0x1p-6f ? sub : nrm) | sign);
+    }
+  }
+}
+
+// Float caches (C == T) take the rows as they are; 8-bit ones (C int8_t / fp8e4m3) quantize them, scales to kss /
+// vss.
+template <typename T, typename C>
 static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_t skd, const T* value, int64_t svt,
-                                  int64_t svh, int64_t svd, T* kc, const CacheStrides& kcs, T* vc,
+                                  int64_t svh, int64_t svd, C* kc, const CacheStrides& kcs, C* vc,
                                   const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv,
-                                  int64_t D, int64_t NB, int64_t BS) {
+                                  int64_t D, int64_t NB, int64_t BS, const KvScales& kss, const KvScales& vss) {
+  constexpr bool quantized = !std::is_same_v<T, C>;
+  std::vector<float> tmp(quantized ? D : 0);
   int status = kOk;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t slot = slots[t];
@@ -253,14 +322,21 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
       continue;
     }
     const int64_t blk = slot / BS, off = slot % BS;
-    T* kd = kc + blk * kcs.sb + off * kcs.ss;  // int64 offsets: a pool may pass 2^31 elements
-    T* vd = vc + blk * vcs.sb + off * vcs.ss;
+    C* kd = kc + blk * kcs.sb + off * kcs.ss;  // int64 offsets: a pool may pass 2^31 elements
+    C* vd = vc + blk * vcs.sb + off * vcs.ss;
     for (int64_t h = 0; h < Hkv; ++h) {
       const T* kr = key + t * skt + h * skh;
       const T* vr = value + t * svt + h * svh;
-      for (int64_t d = 0; d < D; ++d) {
-        kd[h * kcs.sh + d] = kr[d * skd];
-        vd[h * vcs.sh + d] = vr[d * svd];
+      if constexpr (quantized) {
+        quantize_row(kr, skd, D, kd + h * kcs.sh, static_cast<f16*>(kss.p) + blk * kss.sb + off * kss.ss + h * kss.sh,
+                     tmp.data());
+        quantize_row(vr, svd, D, vd + h * vcs.sh, static_cast<f16*>(vss.p) + blk * vss.sb + off * vss.ss + h * vss.sh,
+                     tmp.data());
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          kd[h * kcs.sh + d] = kr[d * skd];
+          vd[h * vcs.sh + d] = vr[d * svd];
+        }
       }
     }
   }
@@ -270,7 +346,10 @@ static int reshape_and_cache_rows(const T* key, int64_t skt, int64_t skh, int64_
 // ---------------------------------------------------------------------------------------------------------------
 // Paged decode attention (flash-decoding on CPU)
 
-template <typename T>
+// C: the cache's element type, T (float pages) or int8_t / fp8e4m3 (8-bit pages): each code is multiplied by its
+// row's scale as it is read (exact in fp32: an 8-bit code times an fp16 scale has at most 19 significant bits), so
+// this kernel computes on the dequantized pages.
+template <typename T, typename C>
 static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   // Scores for a chunk of CH tokens land in sc[g][j]. Group sizes up to GP = 16 (every supported model): each K
   // element is broadcast and multiplied into a 16-wide vector of the transposed, pre-scaled queries qT[d][0:16],
@@ -280,13 +359,17 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
   constexpr int64_t CH = 128, GP = 16, TB = 8, DB = 16;
   const int64_t G = a.Hq / a.Hkv, D = a.D;
   const bool small_group = G <= GP;
+  constexpr bool q8 = !std::is_same_v<T, C>;
   const T* q = static_cast<const T*>(a.q);
-  const T* kc = static_cast<const T*>(a.k_cache);
-  const T* vc = static_cast<const T*>(a.v_cache);
+  const C* kc = static_cast<const C*>(a.k_cache);
+  const C* vc = static_cast<const C*>(a.v_cache);
+  const f16* ksp = static_cast<const f16*>(a.kss.p);
+  const f16* vsp = static_cast<const f16*>(a.vss.p);
   std::vector<float> qf(G * D), acc(G * D), cacc(G * D), sc(G * CH), mx(G), den(G), alpha(G), vf(D);
   std::vector<float> kt(small_group ? 0 : D * CH), qT(small_group ? D * GP : 0);
-  const T* krows[CH];
-  const T* vrows[CH];
+  const C* krows[CH];
+  const C* vrows[CH];
+  float kscale[CH], vscale[CH];  // 8-bit pages: the chunk's scales (1 for float pages)
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t item = i0; item < i1; ++item) {
     const DecodeItem it = decode_item(a, item);
@@ -321,6 +404,8 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
         const int64_t blk = table[page];  // int64 offsets: big pools
         krows[j] = kc + blk * a.kcs.sb + off * a.kcs.ss + h * a.kcs.sh;
         vrows[j] = vc + blk * a.vcs.sb + off * a.vcs.ss + h * a.vcs.sh;
+        kscale[j] = q8 ? static_cast<float>(ksp[blk * a.kss.sb + off * a.kss.ss + h * a.kss.sh]) : 1.f;
+        vscale[j] = q8 ? static_cast<float>(vsp[blk * a.vss.sb + off * a.vss.ss + h * a.vss.sh]) : 1.f;
         if (++off == a.BS) {
           off = 0;
           ++page;
@@ -329,8 +414,12 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
       if (small_group) {
         const float* __restrict__ qTp = qT.data();
         for (int64_t j0 = 0; j0 < n; j0 += TB) {
-          const T* kr[TB];
-          for (int64_t t = 0; t < TB; ++t) kr[t] = krows[j0 + t < n ? j0 + t : j0];  // tail: recompute row j0
+          const C* kr[TB];
+          float ks[TB];
+          for (int64_t t = 0; t < TB; ++t) {  // tail: recompute row j0
+            kr[t] = krows[j0 + t < n ? j0 + t : j0];
+            ks[t] = kscale[j0 + t < n ? j0 + t : j0];
+          }
           // Blocked over DB head-dim elements: each block's dot starts from zero and is added once, so a product
           // passes through DB + D / DB additions rather than D (the portable build has no FMA to shorten them).
           float s_acc[TB][GP] = {};
@@ -339,7 +428,7 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
             for (int64_t d = d0; d < d0 + DB && d < D; ++d) {
               const float* __restrict__ qd = qTp + d * GP;
               for (int64_t t = 0; t < TB; ++t) {
-                const float kv = ld(kr[t] + d);
+                const float kv = q8 ? ld(kr[t] + d) * ks[t] : ld(kr[t] + d);
 #pragma omp simd
                 for (int64_t g = 0; g < GP; ++g) s_blk[t][g] += kv * qd[g];
               }
@@ -353,7 +442,7 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
         }
       } else {
         for (int64_t j = 0; j < n; ++j)
-          for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = ld(krows[j] + d);
+          for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = q8 ? ld(krows[j] + d) * kscale[j] : ld(krows[j] + d);
         for (int64_t j = n; j < CH; ++j)
           for (int64_t d = 0; d < D; ++d) kt[d * CH + j] = 0.f;
         for (int64_t g = 0; g < G; ++g) {
@@ -395,10 +484,11 @@ static void decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
       // not through every one before it.
       std::fill(cacc.begin(), cacc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const T* __restrict__ vr = vrows[j];
+        const C* __restrict__ vr = vrows[j];
         float* __restrict__ vfp = vf.data();
+        const float vs = vscale[j];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) vfp[d] = ld(vr + d);
+        for (int64_t d = 0; d < D; ++d) vfp[d] = q8 ? ld(vr + d) * vs : ld(vr + d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = sc[g * CH + j];
           float* __restrict__ cg = &cacc[g * D];
@@ -537,29 +627,52 @@ int silu_and_mul(const void* g, int64_t sgm, int64_t sgi, const void* u, int64_t
   return kBadDType;
 }
 
+// The cache's element type for q / key dtype T and cache dtype ct: CALL with `using C = ...`.
+#define LLMKERN_CACHE_CASES(CALL)         \
+  if (ct == t) {                          \
+    using C = T;                          \
+    CALL;                                 \
+  }                                       \
+  if (ct == kI8) {                        \
+    using C = int8_t;                     \
+    CALL;                                 \
+  }                                       \
+  if (ct == kF8E4M3) {                    \
+    using C = fp8e4m3;                    \
+    CALL;                                 \
+  }                                       \
+  return kBadDType
+
 int reshape_and_cache(const void* key, int64_t skt, int64_t skh, int64_t skd, const void* value, int64_t svt,
                       int64_t svh, int64_t svd, void* k_cache, const CacheStrides& kcs, void* v_cache,
                       const CacheStrides& vcs, const int64_t* slots, int64_t t0, int64_t t1, int64_t Hkv, int64_t D,
-                      int64_t NB, int64_t BS, DType t) {
-#define CALL                                                                                                  \
-  return reshape_and_cache_rows<T>((const T*)key, skt, skh, skd, (const T*)value, svt, svh, svd, (T*)k_cache, \
-                                   kcs, (T*)v_cache, vcs, slots, t0, t1, Hkv, D, NB, BS)
-  LLMKERN_CASE1(f32, CALL)
-  LLMKERN_CASE1(f16, CALL)
-  LLMKERN_CASE1(bf16, CALL)
+                      int64_t NB, int64_t BS, DType t, DType ct, const KvScales& kss, const KvScales& vss) {
+  if (is_8bit(ct) && (kss.p == nullptr || vss.p == nullptr)) return kBadDType;
+#define CALL                                                                                                        \
+  return reshape_and_cache_rows<T, C>((const T*)key, skt, skh, skd, (const T*)value, svt, svh, svd, (C*)k_cache,    \
+                                      kcs, (C*)v_cache, vcs, slots, t0, t1, Hkv, D, NB, BS, kss, vss)
+#define CASES LLMKERN_CACHE_CASES(CALL)
+  LLMKERN_CASE1(f32, CASES)
+  LLMKERN_CASE1(f16, CASES)
+  LLMKERN_CASE1(bf16, CASES)
+#undef CASES
 #undef CALL
   return kBadDType;
 }
 
 int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  const DType t = a.t;
-#define CALL decode_stage1<T>(a, i0, i1); return kOk
-  LLMKERN_CASE1(f32, CALL)
-  LLMKERN_CASE1(f16, CALL)
-  LLMKERN_CASE1(bf16, CALL)
+  const DType t = a.t, ct = a.ct;
+  if (is_8bit(ct) && (a.kss.p == nullptr || a.vss.p == nullptr)) return kBadDType;
+#define CALL decode_stage1<T, C>(a, i0, i1); return kOk
+#define CASES LLMKERN_CACHE_CASES(CALL)
+  LLMKERN_CASE1(f32, CASES)
+  LLMKERN_CASE1(f16, CASES)
+  LLMKERN_CASE1(bf16, CASES)
+#undef CASES
 #undef CALL
   return kBadDType;
 }
+#undef LLMKERN_CACHE_CASES
 
 int paged_decode_reduce(const DecodeArgs& a, void* out, int64_t sob, int64_t soh, int64_t sod, int64_t i0,
                         int64_t i1) {

@@ -26,7 +26,13 @@ namespace llmkern {
 namespace cpu {
 namespace {
 
-constexpr int64_t elem_size(DType t) { return t == kF32 ? 4 : 2; }
+constexpr int64_t elem_size(DType t) { return dtype_bytes(t); }
+
+// 8-bit cache codes are read in "code units": load_as<kI8> gives the integer code, load_as<kF8E4M3> the e4m3 value
+// times 2^-8 (its bits moved into an fp16 and widened by F16C: exact, subnormals included, with no special cases).
+// A code's value is load_as * kCodeUnit<C>; the kernels fold the unit into the per-token scales.
+template <DType C>
+constexpr float kCodeUnit = C == kF8E4M3 ? 256.f : 1.f;
 
 #if defined(__x86_64__)
 
@@ -54,16 +60,27 @@ struct VecAvx2 {
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, rounded once
 
-  // W elements of dtype T at p as fp32: bf16 by a 16-bit shift (exact), fp16 with F16C (exact).
+  // W elements of dtype T at p as fp32: bf16 by a 16-bit shift (exact), fp16 with F16C (exact); 8-bit cache codes
+  // in code units (kCodeUnit above).
   template <DType T>
   static reg load_as(const void* p) {
     if constexpr (T == kF32) {
       return _mm256_loadu_ps(static_cast<const float*>(p));
+    } else if constexpr (T == kI8) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p))));
+    } else if constexpr (T == kF8E4M3) {
+      return _mm256_cvtph_ps(fp8_to_half(_mm_cvtepi8_epi16(_mm_loadl_epi64(static_cast<const __m128i*>(p)))));
     } else {
       const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
       if constexpr (T == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
       return _mm256_cvtph_ps(h);
     }
+  }
+  // e4m3 bytes sign-extended to 16-bit lanes -> fp16 bits of the value times 2^-8: the exponent biases differ by 8
+  // (7 vs 15), so the 7 magnitude bits shifted into place (bits 7..13) are the same number scaled, subnormals
+  // included; the shift also moves a copy of the sign to bit 15 (from the extension) and one to bit 14 (cleared).
+  static __m128i fp8_to_half(__m128i b) {
+    return _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(static_cast<short>(0xbfff)));
   }
   // 2W bf16 at p as two fp32 vectors, the even and the odd elements: one load and two bit operations for 16
   // elements. For dot products, where only the pairing of x and w matters, not the order.
@@ -159,10 +176,16 @@ struct VecAvx512 {
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
 
+  // As VecAvx2::load_as: 8-bit cache codes in code units.
   template <DType T>
   static reg load_as(const void* p) {
     if constexpr (T == kF32) {
       return _mm512_loadu_ps(static_cast<const float*>(p));
+    } else if constexpr (T == kI8) {
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+    } else if constexpr (T == kF8E4M3) {  // as VecAvx2::fp8_to_half
+      const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+      return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<short>(0xbfff))));
     } else {
       const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
       if constexpr (T == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -192,6 +215,13 @@ struct VecAvx512 {
   }
   // a . b pairwise into acc: acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1] (VDPBF16PS).
   static bf16x2 load_bf16x2(const void* p) { return (bf16x2)_mm512_loadu_si512(p); }
+  // 2W 8-bit codes at src -> 2W bf16 at dst, in code units: exact (an int8 code or an e4m3 value times 2^-8 has at
+  // most 8 significant bits, all normal in fp32), so the bf16 dot product takes 8-bit K as it takes bf16 K.
+  template <DType C>
+  static void codes_to_bf16(const void* src, void* dst) {
+    const reg lo = load_as<C>(src), hi = load_as<C>(static_cast<const char*>(src) + W);
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
   static reg dot_bf16(reg acc, bf16x2 a, bf16x2 b) { return _mm512_dpbf16_ps(acc, a, b); }
 
   static float reduce_add(reg v) { return _mm512_reduce_add_ps(v); }

@@ -29,17 +29,18 @@ bool cpu_ok() {
 const bool kCpuOk = cpu_ok();
 }  // namespace
 
-bool attention_supported(DType t, int64_t D) {
-  return kCpuOk && (t == kF32 || t == kF16 || t == kBF16) && vec_head_dim(D);
+// ct: the cache's dtype, t (float pages) or 8-bit codes.
+bool attention_supported(DType t, int64_t D, DType ct) {
+  return kCpuOk && (t == kF32 || t == kF16 || t == kBF16) && (ct == t || is_8bit(ct)) && vec_head_dim(D, ct);
 }
 
 int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
-  if (!attention_supported(a.t, a.D)) return kNoKernel;
+  if (!attention_supported(a.t, a.D, a.ct)) return kNoKernel;
   return run_attention<VecAvx2, DecodeRange>(a, i0, i1);
 }
 
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
-  if (!attention_supported(a.t, a.D) || a.tile <= 0) return kNoKernel;
+  if (!attention_supported(a.t, a.D, a.ct) || a.tile <= 0) return kNoKernel;
   return run_attention<VecAvx2, PrefillRange>(a, i0, i1);
 }
 

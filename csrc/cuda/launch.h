@@ -14,6 +14,7 @@ namespace cuda {
 
 using cpu::CacheStrides;
 using cpu::DType;
+using cpu::KvScales;
 using cpu::RopeArgs;
 
 // Launch geometry, host-only and torch-free, so a test can check it against CUDA's grid limits (x < 2^31, y and z
@@ -28,6 +29,12 @@ inline Grid rope_grid(int64_t B, int64_t S) { return {B * S, 2, 1}; }
 // Rows on x: 65,536+ rows (a long prefill) would overflow y.
 inline Grid silu_and_mul_grid(int64_t M, int64_t I) { return {M, (I + kSiluThreads - 1) / kSiluThreads, 1}; }
 inline Grid reshape_and_cache_grid(int64_t T) { return {T, 1, 1}; }
+// 8-bit pages: one warp per (token, KV head) row of K and V (the row's amax is a warp reduction), kQuantWarps heads
+// of one token per block: tokens on x, head groups on y.
+constexpr int kQuantWarps = 4;
+inline Grid reshape_and_cache_quant_grid(int64_t T, int64_t Hkv) {
+  return {T, (Hkv + kQuantWarps - 1) / kQuantWarps, 1};
+}
 inline int64_t copy_blocks_chunks(int64_t block_bytes) {
   const int64_t c = (block_bytes / 16 + 255) / 256 + 1;
   return c < 64 ? c : 64;
@@ -82,14 +89,17 @@ cudaError_t rope(const RopeArgs& q, const RopeArgs& k, const void* cos, int64_t 
 cudaError_t silu_and_mul(const void* g, int64_t sgm, const void* u, int64_t sum_, void* o, int64_t som, int64_t M,
                          int64_t I, DType t, cudaStream_t stream);
 
-// key/value [T, Hkv, D] (unit last stride) into caches [NB, BS, Hkv, D] with strides kcs / vcs (unit along D);
-// slots < 0 or >= NB * BS are skipped.
+// key/value [T, Hkv, D] (unit last stride, dtype t) into caches [NB, BS, Hkv, D] with strides kcs / vcs (unit along
+// D); slots < 0 or >= NB * BS are skipped. Cache dtype ct: t, or 8-bit codes (kI8, kF8E4M3) quantized on write as
+// llmkern/reference.py's quantize_kv (fp16 scales to kss / vss, one per token and KV head).
 cudaError_t reshape_and_cache(const void* key, int64_t skt, int64_t skh, const void* value, int64_t svt,
                               int64_t svh, void* k_cache, const CacheStrides& kcs, void* v_cache,
                               const CacheStrides& vcs, const int64_t* slot_mapping, int64_t T, int64_t Hkv, int64_t D,
-                              int64_t NB, int64_t BS, DType t, cudaStream_t stream);
+                              int64_t NB, int64_t BS, DType t, DType ct, const KvScales& kss, const KvScales& vss,
+                              cudaStream_t stream);
 
-// Copy whole blocks src[i] -> dst[i] in both caches [NB, BS, Hkv, D] (strides kcs / vcs, unit along D).
+// Copy whole blocks src[i] -> dst[i] in both caches [NB, BS, Hkv, D] (strides kcs / vcs, unit along D), as bits:
+// t gives the element size (any of kernels.h's dtypes; fp16 for scales seen as [NB, BS, Hkv, 1]).
 cudaError_t copy_blocks(void* k_cache, const CacheStrides& kcs, void* v_cache, const CacheStrides& vcs,
                         const int64_t* src, const int64_t* dst, int64_t n, int64_t BS, int64_t Hkv, int64_t D, DType t,
                         cudaStream_t stream);
