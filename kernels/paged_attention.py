@@ -35,10 +35,20 @@ fp32) and P @ V as an fp32 FMA dot (``input_precision="ieee"``). With GPU numeri
 dots used up to 97% of eager's fp32 tolerance and plain fp32 logits (whose rounding error grows with |logit|) up to
 85%; fp64 logits bring the worst case near 50%. Decode is memory-bound, so the wider arithmetic costs little there.
 The final normalisations divide with div.rn (``/`` is div.full.f32, 2 ulp).
+
+8-bit pages (``KV_QUANT`` constexpr; 0, the float path, compiles as before): int8 or fp8 e4m3fn codes (fp8 read as
+uint8 bit patterns, widened by bit operations: sm_80 has no fp8 conversions, the interpreter no fp8 type) with one
+fp16 scale per (token, KV head) in ``k_scales``/``v_scales [num_blocks, BLOCK_SIZE, Hkv]`` (llmkern/reference.py's
+format). q and out keep the model's dtype. The codes are exact in fp16/bf16/fp32, so the dots run on them directly;
+the K scale multiplies the logits' columns, the V scale P's columns (``_attend_tile_q8``). With 16-bit q, P x V-scale
+goes to the tensor cores as a hi + lo pair of 16-bit parts (two dots), so P @ V carries no 16-bit rounding of its own
+and the output is about one rounding from the fp32 reference; 16-bit prefill takes 32-token K/V tiles for the
+registers the second dot needs.
 """
 
 import bisect
 import functools
+import itertools
 
 import torch
 import triton
@@ -159,13 +169,151 @@ def _online_softmax_pv(
     return m_new, l_i, acc
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 8-bit pages (KV_QUANT 1: int8, 2: fp8 e4m3fn read as uint8 bit patterns), one fp16 scale per (token, KV head) in
+# ``k_scales``/``v_scales [num_blocks, BLOCK_SIZE, Hkv]`` (llmkern/reference.py). The codes are widened in registers
+# and the scales folded in where they cost least: a K row's scale multiplies its column of logits after the q . code
+# dot, a V row's scale multiplies its column of P before the P @ V dot. No dequantized copy of a page exists.
+
+
+@triton.jit
+def _page_rows(bt_row_ptr, stride_btn, pos, tile_start, valid, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(page, row)`` int64 of the tile's positions (page a scalar when the tile lies in one page), from which the
+    pages' and the scales' offsets are both formed (``_page_offsets`` with the page ids loaded once)."""
+    if BLOCK_SIZE >= BLOCK_N:
+        page = tl.load(bt_row_ptr + (tile_start // BLOCK_SIZE) * stride_btn).to(tl.int64)
+    else:
+        page = tl.load(bt_row_ptr + (pos // BLOCK_SIZE) * stride_btn, mask=valid, other=0).to(tl.int64)
+    return page, (pos % BLOCK_SIZE).to(tl.int64)
+
+
+@triton.jit
+def _codes_to(c, KV_QUANT: tl.constexpr, dtype: tl.constexpr):
+    """8-bit codes -> ``dtype`` values (exact in fp32, fp16 and bf16: int8 has 7 significant bits, e4m3 3 bits and
+    exponents 2^-9..2^8). fp8 by bit operations, the same on every GPU (sm_80 has no fp8 conversions) and in the
+    interpreter: sign and the 7 magnitude bits moved into an fp16 pattern (exponent bias 15 instead of 7, so the
+    value is 2^-8 of the e4m3 one, subnormals included: e4m3's map onto fp16 subnormals, which the fp16 -> fp32
+    conversion keeps), then times 256 in fp32, where every result is a normal number."""
+    if KV_QUANT == 1:
+        return c.to(tl.float32).to(dtype)  # through fp32: the interpreter casts int8 -> bf16 as bit patterns
+    else:
+        b = c.to(tl.int32)
+        h = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+        return (h.to(tl.float32) * 256.0).to(dtype)
+
+
+@triton.jit
+def _attend_tile_q8(
+    q,  # [R, BLOCK_D] queries (T = q's dtype)
+    m_i,
+    l_i,
+    acc,
+    vis,  # [R or 1, BLOCK_N] which logits are visible
+    qk_scale,
+    softcap,
+    kc_ptr,  # 8-bit pages: int8 or uint8 (fp8 bits)
+    vc_ptr,
+    ks_ptr,  # [num_blocks, BLOCK_SIZE, Hkv] fp16
+    vs_ptr,
+    bt_row,
+    stride_btn,
+    pos,
+    tile_start,
+    valid,
+    d,
+    kv_mask,
+    kvh64,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ksb,
+    stride_kss,
+    stride_ksh,
+    stride_vsb,
+    stride_vss,
+    stride_vsh,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ACCURATE_TANH: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    KV_QUANT: tl.constexpr,
+):
+    """One K/V tile of 8-bit pages folded into the online softmax: the 8-bit counterpart of the float path's
+    logits + ``_online_softmax_pv``, shared by decode and prefill.
+
+    Logits: ``ks_j * (q . code_j)``, the K scale folded into the scores (the codes are exact in q's dtype, so the
+    dot sees the stored values unrounded). F32_DOT: ``q . (code_j ks_j)`` as an fp64 dot (the dequantized row is
+    exact in fp32), rounded once to fp32.
+
+    P @ V: ``sum_j (p_j vs_j) code_j``, the V scale folded into P (F32_DOT: in fp32, an FMA dot). With 16-bit q the
+    factors go to the tensor cores as two 16-bit parts, ``hi = T(p_j vs_j)`` and ``lo = T(p_j vs_j - hi)``, two dots
+    on the same exact codes: P @ V to about 2^-16 (bf16) instead of 2^-9. One rounded part is not enough: rounding
+    either ``p_j vs_j`` or the dequantized ``v`` (the float path rounds p only; its V is exact data) adds a rounding
+    to every output that eager over a 16-bit dequantized cache does not have for short rows (a one-token sequence:
+    eager rounds v once, the kernel twice), and the paged attention tests' rule counts that (tests/test_kv8_triton.py;
+    the float kernel run on the dequantized pages fails it the same way). The factors are first divided by the
+    power of two 2^e <= max_j vs_j of the tile and the dot multiplied back (both exact), so they stay in [0, 2):
+    fp16's subnormals would otherwise swallow small p_j vs_j (and their lo parts)."""
+    page, row = _page_rows(bt_row, stride_btn, pos, tile_start, valid, BLOCK_SIZE, BLOCK_N)
+    k = tl.load(kc_ptr + (page * stride_kb + row * stride_ks + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd,
+                mask=kv_mask, other=0)
+    ks = tl.load(ks_ptr + page * stride_ksb + row * stride_kss + kvh64 * stride_ksh, mask=valid, other=0.0)
+    if F32_DOT:
+        # The K tile dequantized (code x scale is exact in fp32: 8 and 11 significant bits) for the fp64 dot, so the
+        # logits are rounded once, as the float path's. The sum over a length-1 axis (free) ends the chain of
+        # elementwise ops back to the 8-bit load: Triton 3.8 otherwise lays the fp64 operand out for the 8-bit
+        # width, which its fp64 MMA rejects ("Currently fp64 don't support largeK MMA").
+        kf = _codes_to(k, KV_QUANT, tl.float32) * ks.to(tl.float32)[:, None]
+        kf = tl.sum(kf[:, :, None], 2)
+        s = tl.dot(q.to(tl.float64), tl.trans(kf.to(tl.float64)), input_precision="ieee").to(tl.float32)
+    else:
+        s = tl.dot(q, tl.trans(_codes_to(k, KV_QUANT, q.dtype))) * ks.to(tl.float32)[None, :]
+    c = qk_scale  # s stays unscaled: the max is subtracted first (see _online_softmax_pv)
+    if SOFTCAP:
+        s = softcap * _tanh(s * qk_scale / softcap, ACCURATE_TANH)
+        c = 1.4426950408889634
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * c)
+    p = tl.exp2((s - m_safe[:, None]) * c)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(vc_ptr + (page * stride_vb + row * stride_vs + kvh64 * stride_vh)[:, None] + d[None, :] * stride_vd,
+                mask=kv_mask, other=0)
+    vs = tl.load(vs_ptr + page * stride_vsb + row * stride_vss + kvh64 * stride_vsh, mask=valid,
+                 other=0.0).to(tl.float32)
+    if F32_DOT:
+        pv = p * vs[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv, _codes_to(v, KV_QUANT, tl.float32), input_precision="ieee")
+    else:
+        # 2^e <= max_j vs_j: the exponent bits of the tile's largest scale (0 when no row is valid, where every
+        # p_j vs_j is 0 too); p_j vs_j / 2^e lies in [0, 2) (exact: a power of two).
+        e = tl.max(vs, 0).to(tl.int32, bitcast=True) & 0x7F800000
+        pw = e.to(tl.float32, bitcast=True)
+        inv = (0x7F000000 - e).to(tl.float32, bitcast=True)  # 2^-e
+        pv = p * (vs * inv)[None, :]
+        hi = pv.to(q.dtype)
+        lo = (pv - hi.to(tl.float32)).to(q.dtype)
+        cv = _codes_to(v, KV_QUANT, q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(lo, cv, tl.dot(hi, cv)) * pw
+    return m_new, l_i, acc
+
+
 # Integer arguments Triton would otherwise specialise on (== 1 -> constant, % 16 == 0 -> divisibility) although the
 # code gains nothing from it: each would double the compiled variants (and the compile gate's specs) for nothing.
 # The q/out and cache strides stay specialised: their divisibility decides vectorised loads and stores (without it
 # the 16-bit D = 256 prefill and the fp32 D = 128 prefill spill).
-_DECODE_NO_SPEC = ("window", "num_splits", "G", "stride_btb", "stride_lb", "stride_lh")
+# The scales' strides too: one scale per row, whatever their layout (8-bit pages only; 0 for float pages).
+_SCALE_STRIDES = ("stride_ksb", "stride_kss", "stride_ksh", "stride_vsb", "stride_vss", "stride_vsh")
+_DECODE_NO_SPEC = ("window", "num_splits", "G", "stride_btb", "stride_lb", "stride_lh") + _SCALE_STRIDES
 _REDUCE_NO_SPEC = ("Hq", "num_splits")
-_PREFILL_NO_SPEC = ("window", "S", "G", "stride_btb")
+_PREFILL_NO_SPEC = ("window", "S", "G", "stride_btb") + _SCALE_STRIDES
 
 
 @triton.jit(do_not_specialize=_DECODE_NO_SPEC)
@@ -202,6 +350,14 @@ def _paged_decode_split_kernel(
     stride_od,
     stride_lb,
     stride_lh,
+    ks_ptr,  # [num_blocks, BLOCK_SIZE, Hkv] fp16 K scales (8-bit pages); None for float pages
+    vs_ptr,  # [num_blocks, BLOCK_SIZE, Hkv] fp16 V scales; None for float pages
+    stride_ksb,
+    stride_kss,
+    stride_ksh,
+    stride_vsb,
+    stride_vss,
+    stride_vsh,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -210,6 +366,7 @@ def _paged_decode_split_kernel(
     SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     F32_DOT: tl.constexpr,  # fp32 inputs (or bf16 in a plain interpreter run): fp64 logits, fp32 FMA P @ V
+    KV_QUANT: tl.constexpr,  # 0: float pages (q's dtype); 1: int8, 2: fp8 e4m3fn (uint8 bits) + fp16 scales
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -245,21 +402,30 @@ def _paged_decode_split_kernel(
         pos = tile_start + n
         valid = (pos >= start) & (pos < seq_len)
         kv_mask = valid[:, None] & dmask[None, :]
-        k_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
-        k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)  # [BLOCK_N, BLOCK_D]
-        if F32_DOT:
-            s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
+        if KV_QUANT != 0:
+            m_i, l_i, acc = _attend_tile_q8(
+                q, m_i, l_i, acc, valid[None, :], qk_scale, softcap, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                stride_btn, pos, tile_start, valid, d, kv_mask, kvh64, stride_kb, stride_ks, stride_kh, stride_kd,
+                stride_vb, stride_vs, stride_vh, stride_vd, stride_ksb, stride_kss, stride_ksh, stride_vsb,
+                stride_vss, stride_vsh, BLOCK_SIZE, BLOCK_N, SOFTCAP, q_ptr.dtype.element_ty == tl.float32, F32_DOT,
+                KV_QUANT)
         else:
-            s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N] fp32
-        c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
-        if SOFTCAP:
-            s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
-            c = 1.4426950408889634
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
-                                           tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
-                                           stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
+            k_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_kb, stride_ks, BLOCK_SIZE,
+                                  BLOCK_N)
+            k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask,
+                        other=0.0)  # [BLOCK_N, BLOCK_D]
+            if F32_DOT:
+                s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
+            else:
+                s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N] fp32
+            c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
+            if SOFTCAP:
+                s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
+                c = 1.4426950408889634
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+                                               tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
+                                               stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
     # Correctly rounded division (div.rn), once per output element: `/` compiles to div.full.f32 (2 ulp), which
@@ -356,6 +522,14 @@ def _paged_prefill_kernel(
     stride_oh,
     stride_os,
     stride_od,
+    ks_ptr,  # [num_blocks, BLOCK_SIZE, Hkv] fp16 K scales (8-bit pages); None for float pages
+    vs_ptr,  # [num_blocks, BLOCK_SIZE, Hkv] fp16 V scales; None for float pages
+    stride_ksb,
+    stride_kss,
+    stride_ksh,
+    stride_vsb,
+    stride_vss,
+    stride_vsh,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -363,6 +537,7 @@ def _paged_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     F32_DOT: tl.constexpr,  # fp32 inputs (or bf16 in a plain interpreter run): fp64 logits, fp32 FMA P @ V
+    KV_QUANT: tl.constexpr,  # 0: float pages (q's dtype); 1: int8, 2: fp8 e4m3fn (uint8 bits) + fp16 scales
 ):
     mt = tl.program_id(0)  # row tiles on x: up to 2^31 - 1 of them (y and z stop at 65535)
     kvh = tl.program_id(1)
@@ -403,23 +578,32 @@ def _paged_prefill_kernel(
         pos = tile_start + n
         valid = (pos < hi) & (pos >= 0)
         kv_mask = valid[:, None] & dmask[None, :]
-        k_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
-        k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if F32_DOT:
-            s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
-        else:
-            s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
-        c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
-        if SOFTCAP:
-            s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
-            c = 1.4426950408889634
         vis = real[:, None] & valid[None, :] & (pos[None, :] <= qpos[:, None])
         if USE_WINDOW:
             vis = vis & (pos[None, :] > qpos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
-                                           tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
-                                           stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
+        if KV_QUANT != 0:
+            m_i, l_i, acc = _attend_tile_q8(
+                q, m_i, l_i, acc, vis, qk_scale, softcap, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, stride_btn, pos,
+                tile_start, valid, d, kv_mask, kvh64, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb,
+                stride_vs, stride_vh, stride_vd, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
+                stride_vsh, BLOCK_SIZE, BLOCK_N, SOFTCAP, q_ptr.dtype.element_ty == tl.float32, F32_DOT, KV_QUANT)
+        else:
+            k_off = _page_offsets(bt_row, stride_btn, pos, tile_start, valid, stride_kb, stride_ks, BLOCK_SIZE,
+                                  BLOCK_N)
+            k = tl.load(kc_ptr + (k_off + kvh64 * stride_kh)[:, None] + d[None, :] * stride_kd, mask=kv_mask,
+                        other=0.0)
+            if F32_DOT:
+                s = tl.dot(q.to(tl.float64), tl.trans(k.to(tl.float64)), input_precision="ieee").to(tl.float32)
+            else:
+                s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+            c = qk_scale  # s stays unscaled: _online_softmax_pv subtracts the max first
+            if SOFTCAP:
+                s = softcap * _tanh(s * qk_scale / softcap, q_ptr.dtype.element_ty == tl.float32)
+                c = 1.4426950408889634
+            s = tl.where(vis, s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_pv(s, c, m_i, l_i, acc, vc_ptr, k_off, kvh64, bt_row, stride_btn, pos,
+                                               tile_start, valid, d, kv_mask, stride_kb, stride_ks, stride_vb,
+                                               stride_vs, stride_vh, stride_vd, BLOCK_SIZE, BLOCK_N, F32_DOT)
 
     has = l_i > 0.0
     # Correctly rounded division (div.rn), once per output element: `/` compiles to div.full.f32 (2 ulp), which
@@ -449,7 +633,7 @@ def _cuda_sms(index: int) -> int:
 _TRITON_BEFORE_3_7 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
 
 
-def decode_config(G: int, D: int, fp32: bool = False) -> dict:
+def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict:
     """Stage-1 tiles for group size ``G``, head_dim ``D`` and input width.
 
     ``BLOCK_G = max(16, next_pow2(G))`` (tl.dot needs 16 rows); ``BLOCK_D = next_pow2(D)`` (80 and 96 pad to 128).
@@ -460,17 +644,20 @@ def decode_config(G: int, D: int, fp32: bool = False) -> dict:
     2 stages: with 3, ptxas spills a few bytes in some variants (fp32 D = 64 / 256 on sm_80, 16-bit D = 128 with
     1-token pages on sm_90); the compile gate checks every config on sm_80 and sm_90, with Triton 3.6 too
     (``make test-compat``).
+    8-bit pages (``kv8``): the same tiles (so the same split heuristic); at D = 128 8 warps, as 4 spill on sm_90 (up
+    to 20 bytes with 16-bit inputs, where the codes' conversion and the two-part P @ V come on top and ptxas caps 4
+    warps at 168 registers; up to 24 bytes at 255 registers with fp32 inputs).
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(G))
     if fp32:
         block_n = 32 if block_d <= 128 else 16
-        num_warps = 8 if block_d > 128 and _TRITON_BEFORE_3_7 else 4
+        num_warps = 8 if (block_d > 128 and _TRITON_BEFORE_3_7) or (kv8 and block_d == 128) else 4
     else:
         block_n = 64 if block_d <= 128 else 32
         # 4 warps are enough for D = 128; for D = 64 ptxas then caps some variants at 64 registers and spills a
         # few bytes (sliding window + softcap, small pages), and D = 256 needs the room: 8 warps there.
-        num_warps = 4 if block_d == 128 else 8
+        num_warps = 4 if block_d == 128 and not kv8 else 8
     if block_g >= 64:  # very wide groups (no supported model): keep the S tile and accumulator in registers
         block_n = min(block_n, 32)
     return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
@@ -534,18 +721,22 @@ def prefill_grid(B: int, Hkv: int, S: int, G: int, block_m: int) -> tuple:
     return (triton.cdiv(S * G, block_m), Hkv, B)
 
 
-def prefill_config(G: int, D: int, fp32: bool = False) -> dict:
+def prefill_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict:
     """Prefill tiles: ``BLOCK_M`` flattened (query row, group head) rows, ``BLOCK_N`` tokens,
     ``BLOCK_D = next_pow2(D)``, 8 warps (4 warps reach 255 registers: the per-row position/mask vectors and the
     gathered int64 K/V row offsets come on top of the usual flash-attention tiles). 16-bit: 64 x 64 (64 x 16 for
     D = 256). fp32 (fp64 logits, FMA dots): 16 x 32 for D <= 128, 16 x 16 for D = 256. These compile without spills
     for sm_80 and sm_90 with Triton 3.6 and 3.8; 32-row fp32 tiles and 64 x 32 for 16-bit D = 256 spill with 3.6
-    (up to 48 bytes)."""
+    (up to 48 bytes). 8-bit pages (``kv8``) with 16-bit inputs: 64 x 32 for D <= 128 and 32 x 32 for D = 256, since
+    the codes' conversion and the two-part P @ V (``_attend_tile_q8``) spill at 64 x 64 (24 bytes) and 64 x 16 (268
+    bytes on sm_90)."""
     block_d = max(16, triton.next_power_of_2(D))
     if fp32:
         block_m, block_n = (16, 32) if block_d <= 128 else (16, 16)
     else:
         block_m, block_n = (64, 64) if block_d <= 128 else (64, 16)
+        if kv8:
+            block_m, block_n = (64, 32) if block_d <= 128 else (32, 32)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 2}
 
 
@@ -573,32 +764,46 @@ def _scales(scale: float, softcap):
     return (float(scale), float(softcap)) if softcap is not None else (float(scale) * LOG2E, 1.0)
 
 
+def _kv8_args(k_cache, v_cache, k_scales, v_scales) -> tuple:
+    """``(k pages, v pages, KV_QUANT, scale arguments)`` for the kernels: float pages pass through with no scales
+    (``None`` pointers, which Triton makes constexprs, and zero strides); 8-bit pages get KV_QUANT 1 (int8) or 2 (fp8
+    e4m3fn, passed as a uint8 view of the same bytes) and their fp16 scales with 3 strides each."""
+    if k_scales is None:
+        return k_cache, v_cache, 0, (None, None, 0, 0, 0, 0, 0, 0)
+    from llmkern.kernels.cache_ops import kv_pages, kv_quant
+
+    return (kv_pages(k_cache), kv_pages(v_cache), kv_quant(k_cache),
+            (k_scales, v_scales, *k_scales.stride(), *v_scales.stride()))
+
+
 def paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale: float, sliding_window, softcap,
-                     num_splits: int) -> None:
-    """Stage 1 over (B, Hkv, num_splits), then stage 2 over (B, Hq) unless ``num_splits == 1``."""
+                     num_splits: int, k_scales=None, v_scales=None) -> None:
+    """Stage 1 over (B, Hkv, num_splits), then stage 2 over (B, Hq) unless ``num_splits == 1``. 8-bit pages (int8 or
+    fp8 e4m3fn) come with their fp16 ``k_scales``/``v_scales [num_blocks, block_size, Hkv]``, any strides."""
     B, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = Hq // Hkv
-    cfg = decode_config(G, D, q.dtype == torch.float32)
+    cfg = decode_config(G, D, q.dtype == torch.float32, k_scales is not None)
     qk_scale, cap = _scales(scale, softcap)
     window = int(sliding_window) if sliding_window is not None else 0
+    kc, vc, quant, sc = _kv8_args(k_cache, v_cache, k_scales, v_scales)
     consts = dict(BLOCK_SIZE=bs, BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  KV_QUANT=quant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     common = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride())
     grid, reduce_grid = decode_grids(B, Hq, Hkv, num_splits)
     with _launch.device_guard(q):
         if num_splits == 1:
             _launch.launch(
-                _paged_decode_split_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, out, out, qk_scale,
-                cap, window, 1, G, D, *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0,
+                _paged_decode_split_kernel, grid, q, kc, vc, block_tables, seq_lens, out, out, qk_scale,
+                cap, window, 1, G, D, *common, out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, *sc,
                 STORE_LSE=False, **consts)
             return
         part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((B, Hq, 2, num_splits), dtype=torch.float32, device=q.device)
         _launch.launch(
-            _paged_decode_split_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, part, lse, qk_scale, cap,
-            window, num_splits, G, D, *common, *part.stride(), lse.stride(0), lse.stride(1), STORE_LSE=True,
+            _paged_decode_split_kernel, grid, q, kc, vc, block_tables, seq_lens, part, lse, qk_scale, cap,
+            window, num_splits, G, D, *common, *part.stride(), lse.stride(0), lse.stride(1), *sc, STORE_LSE=True,
             **consts)
         rcfg = reduce_config(num_splits, D)
         _launch.launch(
@@ -608,23 +813,25 @@ def paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale: fl
 
 
 def paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, scale: float, sliding_window,
-                      softcap) -> None:
-    """One launch over (B, Hkv, query-row tiles of the flattened (s, group head) rows)."""
+                      softcap, k_scales=None, v_scales=None) -> None:
+    """One launch over (B, Hkv, query-row tiles of the flattened (s, group head) rows). 8-bit pages as for
+    ``paged_decode_fwd``."""
     B, Hq, S, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = Hq // Hkv
-    cfg = prefill_config(G, D, q.dtype == torch.float32)
+    cfg = prefill_config(G, D, q.dtype == torch.float32, k_scales is not None)
     qk_scale, cap = _scales(scale, softcap)
     window = int(sliding_window) if sliding_window is not None else 0
     grid = prefill_grid(B, Hkv, S, G, cfg["BLOCK_M"])
+    kc, vc, quant, sc = _kv8_args(k_cache, v_cache, k_scales, v_scales)
     with _launch.device_guard(q):
         _launch.launch(
-            _paged_prefill_kernel, grid, q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, qk_scale, cap,
+            _paged_prefill_kernel, grid, q, kc, vc, block_tables, seq_lens, q_lens, out, qk_scale, cap,
             window, S, G, D, *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
-            *out.stride(),
+            *out.stride(), *sc,
             BLOCK_SIZE=bs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            KV_QUANT=quant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -656,6 +863,22 @@ def _cache_args(Hkv: int, D: int, bs: int) -> dict:
         for s, val in zip("bshd", (bs * Hkv * D, Hkv * D, D, 1)):
             c[f"stride_{x}{s}"] = ("i32", val)
     return c
+
+
+# Page kinds of the compile specs: (name, KV_QUANT, page pointer type or None for q's). 8-bit pages come with fp16
+# scales (contiguous [num_blocks, block_size, Hkv]; their strides are not specialised, so any layout compiles alike).
+KV_KINDS = (("", 0, None), ("int8", 1, "*i8"), ("fp8", 2, "*u8"))
+
+
+def _kv_args(kv_quant: int, page_ptr, ptr: str, Hkv: int, bs: int) -> tuple:
+    """``(args, constexprs)`` of the page and scale arguments for one page kind."""
+    pages = page_ptr or ptr
+    args = {"kc_ptr": (pages, None), "vc_ptr": (pages, None)}
+    if kv_quant == 0:
+        return args, {"ks_ptr": None, "vs_ptr": None}, {a: ("i32", 0) for a in _SCALE_STRIDES}
+    args.update({"ks_ptr": ("*fp16", None), "vs_ptr": ("*fp16", None)})
+    strides = {f"stride_{x}s{s}": ("i32", v) for x in "kv" for s, v in zip("bsh", (bs * Hkv, Hkv, 1))}
+    return args, {}, strides
 
 
 def reachable_splits(Hkv: int, D: int, G: int, max_context: int, sliding_window=None) -> set:
@@ -700,55 +923,59 @@ def compile_specs() -> list:
             dt = _DT[dtype]
             fp32 = dtype == torch.float32
             meta = {"dtype": dt, "serves": []}
-            dcfg = decode_config(G, D, fp32)
-            pcfg = prefill_config(G, D, fp32)
             variants = [(window is not None, False), (True, True)]
-            for bs in L.BLOCK_SIZES:
-                for use_window, use_softcap in variants:
-                    tag = ("W" if use_window else "") + ("C" if use_softcap else "")
-                    win = (window or 4096) if use_window else 0
-                    for store_lse in sorted({n > 1 for n in splits}):
-                        S_ = max(splits) if store_lse else 1
-                        out_ptr = "*fp32" if store_lse else ptr
-                        args = {
-                            "q_ptr": (ptr, None), "kc_ptr": (ptr, None), "vc_ptr": (ptr, None),
-                            "bt_ptr": ("*i32", None), "seq_lens_ptr": ("*i32", None), "o_ptr": (out_ptr, None),
-                            "lse_ptr": ("*fp32" if store_lse else ptr, None), "qk_scale": ("fp32", None),
-                            "softcap": ("fp32", None), "window": ("i32", win),
-                            "num_splits": ("i32", S_), "G": ("i32", G), "D": ("i32", D),
-                            "stride_qb": ("i32", Hq * D), "stride_qh": ("i32", D), "stride_qd": ("i32", 1),
-                            **_cache_args(Hkv, D, bs),
-                            "stride_btb": ("i32", max_blocks), "stride_btn": ("i32", 1),
-                            "stride_ob": ("i32", Hq * S_ * D), "stride_oh": ("i32", S_ * D),
-                            "stride_os": ("i32", D if store_lse else 0), "stride_od": ("i32", 1),
-                            "stride_lb": ("i32", Hq * 2 * S_ if store_lse else 0),
-                            "stride_lh": ("i32", 2 * S_ if store_lse else 0),
-                        }
-                        const = dict(BLOCK_SIZE=bs, BLOCK_G=dcfg["BLOCK_G"], BLOCK_N=dcfg["BLOCK_N"],
-                                     BLOCK_D=dcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap,
-                                     STORE_LSE=store_lse, F32_DOT=fp32)
-                        add(_spec(_paged_decode_split_kernel,
-                                  f"paged_decode_split[G={G},D={D},BLOCK_SIZE={bs},"
-                                  f"{'splits>1' if store_lse else 'splits=1'}{tag and ',' + tag},{dt}]",
-                                  args, const, dcfg, meta, _DECODE_NO_SPEC), lname)
-                    S = 64
+            for bs, (use_window, use_softcap), (kvname, quant, page_ptr) in itertools.product(
+                    L.BLOCK_SIZES, variants, KV_KINDS):
+                tag = ("W" if use_window else "") + ("C" if use_softcap else "")
+                win = (window or 4096) if use_window else 0
+                kv_args, kv_const, scale_strides = _kv_args(quant, page_ptr, ptr, Hkv, bs)
+                kmeta = {**meta, "kv": kvname or dt}
+                pcfg = prefill_config(G, D, fp32, quant != 0)
+                dcfg = decode_config(G, D, fp32, quant != 0)
+                kvtag = "," + kvname if kvname else ""
+                for store_lse in sorted({n > 1 for n in splits}):
+                    S_ = max(splits) if store_lse else 1
+                    out_ptr = "*fp32" if store_lse else ptr
                     args = {
-                        "q_ptr": (ptr, None), "kc_ptr": (ptr, None), "vc_ptr": (ptr, None), "bt_ptr": ("*i32", None),
-                        "seq_lens_ptr": ("*i32", None), "q_lens_ptr": ("*i32", None), "o_ptr": (ptr, None),
-                        "qk_scale": ("fp32", None), "softcap": ("fp32", None),
-                        "window": ("i32", win), "S": ("i32", S), "G": ("i32", G), "D": ("i32", D),
-                        # HF's q is a [b, s, H, d] buffer viewed as [b, H, s, d].
-                        "stride_qb": ("i32", S * Hq * D), "stride_qh": ("i32", D), "stride_qs": ("i32", Hq * D),
-                        "stride_qd": ("i32", 1), **_cache_args(Hkv, D, bs),
+                        "q_ptr": (ptr, None), **kv_args,
+                        "bt_ptr": ("*i32", None), "seq_lens_ptr": ("*i32", None), "o_ptr": (out_ptr, None),
+                        "lse_ptr": ("*fp32" if store_lse else ptr, None), "qk_scale": ("fp32", None),
+                        "softcap": ("fp32", None), "window": ("i32", win),
+                        "num_splits": ("i32", S_), "G": ("i32", G), "D": ("i32", D),
+                        "stride_qb": ("i32", Hq * D), "stride_qh": ("i32", D), "stride_qd": ("i32", 1),
+                        **_cache_args(Hkv, D, bs),
                         "stride_btb": ("i32", max_blocks), "stride_btn": ("i32", 1),
-                        "stride_ob": ("i32", Hq * S * D), "stride_oh": ("i32", S * D), "stride_os": ("i32", D),
-                        "stride_od": ("i32", 1),
+                        "stride_ob": ("i32", Hq * S_ * D), "stride_oh": ("i32", S_ * D),
+                        "stride_os": ("i32", D if store_lse else 0), "stride_od": ("i32", 1),
+                        "stride_lb": ("i32", Hq * 2 * S_ if store_lse else 0),
+                        "stride_lh": ("i32", 2 * S_ if store_lse else 0), **scale_strides,
                     }
-                    const = dict(BLOCK_SIZE=bs, BLOCK_M=pcfg["BLOCK_M"], BLOCK_N=pcfg["BLOCK_N"],
-                                 BLOCK_D=pcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap, F32_DOT=fp32)
-                    add(_spec(_paged_prefill_kernel,
-                              f"paged_prefill[BLOCK_M={pcfg['BLOCK_M']},D={D},BLOCK_SIZE={bs}{tag and ',' + tag},{dt}]",
-                              args, const, pcfg, meta, _PREFILL_NO_SPEC), lname)
+                    const = dict(BLOCK_SIZE=bs, BLOCK_G=dcfg["BLOCK_G"], BLOCK_N=dcfg["BLOCK_N"],
+                                 BLOCK_D=dcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap,
+                                 STORE_LSE=store_lse, F32_DOT=fp32, KV_QUANT=quant, **kv_const)
+                    add(_spec(_paged_decode_split_kernel,
+                              f"paged_decode_split[G={G},D={D},BLOCK_SIZE={bs},"
+                              f"{'splits>1' if store_lse else 'splits=1'}{tag and ',' + tag},{dt}{kvtag}]",
+                              args, const, dcfg, kmeta, _DECODE_NO_SPEC), lname)
+                S = 64
+                args = {
+                    "q_ptr": (ptr, None), **kv_args, "bt_ptr": ("*i32", None),
+                    "seq_lens_ptr": ("*i32", None), "q_lens_ptr": ("*i32", None), "o_ptr": (ptr, None),
+                    "qk_scale": ("fp32", None), "softcap": ("fp32", None),
+                    "window": ("i32", win), "S": ("i32", S), "G": ("i32", G), "D": ("i32", D),
+                    # HF's q is a [b, s, H, d] buffer viewed as [b, H, s, d].
+                    "stride_qb": ("i32", S * Hq * D), "stride_qh": ("i32", D), "stride_qs": ("i32", Hq * D),
+                    "stride_qd": ("i32", 1), **_cache_args(Hkv, D, bs),
+                    "stride_btb": ("i32", max_blocks), "stride_btn": ("i32", 1),
+                    "stride_ob": ("i32", Hq * S * D), "stride_oh": ("i32", S * D), "stride_os": ("i32", D),
+                    "stride_od": ("i32", 1), **scale_strides,
+                }
+                const = dict(BLOCK_SIZE=bs, BLOCK_M=pcfg["BLOCK_M"], BLOCK_N=pcfg["BLOCK_N"],
+                             BLOCK_D=pcfg["BLOCK_D"], USE_WINDOW=use_window, SOFTCAP=use_softcap, F32_DOT=fp32,
+                             KV_QUANT=quant, **kv_const)
+                add(_spec(_paged_prefill_kernel,
+                          f"paged_prefill[BLOCK_M={pcfg['BLOCK_M']},D={D},BLOCK_SIZE={bs}{tag and ',' + tag},"
+                          f"{dt}{kvtag}]", args, const, pcfg, kmeta, _PREFILL_NO_SPEC), lname)
             for n in sorted(x for x in splits if x > 1):
                 rcfg = reduce_config(n, D)
                 args = {"po_ptr": ("*fp32", None), "lse_ptr": ("*fp32", None), "o_ptr": (ptr, None),

@@ -10,6 +10,7 @@ Results are cached (``~/.cache/llmkern/inspect``), so only changed kernels are r
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -206,12 +207,21 @@ def _sampled_launches(n=4000, seed=0):
         where = f"{name} sms={sms} B={B} ctx={ctx} {dt}"
         splits = PA.decode_num_splits(B, Hkv, ctx, D, win, sms, G)
         dcfg = {k: v for k, v in PA.decode_config(G, D, fp32).items() if k != "num_stages"}
-        yield (*_want("_paged_decode_split_kernel", dcfg, dt), where)
+        yield (*_want("_paged_decode_split_kernel", {**dcfg, "KV_QUANT": 0}, dt), where)
         if splits > 1:
             yield (*_want("_paged_decode_reduce_kernel", PA.reduce_config(splits, D), dt), f"{where} splits={splits}")
         pcfg = {k: v for k, v in PA.prefill_config(G, D, fp32).items() if k != "num_stages"}
-        yield (*_want("_paged_prefill_kernel", pcfg, dt), where)
+        yield (*_want("_paged_prefill_kernel", {**pcfg, "KV_QUANT": 0}, dt), where)
         yield (*_want("_reshape_and_cache_kernel", cache_ops.cache_tile_config(Hkv, D), dt), where)
+        # 8-bit pages (KV_QUANT 1: int8, 2: fp8 e4m3fn), the same split heuristic and reduce.
+        quant = rng.choice((1, 2))
+        kv = {"KV_QUANT": quant}
+        dcfg8 = {k: v for k, v in PA.decode_config(G, D, fp32, kv8=True).items() if k != "num_stages"}
+        yield (*_want("_paged_decode_split_kernel", {**dcfg8, **kv}, dt), f"{where} KV_QUANT={quant}")
+        pcfg8 = {k: v for k, v in PA.prefill_config(G, D, fp32, kv8=True).items() if k != "num_stages"}
+        yield (*_want("_paged_prefill_kernel", {**pcfg8, **kv}, dt), f"{where} KV_QUANT={quant}")
+        yield (*_want("_reshape_and_cache_q8_kernel", {**cache_ops.cache_tile_config(Hkv, D), **kv}, dt),
+               f"{where} KV_QUANT={quant}")
         lay = rng.choice(layouts)
         M = rng.choice([B, B * ctx])
         for N in (lay.hidden, rng.randint(rms_norm.MAX_TILE_N + 1, rms_norm.MAX_N)):
@@ -234,6 +244,36 @@ def test_sampled_heuristic_configs_are_compiled_clean(report):
                 missing[(kernel, key)] = where
     assert not missing, f"{len(missing)} heuristic configs never compiled clean, e.g.:\n" + "\n".join(
         f"{k} {key}: {w}" for (k, key), w in list(missing.items())[:15])
+
+
+def test_8bit_kv_variants_compiled_clean(report):
+    """Every float-page attention spec has its int8 and fp8 twins (same launch config; decode and prefill with
+    KV_QUANT 1 and 2), and every 8-bit kernel (the quantizing write, copy_blocks on 1-byte pages and on the fp16
+    scales' [nb, bs, Hkv, 1] views) compiled for every arch without spills."""
+    rows = [r for r in _spec_rows(report) if r["module"] in ("paged_attention", "cache_ops")]
+
+    def key(name):  # 8-bit prefill may take other row tiles (prefill_config(kv8=True)): BLOCK_M left out
+        return re.sub(r"BLOCK_M=\d+,", "", name)
+
+    names = {key(r["spec"]) for r in rows}
+    twins = [r["spec"] for r in rows if r["kernel"] in ("_paged_decode_split_kernel", "_paged_prefill_kernel")
+             and r["constexprs"].get("KV_QUANT") == 0]
+    assert twins, "no float-page attention spec (KV_QUANT=0) was compiled"
+    missing = []
+    for name in sorted(set(twins)):
+        for kv in ("int8", "fp8"):
+            twin = key(name)[:-1] + f",{kv}]"  # e.g. paged_prefill[D=128,BLOCK_SIZE=16,bf16,int8]
+            if twin not in names:
+                missing.append(f"{name} -> {kv}")
+    assert not missing, f"float attention specs without an 8-bit twin: {missing[:10]}"
+    kv8 = [r for r in rows if r["constexprs"].get("KV_QUANT", 0) != 0
+           or r["meta"].get("kv") in ("int8/fp8 pages", "scales")]  # copy_blocks on 8-bit pools
+    kinds = {r["kernel"] for r in kv8}
+    assert {"_paged_decode_split_kernel", "_paged_prefill_kernel", "_reshape_and_cache_q8_kernel",
+            "_copy_blocks_kernel"} <= kinds, kinds
+    bad = [r for r in kv8 if r["error"] or ki.row_failed(r)]
+    assert not bad, _describe(bad, "error", "regs", "local", "stack", "spill_stores")
+    assert {r["arch"] for r in kv8} == set(ARCHS)
 
 
 @pytest.mark.parametrize("sms, Hkv, D, ctx", [(132, 2, 128, 34 * 1024), (148, 2, 128, 262144),

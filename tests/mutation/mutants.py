@@ -108,7 +108,12 @@ MUTANTS = (
     Mutant(
         "triton-cache-write-drops-slot-0", "triton",
         "reshape_and_cache skips slot 0 as if it were padding (> 0 where >= 0 belongs)",
-        (("kernels/cache_ops.py", "if (slot >= 0) & (slot < num_slots):", "if (slot > 0) & (slot < num_slots):"),),
+        # The float write kernel's guard (the 8-bit one's is followed by `hmask =`).
+        (("kernels/cache_ops.py",
+          "if (slot >= 0) & (slot < num_slots):\n        blk = slot // BLOCK_SIZE\n        off = slot % BLOCK_SIZE\n"
+          "        mask =",
+          "if (slot > 0) & (slot < num_slots):\n        blk = slot // BLOCK_SIZE\n        off = slot % BLOCK_SIZE\n"
+          "        mask ="),),
         ("tests/test_cache_ops.py", "-k", "reshape_and_cache and triton and not bad_input")),
     Mutant(
         "triton-copy-blocks-drops-last-row", "triton",
