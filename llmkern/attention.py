@@ -46,7 +46,8 @@ import warnings
 import torch
 
 from llmkern import backends, paged_ops
-from llmkern.cache import PagedKV, PagedKVCache, StepPlan, _decoder_dims
+from llmkern.cache import LayerPages, PagedKV, PagedKVCache, StepPlan, _decoder_dims
+from llmkern.cache.pool import write as write_pages
 
 NAME = "llmkern_paged"  # no "flash", "sdpa", "flex" or "/": transformers special-cases those
 _STATE_ATTR = "_llmkern_paged_state"
@@ -157,15 +158,18 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     if plan.decode:
         return _decode(cache, plan, handle, query, scale, window, softcap).unsqueeze(1), None  # [B, 1, Hq, D]
 
-    cache.write(handle, plan)
+    # One way: the plan (made once per step, by the first layer) and this layer's pages; the layer writes its K/V
+    # and reads the pages through the ops, never calling back into the cache.
+    pages = cache.layer_pages(handle.layer_idx)
+    write_pages(pages, handle.key, handle.value, plan.slot_mapping)
     if plan.fresh and _dense_prefill_ok(query, window, softcap):
         return _dense_prefill(handle, query, scale, plan.real), None
-    k_pages, v_pages = cache.pages(handle.layer_idx)
     q = query
     if plan.q_index is not None:  # real tokens not all at the end of their row: gather them there
         q = torch.gather(query, 2, plan.q_index[:, None, :, None].expand(B, Hq, S, D))
-    out = paged_ops.paged_prefill_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, plan.q_lens,
-                                            scale, sliding_window=window, softcap=softcap)
+    out = paged_ops.paged_prefill_attention(q, pages.k, pages.v, plan.block_tables, plan.seq_lens, plan.q_lens,
+                                            scale, sliding_window=window, softcap=softcap, k_scales=pages.k_scales,
+                                            v_scales=pages.v_scales)
     if plan.q_index is not None:
         out = torch.empty_like(out).scatter_(2, plan.q_index[:, None, :, None].expand(B, Hq, S, D), out)
     return out.transpose(1, 2), None  # [B, S, Hq, D]
@@ -231,7 +235,8 @@ _function_mode = torch._C._is_torch_function_mode_enabled  # a TorchFunctionMode
 def _decode(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: float, window, softcap):
     """Write one layer's new K/V and attend: ``query [B, Hq, 1, D]`` -> ``[B, Hq, D]`` (module docstring: the
     direct path)."""
-    k_pages, v_pages = cache.pages(handle.layer_idx)
+    pages = cache.layer_pages(handle.layer_idx)
+    k_pages = pages.k
     q = query.squeeze(2)  # [B, Hq, D], a view
     scalars = (scale, window, softcap)
     if _is_compiling():
@@ -241,21 +246,23 @@ def _decode(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: 
         splits = None  # the op picks the count from the concrete sizes when it runs (CPU kernels: always)
         if (q.device.type != "cpu" or backends.triton_interpret()) and _CONSTANT_OF_SYMINTS:
             splits = _splits_constant(q.device.type, q.device.index, *sizes, window)
-        cache.write(handle, plan)
-        return paged_ops.paged_decode_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, scale,
+        write_pages(pages, handle.key, handle.value, plan.slot_mapping)
+        return paged_ops.paged_decode_attention(q, pages.k, pages.v, plan.block_tables, plan.seq_lens, scale,
                                                 sliding_window=window, softcap=softcap, num_splits=splits,
-                                                max_seq_len=plan.max_seq_len)
+                                                max_seq_len=plan.max_seq_len, k_scales=pages.k_scales,
+                                                v_scales=pages.v_scales)
     if not _function_mode() and scalars in plan.direct:
-        out = _decode_direct(plan, handle, q, k_pages, v_pages, scalars)
+        out = _decode_direct(plan, handle, q, pages, scalars)
         if out is not None:
             return out
     if window not in plan.num_splits:
         plan.num_splits[window] = _decode_num_splits(query, k_pages, plan.max_seq_len, window)
     with backends.track() as ran:
-        cache.write(handle, plan)
-        out = paged_ops.paged_decode_attention(q, k_pages, v_pages, plan.block_tables, plan.seq_lens, scale,
+        write_pages(pages, handle.key, handle.value, plan.slot_mapping)
+        out = paged_ops.paged_decode_attention(q, pages.k, pages.v, plan.block_tables, plan.seq_lens, scale,
                                                sliding_window=window, softcap=softcap,
-                                               num_splits=plan.num_splits[window], max_seq_len=plan.max_seq_len)
+                                               num_splits=plan.num_splits[window], max_seq_len=plan.max_seq_len,
+                                               k_scales=pages.k_scales, v_scales=pages.v_scales)
     if set(ran) == {_WRITE_CPP, _DECODE_CPP} and q.device.type == "cpu":
         if not _C:
             _C.update(write=torch.ops.llmkern_C.reshape_and_cache.default,
@@ -264,13 +271,14 @@ def _decode(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: 
     return out
 
 
-def _decode_direct(plan: StepPlan, handle: PagedKV, q, k_pages, v_pages, scalars) -> torch.Tensor | None:
+def _decode_direct(plan: StepPlan, handle: PagedKV, q, pages: LayerPages, scalars) -> torch.Tensor | None:
     """The C++ kernels called directly (the step's first layer cleared them); None when one raised."""
     scale, window, softcap = scalars
+    k, v, ks, vs = pages
     try:
-        _C["write"](handle.key.squeeze(2), handle.value.squeeze(2), k_pages, v_pages, plan.slot_mapping)
-        out = _C["decode"](q, k_pages, v_pages, plan.block_tables, plan.seq_lens, scale, window or 0, softcap or 0.0,
-                           plan.num_splits.get(window) or 0)
+        _C["write"](handle.key.squeeze(2), handle.value.squeeze(2), k, v, plan.slot_mapping, ks, vs)
+        out = _C["decode"](q, k, v, plan.block_tables, plan.seq_lens, scale, window or 0, softcap or 0.0,
+                           plan.num_splits.get(window) or 0, ks, vs)
     except RuntimeError:
         return None
     counts = backends._counts
@@ -485,7 +493,7 @@ def _pages_for_generate(block_size: int, rows: int, max_cache_length: int) -> in
 
 
 def install(model, *, block_size: int = 16, num_blocks: int | None = None,
-            max_memory_bytes: int | None = None) -> None:
+            max_memory_bytes: int | None = None, kv_dtype=None) -> None:
     """Run ``model`` (this instance only) on llmkern paged attention.
 
     * ``model.set_attn_implementation(NAME)``: sets ``_attn_implementation`` on this model's config(s) only (a
@@ -495,13 +503,16 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
       it is passed back for a longer next turn (``out.past_key_values``, HF's multi-turn recipe).
     * A transformers cache handed to ``generate`` (or another ``cache_implementation`` than the default and
       "static"), dynamic or static, still works, on SDPA: said once per model with a warning.
+    * ``kv_dtype``: the pages of the caches ``generate`` makes (``PagedKVCache``'s ``kv_dtype``: None, ``"int8"``,
+      ``"fp8_e4m3"``).
 
     Calling it again replaces the options. ``uninstall(model)`` undoes everything.
     """
     if num_blocks is not None and max_memory_bytes is not None:
         raise ValueError(f"pass num_blocks or max_memory_bytes, not both; got num_blocks={num_blocks} and "
                          f"max_memory_bytes={max_memory_bytes}")
-    PagedKVCache(model.config, block_size=block_size, num_blocks=1)  # validates block_size and the config's dims
+    # Validates block_size, kv_dtype and the config's dims.
+    PagedKVCache(model.config, block_size=block_size, num_blocks=1, kv_dtype=kv_dtype)
     if is_installed(model):
         uninstall(model)
     register()
@@ -531,11 +542,12 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         # with a PagedKVCache the caller made still runs the paged kernels.
         d[_STATE_ATTR] = _InstallState(configs=prev, had_prepare_attr=False, prev_prepare_attr=None,
                                        options=dict(block_size=block_size, num_blocks=num_blocks,
-                                                    max_memory_bytes=max_memory_bytes), hooked=False)
+                                                    max_memory_bytes=max_memory_bytes, kv_dtype=kv_dtype),
+                                       hooked=False)
         return
     had_attr = "_prepare_cache_for_generation" in d
     prev_attr = d.get("_prepare_cache_for_generation")
-    options = dict(block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes)
+    options = dict(block_size=block_size, num_blocks=num_blocks, max_memory_bytes=max_memory_bytes, kv_dtype=kv_dtype)
     original = type(model)._prepare_cache_for_generation if not had_attr else prev_attr
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -559,7 +571,7 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
             model_kwargs[key] = PagedKVCache(
                 self.config, block_size=options["block_size"], max_batch_size=rows, max_cache_len=max_cache_length,
                 dtype=self.dtype, device=dict.fromkeys(range(_decoder_dims(self.config)[0])),
-                num_kv_heads=placement(self).kv_heads)
+                num_kv_heads=placement(self).kv_heads, kv_dtype=options["kv_dtype"])
             return None
         elif given is None and generation_config.use_cache is not False and impl not in (None, "dynamic"):
             _check_cache_implementation(self, impl)
@@ -582,7 +594,7 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
         model_kwargs[key] = PagedKVCache(
             self.config, block_size=options["block_size"], num_blocks=n, growable=growable,
             max_memory_bytes=options["max_memory_bytes"], dtype=self.dtype, device=dict.fromkeys(range(num_layers)),
-            num_kv_heads=placement(self).kv_heads)
+            num_kv_heads=placement(self).kv_heads, kv_dtype=options["kv_dtype"])
         return None
 
     d["_prepare_cache_for_generation"] = types.MethodType(_prepare_cache_for_generation, model)
@@ -661,10 +673,11 @@ def _switch_back_at_stop(model, manager) -> None:
     manager.stop = stop_then_switch_back
 
 
-_CB_MESSAGE = ("continuous batching (generate_batch, init_continuous_batching, transformers serve): llmkern's paged "
-               "attention does not run under transformers' continuous batching yet. The model runs it on 'sdpa' "
-               "attention over transformers' own paged cache (llmkern's RMSNorm, RoPE, SwiGLU and Linear still "
-               "run) and switches back to llmkern's attention when the manager stops.")
+_CB_MESSAGE = ("continuous batching (generate_batch, init_continuous_batching, python -m llmkern serve): llmkern's "
+               "paged attention does not run under transformers' continuous batching yet. The model runs it on "
+               "'sdpa' attention over transformers' own paged cache (llmkern's RMSNorm, RoPE, SwiGLU and Linear "
+               "still run; a kv_dtype given to patch() does not apply there) and switches back to llmkern's "
+               "attention when the manager stops.")
 
 
 def _as_sdpa(config):

@@ -26,11 +26,12 @@ from numbers import Integral
 import torch
 
 from llmkern import _library, backends, reference
-from llmkern.ops import _check_positive_float, _check_same, _check_same_device, _check_tensor
+from llmkern.ops import FLOAT_DTYPES, _check_positive_float, _check_same, _check_same_device, _check_tensor
 
 MAX_BLOCK_SIZE = 256
 MAX_HEAD_DIM = 256
 MAX_NUM_SPLITS = 256
+KV_DTYPES = reference.KV_DTYPES  # 8-bit page formats: int8, float8_e4m3fn (codes, with float16 scales beside them)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Validation: each check names the argument, what was expected and what came.
@@ -58,8 +59,8 @@ def _require_tensors(**named) -> None:
 
 
 def _check_cache(k_cache, v_cache) -> None:
-    _check_tensor(k_cache, "k_cache")
-    _check_tensor(v_cache, "v_cache")
+    _check_tensor(k_cache, "k_cache", FLOAT_DTYPES + KV_DTYPES)
+    _check_tensor(v_cache, "v_cache", FLOAT_DTYPES + KV_DTYPES)
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be 4-D (num_blocks, block_size, num_kv_heads, head_dim), "
                          f"got shape {tuple(k_cache.shape)}")
@@ -79,6 +80,32 @@ def _check_cache(k_cache, v_cache) -> None:
                              f"{tuple(cache.stride())}; strides along blocks, slots and heads may be anything (e.g. "
                              f"kv[:, 0] of a [num_blocks, 2, block_size, Hkv, D] tensor, or head-major pages permuted "
                              f"to NHD)")
+
+
+def _check_kv_scales(k_cache, k_scales, v_scales) -> bool:
+    """8-bit pages come with their scales, float pages without; returns whether the pages are 8-bit."""
+    eight = k_cache.dtype in KV_DTYPES
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales go together: pass both (8-bit pages) or neither (float pages)")
+    if eight and k_scales is None:
+        raise ValueError(f"k_cache holds {_dt(k_cache.dtype)} codes: pass k_scales and v_scales, float16 "
+                         f"[num_blocks, block_size, num_kv_heads] = {tuple(k_cache.shape[:3])}, one scale per token "
+                         f"and KV head (llmkern/reference.py, quantize_kv)")
+    if not eight and k_scales is not None:
+        raise TypeError(f"k_scales and v_scales belong to 8-bit pages (int8 or float8_e4m3fn); k_cache is "
+                        f"{_dt(k_cache.dtype)}: pass None")
+    if eight:
+        for name, t in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if t.dtype != reference.SCALE_DTYPE:
+                raise TypeError(f"{name} must have dtype float16 (one scale per token and KV head), got "
+                                f"{_dt(t.dtype)}")
+            if tuple(t.shape) != tuple(k_cache.shape[:3]):
+                raise ValueError(f"{name} must have shape {tuple(k_cache.shape[:3])} (k_cache's num_blocks, "
+                                 f"block_size, num_kv_heads), got {tuple(t.shape)}")
+        _check_same_device(k_cache=k_cache, k_scales=k_scales, v_scales=v_scales)
+    return eight
 
 
 def _check_scale(scale) -> float:
@@ -110,7 +137,8 @@ def _scalars(scale, sliding_window, softcap):
     return _check_scale(scale), _check_opt_int(sliding_window, "sliding_window", 1), _check_softcap(softcap)
 
 
-def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, q_dim: int) -> None:
+def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, q_dim: int,
+                     k_scales=None, v_scales=None) -> None:
     _check_tensor(q, "q")
     if q.dim() != q_dim:
         want = "(batch, num_heads, head_dim)" if q_dim == 3 else "(batch, num_heads, seq, head_dim)"
@@ -119,7 +147,7 @@ def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
     _check_int_tensor(block_tables, "block_tables", torch.int32, 2)
     _check_int_tensor(seq_lens, "seq_lens", torch.int32, 1)
     _check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
-    if q.dtype != k_cache.dtype:
+    if not _check_kv_scales(k_cache, k_scales, v_scales) and q.dtype != k_cache.dtype:
         raise TypeError(f"q and k_cache must have the same dtype, got {_dt(q.dtype)} and {_dt(k_cache.dtype)}")
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     Hkv = k_cache.shape[2]
@@ -140,14 +168,17 @@ def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
 
 
 def _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
-                  max_seq_len) -> None:
-    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 3)
+                  max_seq_len, k_scales=None, v_scales=None) -> None:
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 3, k_scales,
+                     v_scales)
     _check_opt_int(num_splits, "num_splits", 1, MAX_NUM_SPLITS)
     _check_opt_int(max_seq_len, "max_seq_len", 0)
 
 
-def _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap) -> None:
-    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 4)
+def _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap,
+                   k_scales=None, v_scales=None) -> None:
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, 4, k_scales,
+                     v_scales)
     _check_int_tensor(q_lens, "q_lens", torch.int32, 1)
     _check_same_device(q=q, q_lens=q_lens)
     if q_lens.shape[0] != q.shape[0]:
@@ -155,7 +186,7 @@ def _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, s
                          f"{tuple(q_lens.shape)}")
 
 
-def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None) -> None:
     _check_tensor(key, "key")
     _check_tensor(value, "value")
     _check_cache(k_cache, v_cache)
@@ -166,7 +197,9 @@ def _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None
         raise ValueError(f"key and value must be 3-D (num_tokens, num_kv_heads, head_dim) with k_cache's "
                          f"num_kv_heads ({k_cache.shape[2]}) and head_dim ({k_cache.shape[3]}), got shape "
                          f"{tuple(key.shape)}")
-    if key.dtype != k_cache.dtype or value.dtype != k_cache.dtype:
+    if _check_kv_scales(k_cache, k_scales, v_scales):
+        _check_same("dtype", key=key, value=value)
+    elif key.dtype != k_cache.dtype or value.dtype != k_cache.dtype:
         raise TypeError(f"key and value must have k_cache's dtype {_dt(k_cache.dtype)}, got {_dt(key.dtype)} and "
                         f"{_dt(value.dtype)}")
     if slot_mapping.shape[0] != key.shape[0]:
@@ -200,9 +233,10 @@ def _check_copy_blocks(k_cache, v_cache, src, dst) -> None:
 
 
 def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> None:
+                          slot_mapping: torch.Tensor, k_scales: torch.Tensor | None = None,
+                          v_scales: torch.Tensor | None = None) -> None:
     _refuse_grad("reshape_and_cache", key=key, value=value)
-    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
     if key.shape[0] == 0:
         return
     if slot_mapping.device.type == "cpu":
@@ -220,31 +254,35 @@ def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch
         if backend == "cuda":  # the CUDA op takes rows of K/V with a unit last stride; any view is accepted here
             key = key if key.stride(-1) == 1 else key.contiguous()
             value = value if value.stride(-1) == 1 else value.contiguous()
-        torch.ops.llmkern_C.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        torch.ops.llmkern_C.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
         return
     if backend == "reference":
-        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
         return
     from llmkern.kernels import cache_ops as K
 
-    K.reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping)
+    K.reshape_and_cache_fwd(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
-def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping):
-    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+def _reshape_and_cache_fake(key, value, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
+    _check_reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
 _library.define(
     "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-    "Tensor slot_mapping) -> ()",
+    "Tensor slot_mapping, Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> ()",
     _reshape_and_cache_op, _reshape_and_cache_fake)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None) -> None:
     """Write the new tokens' K and V into their pages, in place.
 
-    No arithmetic and no rounding: the pages hold K and V bit for bit, as eager's ``DynamicCache`` does.
+    Float pages: no arithmetic and no rounding, the pages hold K and V bit for bit, as eager's ``DynamicCache`` does.
+    8-bit pages (int8 or float8_e4m3fn ``k_cache``/``v_cache``, with ``k_scales``/``v_scales``): each token's row of
+    a KV head is quantized on write, symmetric, with one float16 scale per (token, KV head) written beside it
+    (llmkern/reference.py, ``quantize_kv``, is the definition every backend follows).
 
     Args:
         key, value: ``[T, Hkv, D]``, the cache's dtype, any strides (HF's transposed views are fine).
@@ -253,6 +291,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
             ``[num_blocks, 2, block_size, Hkv, D]`` tensor), head_dim contiguous.
         slot_mapping: int64 ``[T]``; token t goes to page ``slot // block_size``, row ``slot % block_size``.
             A slot < 0 marks a padding token: it is skipped.
+        k_scales, v_scales: float16 ``[num_blocks, block_size, Hkv]`` (any strides), mutated in place; required for
+            8-bit pages, None for float pages.
 
     Example:
         >>> kc = torch.zeros(4, 16, 2, 64); vc = torch.zeros_like(kc)
@@ -260,7 +300,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         >>> llmkern.paged_ops.reshape_and_cache(k, v, kc, vc, torch.tensor([16, 17, -1]))
     """
     _require_tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-    torch.ops.llmkern.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    torch.ops.llmkern.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,18 +383,20 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
 
 def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, sliding_window: int | None, softcap: float | None,
-                     num_splits: int | None, max_seq_len: int | None) -> torch.Tensor:
+                     num_splits: int | None, max_seq_len: int | None, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor:
     _refuse_grad("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
-                  max_seq_len)
+                  max_seq_len, k_scales, v_scales)
     backend = backends.select("paged_decode_attention", q.device)
     if backend == "cpp":
         # The C++ kernel picks its split count from the thread count; 0 = choose.
         return torch.ops.llmkern_C.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                          sliding_window or 0, softcap or 0.0, num_splits or 0)
+                                                          sliding_window or 0, softcap or 0.0, num_splits or 0,
+                                                          k_scales, v_scales)
     if backend == "reference":
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                                softcap)
+                                                softcap, k_scales, v_scales)
     from llmkern.kernels import paged_attention as PA
 
     if num_splits is None:
@@ -363,32 +405,36 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = PA.decode_num_splits(q.shape[0], k_cache.shape[2], max_seq_len, k_cache.shape[3],
                                           sliding_window, PA.num_sms(q.device), q.shape[1] // k_cache.shape[2])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    PA.paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sliding_window, softcap, num_splits)
+    PA.paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sliding_window, softcap, num_splits,
+                        k_scales, v_scales)
     return out
 
 
-def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits, max_seq_len):
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
+                       max_seq_len, k_scales=None, v_scales=None):
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, num_splits,
-                  max_seq_len)
+                  max_seq_len, k_scales, v_scales)
     return q.new_empty(q.shape)
 
 
 _library.define(
     "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
     "Tensor seq_lens, float scale, SymInt? sliding_window, float? softcap, SymInt? num_splits, "
-    "SymInt? max_seq_len) -> Tensor",
+    "SymInt? max_seq_len, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor",
     _paged_decode_op, _paged_decode_fake)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
-                           max_seq_len: int | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention (one new token per sequence) over a paged KV cache, flash-decoding style.
 
     Args:
         q: ``[B, Hq, D]`` fp32/fp16/bf16, rope applied, any strides. ``Hq % Hkv == 0`` (any group size).
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype. The new token's K/V are already written.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype, or 8-bit (int8 / float8_e4m3fn codes with
+            ``k_scales``/``v_scales``, dequantized in registers). The new token's K/V are already written.
             Any strides along blocks, slots and heads (K's may differ from V's); head_dim contiguous.
         block_tables: int32 ``[B, max_blocks]``.
         seq_lens: int32 ``[B]``, tokens of sequence b including the new one (0 gives a zero output row).
@@ -399,6 +445,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             from ``B * Hkv``, ``max_seq_len`` and the device's SM count.
         max_seq_len: host-side bound on ``seq_lens`` for the heuristic; None = one ``seq_lens.max().item()``.
             It only steers the split count: each sequence's splits are cut from its own length on the device.
+        k_scales, v_scales: float16 ``[num_blocks, block_size, Hkv]``, the scales of 8-bit pages (as
+            :func:`reshape_and_cache` writes them); None for float pages.
 
     Returns:
         ``[B, Hq, D]`` contiguous, q's dtype. Deterministic (fixed split order).
@@ -422,7 +470,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits = _check_opt_int(num_splits, "num_splits", 1, MAX_NUM_SPLITS)
     max_seq_len = _check_opt_int(max_seq_len, "max_seq_len", 0)
     return torch.ops.llmkern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                                    sliding_window, softcap, num_splits, max_seq_len)
+                                                    sliding_window, softcap, num_splits, max_seq_len, k_scales,
+                                                    v_scales)
 
 
 def decode_num_splits(batch_size: int, num_heads: int, num_kv_heads: int, head_dim: int, max_seq_len: int, *,
@@ -450,56 +499,67 @@ def decode_num_splits(batch_size: int, num_heads: int, num_kv_heads: int, head_d
 # paged_prefill_attention
 
 
-def _cpp_prefill_ok(dtype: torch.dtype, head_dim: int) -> bool:
+def _cpp_prefill_ok(dtype: torch.dtype, head_dim: int, cache_dtype: torch.dtype | None = None) -> bool:
     from llmkern import _ext
 
-    return _ext.load() and torch.ops.llmkern_C.cpu_fast_attention(dtype, head_dim)
+    if not _ext.load():
+        return False
+    if cache_dtype is None or cache_dtype == dtype:
+        return torch.ops.llmkern_C.cpu_fast_attention(dtype, head_dim)
+    return torch.ops.llmkern_C.cpu_fast_attention(dtype, head_dim, cache_dtype)
 
 
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, sliding_window: int | None,
-                      softcap: float | None) -> torch.Tensor:
+                      softcap: float | None, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None) -> torch.Tensor:
     _refuse_grad("paged_prefill_attention", q=q, k_cache=k_cache, v_cache=v_cache)
-    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
+    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap, k_scales,
+                   v_scales)
     # The C++ prefill kernels are the AVX-512 and AVX2 ones; elsewhere (a CPU without AVX2, or a head_dim they lack)
     # the reference runs.
-    cpp_ok = q.device.type != "cpu" or _cpp_prefill_ok(q.dtype, q.shape[-1])
+    cpp_ok = q.device.type != "cpu" or _cpp_prefill_ok(q.dtype, q.shape[-1], k_cache.dtype)
     backend = backends.select("paged_prefill_attention", q.device, cpp=cpp_ok)
     if backend == "cpp":
         return torch.ops.llmkern_C.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
-                                                           sliding_window or 0, softcap or 0.0)
+                                                           sliding_window or 0, softcap or 0.0, k_scales, v_scales)
     if backend == "reference":
         return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
-                                                 sliding_window, softcap)
+                                                 sliding_window, softcap, k_scales, v_scales)
     from llmkern.kernels import paged_attention as PA
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    PA.paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, scale, sliding_window, softcap)
+    PA.paged_prefill_fwd(q, k_cache, v_cache, block_tables, seq_lens, q_lens, out, scale, sliding_window, softcap,
+                         k_scales, v_scales)
     return out
 
 
-def _paged_prefill_fake(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap):
-    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap)
+def _paged_prefill_fake(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap,
+                        k_scales=None, v_scales=None):
+    _check_prefill(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale, sliding_window, softcap, k_scales,
+                   v_scales)
     return q.new_empty(q.shape)
 
 
 _library.define(
     "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-    "Tensor seq_lens, Tensor q_lens, float scale, SymInt? sliding_window, float? softcap) -> Tensor",
+    "Tensor seq_lens, Tensor q_lens, float scale, SymInt? sliding_window, float? softcap, "
+    "Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor",
     _paged_prefill_op, _paged_prefill_fake)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                             seq_lens: torch.Tensor, q_lens: torch.Tensor, scale: float, *,
-                            sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None, softcap: float | None = None,
+                            k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a chunk of new tokens (left padded, HF style) over a paged KV cache.
 
     Args:
         q: ``[B, Hq, S, D]`` fp32/fp16/bf16, rope applied, any strides. For sequence b the last ``q_lens[b]`` rows
             are real tokens at positions ``seq_lens[b] - q_lens[b] .. seq_lens[b] - 1``; the first
             ``S - q_lens[b]`` rows are padding.
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype; the new tokens' K/V already written.
-            Strides as :func:`paged_decode_attention` takes them.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, q's dtype or 8-bit with ``k_scales``/``v_scales``
+            (as :func:`paged_decode_attention` takes them); the new tokens' K/V already written.
         block_tables: int32 ``[B, max_blocks]``. seq_lens, q_lens: int32 ``[B]``, ``q_lens[b] <= seq_lens[b]``.
         scale, sliding_window, softcap: as in :func:`paged_decode_attention`; each row at position p sees cache
             positions ``max(0, p - w + 1) .. p``.
@@ -518,4 +578,4 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                      q_lens=q_lens)
     scale, sliding_window, softcap = _scalars(scale, sliding_window, softcap)
     return torch.ops.llmkern.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
-                                                     sliding_window, softcap)
+                                                     sliding_window, softcap, k_scales, v_scales)

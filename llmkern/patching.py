@@ -382,13 +382,16 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if param is None else param.dtype
 
 
-def _check_memory_budget(model: nn.Module, block_size: int, max_memory_bytes: int) -> None:
+def _check_memory_budget(model: nn.Module, block_size: int, max_memory_bytes: int, kv_dtype=None) -> None:
     """A paged cache of ``max_memory_bytes`` must hold at least one block in every layer (checked here, at patch
     time, rather than at the first generate)."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    per_block = 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * _dtype(model).itemsize
+    from llmkern.cache.pool import bytes_per_block, parse_kv_dtype
+
+    per_block = bytes_per_block(cfg.num_hidden_layers, block_size, kv_heads, head_dim, _dtype(model),
+                                parse_kv_dtype(kv_dtype))
     if max_memory_bytes < per_block:
         raise ValueError(f"max_memory_bytes must hold at least one {block_size}-token block of K and V in each of the "
                          f"{cfg.num_hidden_layers} layers ({per_block} bytes for this model), got {max_memory_bytes}")
@@ -421,7 +424,8 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
           attention: bool | None = None, linear: bool | None = None, block_size: int = 16,
-          num_blocks: int | None = None, max_memory_bytes: int | None = None, strict: bool = False) -> PatchReport:
+          num_blocks: int | None = None, max_memory_bytes: int | None = None, strict: bool = False,
+          kv_dtype: str | torch.dtype | None = None) -> PatchReport:
     """Run llmkern's fused kernels in ``model`` (this instance only). Returns a ``PatchReport``.
 
     Args:
@@ -440,6 +444,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             ``lm_head`` → ``ops.linear``. ``None`` (default): on for a model on a CPU where the C++ decode-sized
             Linear serves the model's dtype (the report's notes say why not otherwise); off on CUDA, where cuBLAS
             already streams the weights at the memory limit.
+        kv_dtype: the paged cache's page format (``PagedKVCache``'s ``kv_dtype``): None (the model's dtype, bit for
+            bit), ``"int8"`` or ``"fp8_e4m3"`` (8-bit pages with a float16 scale per token and KV head: half the
+            bytes at long context, quantization error within README.md's "8-bit KV cache" table).
         strict: raise ``PatchError`` (leaving the model as it was) when a kernel that was asked for cannot be
             installed on some module; by default that is a ``UserWarning`` naming the modules and the reasons.
 
@@ -462,9 +469,15 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     """
     _check_supported(model)
     _check_options(block_size, num_blocks, max_memory_bytes)
+    from llmkern.cache.pool import parse_kv_dtype
+
+    kv = parse_kv_dtype(kv_dtype)  # ValueError naming kv_dtype for anything else
     device_type = _device_type(model)
     if max_memory_bytes is not None and attention is not False:
-        _check_memory_budget(model, block_size, max_memory_bytes)
+        _check_memory_budget(model, block_size, max_memory_bytes, kv)
+    if kv is not None and attention is False:
+        raise ValueError(f"kv_dtype={kv_dtype!r} is the paged cache's page format; it needs attention (patch(model, "
+                         f"attention=None or True)), got attention=False")
     if attention is None:
         attention = device_type in ("cpu", "cuda")
     linear_note = None
@@ -477,7 +490,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         linear = device_type == "cpu" and linear_note is None
     options = {"rms_norm": bool(rms_norm), "rope": bool(rope), "swiglu": bool(swiglu), "attention": bool(attention),
                "linear": bool(linear), "block_size": block_size, "num_blocks": num_blocks,
-               "max_memory_bytes": max_memory_bytes, "strict": bool(strict)}
+               "max_memory_bytes": max_memory_bytes, "strict": bool(strict),
+               "kv_dtype": None if kv is None else str(kv).replace("torch.", "")}
     previous = getattr(model, _STATE_ATTR, None)
     if previous is not None:
         from llmkern.attention import NAME, check_no_batching_session
@@ -581,7 +595,7 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
             from llmkern import attention as paged
 
             paged.install(model, block_size=options["block_size"], num_blocks=options["num_blocks"],
-                          max_memory_bytes=options["max_memory_bytes"])
+                          max_memory_bytes=options["max_memory_bytes"], kv_dtype=options.get("kv_dtype"))
             state.extra_undo.append(lambda: paged.uninstall(model))
             for layer in layers:
                 report.entries.append((names[layer.self_attn], "paged_attention"))

@@ -50,24 +50,71 @@ def silu_and_mul(gate, up):
 # Paged KV cache. Pages are ``[num_blocks, block_size, Hkv, D]`` (NHD); slot = block * block_size + offset.
 
 
-def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Write ``key``/``value`` ``[T, Hkv, D]`` into the pages at ``slot_mapping`` ``[T]``; slots < 0 are skipped."""
+# 8-bit pages (``kv_dtype`` int8 or fp8_e4m3): each token's row of one KV head, ``D`` elements, is stored as
+# ``round(x / s)`` with one scale ``s`` per (token, KV head), kept beside the pages in ``k_scales``/``v_scales``
+# ``[num_blocks, block_size, Hkv]`` float16 (2 bytes per row: at head_dim 64, 8-bit pages + scales are 0.516 x the
+# bf16 pages' bytes). Symmetric: ``s = amax(|x|) / QMAX`` rounded to fp16, clamped to [SCALE_MIN, SCALE_MAX] (a zero
+# row gets SCALE_MIN and stores zeros), then ``x / s`` rounded to nearest (int8: clamped to +-127; fp8: clamped to
+# +-448, then rounded to e4m3). Dequantized value: ``q * s`` in fp32. Every backend quantizes this way; quotients
+# exactly halfway between two codes may round either way on GPUs (approximate division), so tests compare codes
+# within one step and dequantized values within the rounding bound.
+KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+KV_DTYPES = tuple(KV_QMAX)
+SCALE_DTYPE = torch.float16
+SCALE_MIN = 2.0 ** -14  # fp16's smallest normal number
+SCALE_MAX = 65504.0  # fp16's largest
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> (codes ``[..., D]`` of ``dtype``, scales ``[...]`` float16), one scale per row."""
+    qmax = KV_QMAX[dtype]
+    xf = x.float()
+    s = (xf.abs().amax(-1) / qmax).clamp(SCALE_MIN, SCALE_MAX).to(SCALE_DTYPE)
+    y = (xf / s.float().unsqueeze(-1)).clamp(-qmax, qmax)
+    q = y.round().to(torch.int8) if dtype == torch.int8 else y.to(dtype)
+    return q, s
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes ``[..., D]`` times their row's scale ``[...]``, in fp32, then ``dtype`` (fp64 stays exact)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return (codes.to(acc) * scales.to(acc).unsqueeze(-1)).to(dtype)
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None) -> None:
+    """Write ``key``/``value`` ``[T, Hkv, D]`` into the pages at ``slot_mapping`` ``[T]``; slots < 0 are skipped.
+    8-bit pages (``k_scales``/``v_scales`` given): quantized as ``quantize_kv`` says, codes and scales together."""
     bs = k_cache.shape[1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     blk, off = slots // bs, slots % bs
-    k_cache[blk, off] = key[valid].to(k_cache.dtype)
-    v_cache[blk, off] = value[valid].to(v_cache.dtype)
+    if k_scales is None:
+        k_cache[blk, off] = key[valid].to(k_cache.dtype)
+        v_cache[blk, off] = value[valid].to(v_cache.dtype)
+        return
+    for x, cache, scales in ((key, k_cache, k_scales), (value, v_cache, v_scales)):
+        q, s = quantize_kv(x[valid], cache.dtype)
+        # index_put on float8 pages is not implemented everywhere: written as int8 bits.
+        cache.view(torch.int8)[blk, off] = q.view(torch.int8)
+        scales[blk, off] = s
+
+
+def _rows(cache, scales, blocks, pos, acc):
+    """Token rows ``cache[blocks, pos]`` in ``acc`` (dequantized when ``scales`` is given)."""
+    if scales is None:
+        return cache[blocks, pos].to(acc)
+    return dequantize_kv(cache.view(torch.int8)[blocks, pos].view(cache.dtype), scales[blocks, pos], acc)
 
 
 def copy_blocks(k_cache, v_cache, src, dst) -> None:
-    """Copy whole pages ``src[i] -> dst[i]`` in both caches (copy-on-write)."""
-    k_cache[dst] = k_cache[src]
-    v_cache[dst] = v_cache[src]
+    """Copy whole pages ``src[i] -> dst[i]`` in both caches (copy-on-write); bits, any dtype."""
+    for c in (k_cache, v_cache):
+        c = c.view(torch.int8) if c.element_size() == 1 else c
+        c[dst] = c[src]
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens, scale: float,
-                            sliding_window=None, softcap=None):
+                            sliding_window=None, softcap=None, k_scales=None, v_scales=None):
     """Gather the pages into ``[B, Hkv, L, D]`` and run masked softmax attention, accumulating in fp32 (fp64 stays
     fp64). Row ``s`` of ``q[b]`` is at position ``seq_lens[b] - S + s``; rows ``s < S - q_lens[b]`` are left padding
     and return zeros. A query at position p sees keys ``max(0, p - window + 1) .. p``."""
@@ -84,8 +131,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
                          f"{bs}")
     kpos = torch.arange(L, device=dev)
     blocks = block_tables.long()[:, kpos // bs].clamp(0, k_cache.shape[0] - 1)  # [B, L]; junk past seq_len, masked
-    k = k_cache[blocks, kpos % bs].permute(0, 2, 1, 3).to(acc)  # [B, Hkv, L, D]
-    v = v_cache[blocks, kpos % bs].permute(0, 2, 1, 3).to(acc)
+    k = _rows(k_cache, k_scales, blocks, kpos % bs, acc).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    v = _rows(v_cache, v_scales, blocks, kpos % bs, acc).permute(0, 2, 1, 3)
+    # Rows past a sequence's length are whatever the pages hold (NaN, stale codes): zeroed, as the kernels never
+    # read them (a masked logit is dropped, but 0 * NaN in P @ V is not).
+    junk = (kpos[None, :] >= seq_lens.long()[:, None])[:, None, :, None]  # [B, 1, L, 1]
+    k, v = k.masked_fill(junk, 0), v.masked_fill(junk, 0)
     qf = q.to(acc).reshape(B, Hkv, G, S, D)
     logits = torch.einsum("bhgsd,bhld->bhgsl", qf, k) * scale
     if softcap is not None:
@@ -106,9 +157,9 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, sliding_window=None,
-                           softcap=None):
+                           softcap=None, k_scales=None, v_scales=None):
     """Decode is prefill with one query row per sequence: ``q [B, Hq, D]`` sits at position ``seq_lens[b] - 1``."""
     q_lens = torch.ones_like(seq_lens)
     out = paged_prefill_attention(q.unsqueeze(2), k_cache, v_cache, block_tables, seq_lens, q_lens, scale,
-                                  sliding_window, softcap)
+                                  sliding_window, softcap, k_scales, v_scales)
     return out.squeeze(2)

@@ -607,3 +607,49 @@ def save_as_hf(model, path: str, tokenizer=None) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Accuracy of a KV cache format on real weights (tests/test_kv8.py, benchmarks/bench_kv_quality.py)
+
+
+def chunked_nll(model, ids, kv_dtype, chunk: int = 64) -> float:
+    """Mean next-token NLL of ``ids [1, T]``, fed ``chunk`` tokens at a time through a PagedKVCache, so that every
+    chunk after the first attends over the pages (8-bit: quantized K/V of everything before it, read by the paged
+    prefill kernel)."""
+    from llmkern.cache import PagedKVCache
+
+    cache = PagedKVCache(model.config, kv_dtype=kv_dtype)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, ids.shape[1] - 1, chunk):
+            x = ids[:, s:s + chunk]
+            logits = model(x, past_key_values=cache, use_cache=True).logits.float()
+            target = ids[:, s + 1:s + 1 + x.shape[1]]
+            logits = logits[:, :target.shape[1]]
+            nll += torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum").item()
+            count += target.shape[1]
+    return nll / count
+
+
+def forced_agreement(model, prompts: torch.Tensor, kv_dtype, new_tokens: int) -> tuple[int, int]:
+    """Greedy tokens of the model-dtype cache, then the same sequences fed one token at a time (teacher forcing)
+    through a cache of ``kv_dtype`` pages: how many of its next-token argmaxes equal the baseline's greedy tokens.
+    Each step is a decode over the 8-bit pages; a divergence does not derail the rest, as free-running would. The
+    model is left patched with the default options."""
+    import llmkern
+    from llmkern.cache import PagedKVCache
+
+    llmkern.patch(model)
+    seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    P = prompts.shape[1]
+    cache = PagedKVCache(model.config, kv_dtype=kv_dtype)
+    agree = 0
+    with torch.no_grad():
+        logits = model(seqs[:, :P], past_key_values=cache, use_cache=True).logits[:, -1]
+        for i in range(new_tokens):
+            agree += int((logits.argmax(-1) == seqs[:, P + i]).sum())
+            if i + 1 < new_tokens:
+                logits = model(seqs[:, P + i:P + i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return agree, new_tokens * prompts.shape[0]

@@ -190,10 +190,12 @@ def _record(fn, *args) -> list:
 
 
 def enumerate_variants(shapes: ModelShapes, *, max_batch_size: int, max_seq_len: int, block_size: int = 16,
-                       dtype: torch.dtype = torch.float16, sms: int | None = None) -> dict:
+                       dtype: torch.dtype = torch.float16, sms: int | None = None, kv_dtype=None) -> dict:
     """``{variant key: Variant}`` of every Triton kernel a patched model of ``shapes`` can launch in a generation
     with at most ``max_batch_size`` sequences of at most ``max_seq_len`` tokens (prompt included), with pages of
-    ``block_size`` tokens, in ``dtype``, on a GPU with ``sms`` SMs (default: the nominal A100's)."""
+    ``block_size`` tokens, in ``dtype``, on a GPU with ``sms`` SMs (default: the nominal A100's). ``kv_dtype``: the
+    pages' format (``PagedKVCache``'s; None: ``dtype``), 8-bit pages come with their float16 scales."""
+    from llmkern.cache.pool import parse_kv_dtype
     from llmkern.kernels import cache_ops, paged_attention as PA, rms_norm, rope, swiglu
 
     _check_int(max_batch_size, "max_batch_size")
@@ -215,8 +217,10 @@ def enumerate_variants(shapes: ModelShapes, *, max_batch_size: int, max_seq_len:
                 out[key] = Variant(op, key, launch, where)
 
     blocks = -(-L // bs)
-    kc = meta(B * blocks, bs, Hkv, D)
-    vc = meta(B * blocks, bs, Hkv, D)
+    kv8 = parse_kv_dtype(kv_dtype)
+    kc = meta(B * blocks, bs, Hkv, D, dt=kv8 or dtype)
+    vc = meta(B * blocks, bs, Hkv, D, dt=kv8 or dtype)
+    scales = (meta(B * blocks, bs, Hkv, dt=torch.float16),) * 2 if kv8 else (None, None)
     i32 = torch.int32
     for window in shapes.windows:
         w = f"window={window}" if window is not None else "full attention"
@@ -225,19 +229,22 @@ def enumerate_variants(shapes: ModelShapes, *, max_batch_size: int, max_seq_len:
             q = meta(b, 1, Hq, D).transpose(1, 2).squeeze(2)  # HF's [b, 1, H, d] viewed as [b, H, d]
             for n in decode_split_counts(Hkv, D, G, L, window, sms):
                 add("paged_decode_attention", f"decode, {n} split{'s' * (n > 1)}, {w}", PA.paged_decode_fwd,
-                    q, kc, vc, bt, lens, meta(*q.shape), 0.125, window, shapes.softcap, n)
+                    q, kc, vc, bt, lens, meta(*q.shape), 0.125, window, shapes.softcap, n, *scales)
         bt, lens = meta(1, blocks, dt=i32), meta(1, dt=i32)
         for S in _lengths(L, Hq * D, D):
             for q in (meta(1, S, Hq, D).transpose(1, 2), meta(1, Hq, S, D)):  # HF's view, or gathered rows
                 add("paged_prefill_attention", f"prefill, {S} tokens, {w}", PA.paged_prefill_fwd,
-                    q, kc, vc, bt, lens, lens, meta(*q.shape), 0.125, window, shapes.softcap)
+                    q, kc, vc, bt, lens, lens, meta(*q.shape), 0.125, window, shapes.softcap, *scales)
 
     for T in (1, 2):
         kv = meta(T, Hkv, D)
         add("reshape_and_cache", "cache write", cache_ops.reshape_and_cache_fwd, kv, kv, kc, vc,
-            meta(T, dt=torch.int64))
+            meta(T, dt=torch.int64), *scales)
     add("copy_blocks", "beam search page copy", cache_ops.copy_blocks_fwd, kc, vc, meta(2, dt=torch.int64),
         meta(2, dt=torch.int64))
+    if kv8:  # the scales are copied with their pages, as [num_blocks, block_size, Hkv, 1] pages
+        add("copy_blocks", "beam search scale copy", cache_ops.copy_blocks_fwd, scales[0].unsqueeze(-1),
+            scales[1].unsqueeze(-1), meta(2, dt=torch.int64), meta(2, dt=torch.int64))
 
     max_tokens = B * L
     w_h = meta(shapes.hidden)
@@ -296,11 +303,13 @@ def compile_variant(variant: Variant, device: torch.device):
                                 **{k: arg(v) for k, v in launch.kwargs.items()})
 
 
-def warmup(model, *, max_batch_size: int, max_seq_len: int, block_size: int = 16, dtype=None) -> WarmupReport:
+def warmup(model, *, max_batch_size: int, max_seq_len: int, block_size: int = 16, dtype=None,
+           kv_dtype="patched") -> WarmupReport:
     """Compile, before the first token, every Triton kernel variant a generation of ``model`` (patched with
     ``llmkern.patch``) can launch with up to ``max_batch_size`` sequences of up to ``max_seq_len`` tokens (prompt
     included) and pages of ``block_size`` tokens (``PagedKVCache``'s). ``dtype``: the activations' dtype (default:
-    the model's parameters').
+    the model's parameters'). ``kv_dtype``: the pages' format (None, ``"int8"``, ``"fp8_e4m3"``); by default the
+    one ``llmkern.patch(model, kv_dtype=...)`` was given.
 
     On a CPU model nothing is compiled (the C++ kernels serve it; under ``TRITON_INTERPRET=1`` the interpreter
     compiles nothing either): the report lists the variants and says so. A model spread over several GPUs gets
@@ -319,13 +328,18 @@ def warmup(model, *, max_batch_size: int, max_seq_len: int, block_size: int = 16
     devices, model_dtype = _model_devices_and_dtype(model)
     dtype = _check_dtype(model_dtype if dtype is None else dtype)
     shapes = ModelShapes.from_config(model.config)
+    if kv_dtype == "patched":
+        from llmkern.patching import patch_report
+
+        report_ = patch_report(model)
+        kv_dtype = None if report_ is None else report_.options.get("kv_dtype")
     cuda = [d for d in devices if d.type == "cuda"]
     report = WarmupReport(devices=tuple(str(d) for d in cuda), dtype=dtype, block_size=block_size,
                           max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     t0 = time.perf_counter()
     if not cuda:
         variants = enumerate_variants(shapes, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                      block_size=block_size, dtype=dtype)
+                                      block_size=block_size, dtype=dtype, kv_dtype=kv_dtype)
         report.variants = list(variants.values())
         from llmkern import backends
 
@@ -338,7 +352,8 @@ def warmup(model, *, max_batch_size: int, max_seq_len: int, block_size: int = 16
         seen: dict = {}
         for dev in cuda:
             variants = enumerate_variants(shapes, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                          block_size=block_size, dtype=dtype, sms=PA.num_sms(dev))
+                                          block_size=block_size, dtype=dtype, sms=PA.num_sms(dev),
+                                          kv_dtype=kv_dtype)
             for key, v in variants.items():
                 seen.setdefault(key, v)
                 compile_variant(v, dev)

@@ -63,7 +63,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from llmkern.cache.plan import PagedKV, Planner, StepPlan
 from llmkern.cache.pool import DTYPES as _DTYPES
 from llmkern.cache.pool import MAX_BLOCK_SIZE as _MAX_BLOCK_SIZE
-from llmkern.cache.pool import BlockAllocator, CacheExhaustedError, PagePool, blocks_for_fraction, bytes_per_block
+from llmkern.cache.pool import (BlockAllocator, CacheExhaustedError, LayerPages, PagePool, blocks_for_fraction,
+                                bytes_per_block, parse_kv_dtype)
 from llmkern.cache.pool import free_bytes as _free_bytes  # a module attribute: tests stand in for the free memory
 from llmkern.cache.sequences import Sequences
 
@@ -121,6 +122,7 @@ class PagedLayer(CacheLayerMixin):
         self._cache = cache
         self.layer_idx = layer_idx
         self.k_pages = self.v_pages = None
+        self.k_scales = self.v_scales = None  # 8-bit pages: their float16 scales [num_blocks, block_size, Hkv]
         super().__init__()
 
     @property
@@ -235,6 +237,12 @@ class PagedKVCache(Cache):
             included), every sequence's pages reserved at its first forward, ``max_batch_size * ceil(max_cache_len /
             block_size)`` pages per layer. ``is_compileable`` is then True and the decode step makes no host sync.
             Excludes ``num_blocks``, ``max_memory_bytes`` and ``growable=True``.
+        kv_dtype: the pages' format. None or ``"auto"``: the model's dtype, K/V stored bit for bit. ``"int8"`` or
+            ``"fp8_e4m3"`` (or ``torch.int8`` / ``torch.float8_e4m3fn``): 8-bit codes, symmetric, with one float16
+            scale per token and KV head beside the pages (llmkern/reference.py, ``quantize_kv``); written by
+            ``reshape_and_cache``, dequantized in registers by the attention kernels. At head_dim 64 a token costs
+            0.52 x its bf16 bytes (``memory().bytes_per_token``), so a fixed byte budget holds 1.9 x the tokens.
+            ``dtype`` stays the model's: what the cache takes and reads back (``dense``).
         growable: whether the pool grows when a step needs more pages than are free. Default: only when none of
             ``num_blocks``, ``max_memory_bytes`` and ``max_batch_size`` is given. ``num_blocks=n, growable=True`` starts
             with n pages (what ``generate`` creates on its own: sized for the call, and able to serve a longer next
@@ -251,7 +259,7 @@ class PagedKVCache(Cache):
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
                  device=None, max_batch_size: int | None = None, growable: bool | None = None,
                  num_kv_heads: int | None = None, max_cache_len: int | None = None,
-                 memory_fraction: float | None = None):
+                 memory_fraction: float | None = None, kv_dtype=None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
@@ -288,6 +296,7 @@ class PagedKVCache(Cache):
                 raise ValueError(f"max_cache_len={max_cache_len} sizes a reserved pool of max_batch_size x "
                                  f"max_cache_len tokens; it cannot be combined with {', '.join(clash)}")
 
+        self._kv_dtype = parse_kv_dtype(kv_dtype)
         self.num_layers, self.config_kv_heads, self.head_dim = _decoder_dims(config)
         if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                          or not 1 <= num_kv_heads <= self.config_kv_heads):
@@ -315,7 +324,8 @@ class PagedKVCache(Cache):
                 raise ValueError(f"max_memory_bytes must hold at least one block of every layer, {per_block} bytes "
                                  f"here (K and V of {block_size} tokens x {self.num_layers} layers x "
                                  f"{self._kv_heads} KV heads x head_dim {self.head_dim} in "
-                                 f"{str(default_dtype).replace('torch.', '')}), got {max_memory_bytes}")
+                                 f"{str(self._kv_dtype or default_dtype).replace('torch.', '')}), got "
+                                 f"{max_memory_bytes}")
         elif max_cache_len is not None:
             num_blocks = max_batch_size * math.ceil(max_cache_len / block_size)
         elif num_blocks is None and max_batch_size is not None:
@@ -330,7 +340,8 @@ class PagedKVCache(Cache):
             num_layers=self.num_layers, block_size=block_size, head_dim=self.head_dim, kv_heads=self._kv_heads,
             num_blocks=0 if num_blocks is None else num_blocks, default_dtype=default_dtype,
             default_device=default_device, layer_devices=layer_devices, explicit_dtype=dtype,
-            explicit_kv_heads=num_kv_heads, static_addresses=max_cache_len is not None, on_layer=self._sync_layer_view)
+            explicit_kv_heads=num_kv_heads, static_addresses=max_cache_len is not None, on_layer=self._sync_layer_view,
+            kv_dtype=self._kv_dtype)
         self._seqs = Sequences(block_size, self._pool.allocator)
         self._planner = Planner(self._pool, self._seqs, num_layers=self.num_layers,
                                 growable=num_blocks is None if growable is None else growable,
@@ -355,7 +366,7 @@ class PagedKVCache(Cache):
         return [None if device[i] is None else torch.device(device[i]) for i in range(self.num_layers)]
 
     def _bytes_per_block(self, dtype: torch.dtype) -> int:
-        return bytes_per_block(self.num_layers, self.block_size, self._kv_heads, self.head_dim, dtype)
+        return bytes_per_block(self.num_layers, self.block_size, self._kv_heads, self.head_dim, dtype, self._kv_dtype)
 
     # -- the rooms' state, as read from outside --------------------------------------------------------------------
 
@@ -379,9 +390,15 @@ class PagedKVCache(Cache):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The pages' dtype (the first layer that has pages; before any: what they will be made with)."""
-        k = self._pool.first_pages()
-        return self._pool.default_dtype if k is None else k.dtype
+        """The K/V dtype the cache takes and reads back (the first layer that has pages; before any: what they will
+        be made for). The pages' own format is ``kv_dtype``."""
+        return next((d for d in self._pool.dtypes if d is not None), self._pool.default_dtype)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The pages' dtype: ``dtype`` for float pages, or torch.int8 / torch.float8_e4m3fn (8-bit codes with
+        float16 scales)."""
+        return self._pool.kv_dtype or self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -407,6 +424,7 @@ class PagedKVCache(Cache):
         """The pool replaced layer ``i``'s pages: mirror them in its transformers layer object."""
         layer, k = self.layers[i], self._pool.k[i]
         layer.k_pages, layer.v_pages, layer.is_initialized = k, self._pool.v[i], k is not None
+        layer.k_scales, layer.v_scales = self._pool.ks[i], self._pool.vs[i]
         if k is not None:
             layer.dtype, layer.device = k.dtype, k.device
 
@@ -416,6 +434,11 @@ class PagedKVCache(Cache):
     def pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_pages, v_pages)`` of a layer, each ``[num_blocks, block_size, Hkv, D]`` on the layer's device."""
         return self._pool.pages(layer_idx)
+
+    def layer_pages(self, layer_idx: int) -> LayerPages:
+        """A layer's pages and, for 8-bit pages, their scales (``k``, ``v``, ``k_scales``, ``v_scales``), as the
+        paged ops take them."""
+        return self._pool.layer(layer_idx)
 
     def dense(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys, values)`` of a layer as a transformers ``DynamicCache`` holds them: ``[batch, Hkv, columns, D]``
@@ -428,8 +451,9 @@ class PagedKVCache(Cache):
         seqs = self._seqs
         B, cols = len(seqs.lens), seqs.seen
         H, D = k_pages.shape[2], k_pages.shape[3]
-        keys = k_pages.new_zeros((B, H, cols, D))
-        values = v_pages.new_zeros((B, H, cols, D))
+        dtype = self._pool.dtypes[layer_idx]
+        keys = k_pages.new_zeros((B, H, cols, D), dtype=dtype)
+        values = v_pages.new_zeros((B, H, cols, D), dtype=dtype)
         if not B or not cols:
             return keys, values
         real = seqs.real_columns()
@@ -615,4 +639,4 @@ class PagedKVCache(Cache):
         kind = (f"reserved {self.max_batch_size} x {self.max_cache_len}" if self.reserved else
                 "growable" if self.growable else "fixed")
         return (f"PagedKVCache(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"block_size={self.block_size}, {str(self.dtype).replace('torch.', '')}, {kind})")
+                f"block_size={self.block_size}, {str(self.kv_dtype).replace('torch.', '')}, {kind})")

@@ -5,8 +5,12 @@ Holds the block allocator (free list and reference counts over block ids) and, p
 a layer's first K/V, growing the pool (doubling, one layer at a time), copying pages (copy-on-write), writing a
 step's K/V at its slots and reading token rows back, and what all of it costs in bytes.
 
+Page formats: the model's dtype (K/V bit for bit), or 8-bit (``kv_dtype`` int8 or float8_e4m3fn): codes in the pages
+and one float16 scale per (token, KV head) in ``k_scales``/``v_scales`` ``[num_blocks, block_size, Hkv]`` beside them
+(llmkern/reference.py, ``quantize_kv``). Pages and scales are made, grown, copied and written together.
+
 This is the only module that knows the page format (llmkern/paged_ops.py holds the kernels that read and write it):
-a new format (8-bit pages with scales) changes this module and the kernels. It may touch the pages and the
+a new format changes this module and the kernels. It may touch the pages and the
 allocator; it knows nothing of sequences, block tables or plans (llmkern/cache/sequences.py, llmkern/cache/plan.py),
 which hand it block ids and slots.
 """
@@ -17,9 +21,41 @@ import os
 
 import torch
 
-from llmkern import paged_ops
+from typing import NamedTuple
+
+from llmkern import paged_ops, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the paged ops take
+KV_DTYPES = reference.KV_DTYPES  # 8-bit page formats: int8, float8_e4m3fn (with float16 scales)
+_KV_NAMES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def parse_kv_dtype(kv_dtype) -> torch.dtype | None:
+    """``kv_dtype`` as the cache and ``patch`` take it -> the pages' 8-bit dtype, or None (the model's dtype)."""
+    if kv_dtype is None or kv_dtype == "auto":
+        return None
+    if isinstance(kv_dtype, torch.dtype) and kv_dtype in KV_DTYPES:
+        return kv_dtype
+    if isinstance(kv_dtype, str) and kv_dtype in _KV_NAMES:
+        return _KV_NAMES[kv_dtype]
+    raise ValueError(f"kv_dtype must be None or 'auto' (pages in the model's dtype), 'int8' or 'fp8_e4m3' (8-bit "
+                     f"pages with one float16 scale per token and KV head), got {kv_dtype!r}")
+
+
+def row_bytes(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None) -> int:
+    """Bytes of one token's K (or V) row of one KV head: D elements, plus its scale for 8-bit pages."""
+    if kv_dtype is None:
+        return head_dim * dtype.itemsize
+    return head_dim * kv_dtype.itemsize + reference.SCALE_DTYPE.itemsize
+
+
+class LayerPages(NamedTuple):
+    """One layer's pages as the ops take them: ``k``, ``v`` ``[num_blocks, block_size, Hkv, D]`` and, for 8-bit
+    pages, their scales ``k_scales``, ``v_scales`` ``[num_blocks, block_size, Hkv]`` (None for float pages)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None
+    v_scales: torch.Tensor | None
 MAX_BLOCK_SIZE = 256  # paged_ops.MAX_BLOCK_SIZE: a block is one tile of the attention kernels
 
 
@@ -103,10 +139,19 @@ class BlockAllocator:
         self.__init__(self.num_blocks)
 
 
-def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """K + V of one block over all layers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * kv_heads * head_dim * itemsize
+def write(pages: LayerPages, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write a step's ``key``/``value`` ``[B, Hkv, S, D]`` into a layer's ``pages`` at ``slot_mapping`` ``[B * S]``
+    (-1 skipped), quantizing for 8-bit pages."""
+    B, H, S, D = key.shape
+    # [B, Hkv, S, D] -> [B*S, Hkv, D]: a view for S == 1 (decode), one copy for a prefill chunk.
+    paged_ops.reshape_and_cache(key.transpose(1, 2).reshape(B * S, H, D), value.transpose(1, 2).reshape(B * S, H, D),
+                                pages.k, pages.v, slot_mapping, pages.k_scales, pages.v_scales)
+
+
+def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    kv_dtype: torch.dtype | None = None) -> int:
+    """K + V of one block over all layers (scales included for 8-bit pages)."""
+    return 2 * num_layers * block_size * kv_heads * row_bytes(head_dim, dtype, kv_dtype)
 
 
 def blocks_for_fraction(fraction: float, devices: list, per_layer_block: int, free_bytes) -> int:
@@ -156,12 +201,13 @@ class PagePool:
 
     ``on_layer(i)`` is called whenever layer ``i``'s pages are replaced (made, re-made, grown): the cache's
     transformers-facing layer objects mirror them. ``static_addresses``: mark the pages as fixed addresses for
-    compiled steps (the reserved mode)."""
+    compiled steps (the reserved mode). ``kv_dtype``: 8-bit pages (int8 / float8_e4m3fn) with scales, whatever the
+    model's dtype; None: pages in the layer's dtype."""
 
     def __init__(self, *, num_layers: int, block_size: int, head_dim: int, kv_heads: int, num_blocks: int,
                  default_dtype: torch.dtype, default_device: torch.device, layer_devices: list,
                  explicit_dtype: torch.dtype | None, explicit_kv_heads: int | None, static_addresses: bool,
-                 on_layer=None):
+                 on_layer=None, kv_dtype: torch.dtype | None = None):
         self.num_layers = num_layers
         self.block_size = block_size
         self.head_dim = head_dim
@@ -174,15 +220,23 @@ class PagePool:
         self.static_addresses = static_addresses
         self.on_layer = on_layer or (lambda i: None)
         self.allocator = BlockAllocator(num_blocks)
+        self.kv_dtype = kv_dtype
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.ks: list[torch.Tensor | None] = [None] * num_layers  # 8-bit pages: their scales
+        self.vs: list[torch.Tensor | None] = [None] * num_layers
+        self.dtypes: list[torch.dtype | None] = [None] * num_layers  # the K/V dtype a layer takes and reads back
         self.filled: set[int] = set()  # layers handed K/V since the last reset: their pages may hold tokens
         self.peak_bytes = 0
 
     # -- what exists -----------------------------------------------------------------------------------------------
 
+    def _all(self) -> tuple:
+        return (self.k, self.v, self.ks, self.vs)
+
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)
+        """Every layer's pages and scales."""
+        return sum(t.numel() * t.element_size() for pages in self._all() for t in pages if t is not None)
 
     def first_pages(self) -> torch.Tensor | None:
         return next((k for k in self.k if k is not None), None)
@@ -190,11 +244,9 @@ class PagePool:
     def bytes_per_token(self) -> int:
         """K + V of one token over all layers (a layer without pages yet: as it will be made)."""
         per_token = 0
-        for k in self.k:
-            if k is None:
-                per_token += 2 * self.kv_heads * self.head_dim * self.default_dtype.itemsize
-            else:
-                per_token += 2 * k.shape[2] * self.head_dim * k.element_size()
+        for k, dtype in zip(self.k, self.dtypes):
+            heads = self.kv_heads if k is None else k.shape[2]
+            per_token += 2 * heads * row_bytes(self.head_dim, dtype or self.default_dtype, self.kv_dtype)
         return per_token
 
     def pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,19 +257,30 @@ class PagePool:
                                f"K/V it is handed (update)")
         return k, self.v[layer_idx]
 
+    def layer(self, layer_idx: int) -> LayerPages:
+        """A layer's pages and (8-bit) scales, as the ops take them."""
+        k, v = self.pages(layer_idx)
+        return LayerPages(k, v, self.ks[layer_idx], self.vs[layer_idx])
+
     # -- making and growing ----------------------------------------------------------------------------------------
 
     def make_layer(self, i: int, heads: int, dtype: torch.dtype, device) -> None:
         # Zeroed, not empty: a kernel never reads past seq_len, but garbage pages would make a bug look random.
         shape = (self.allocator.num_blocks, self.block_size, heads, self.head_dim)
-        self.k[i] = self.v[i] = None  # the old pages (another dtype, device, heads) go first
+        for pages in self._all():  # the old pages (another dtype, device, heads) go first
+            pages[i] = None
         self.on_layer(i)
+        self.dtypes[i] = dtype
         with torch.inference_mode(False):  # normal tensors: a crop or reorder outside inference mode writes them
-            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.k[i] = torch.zeros(shape, dtype=self.kv_dtype or dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=self.kv_dtype or dtype, device=device)
+            if self.kv_dtype is not None:
+                self.ks[i] = torch.zeros(shape[:3], dtype=reference.SCALE_DTYPE, device=device)
+                self.vs[i] = torch.zeros(shape[:3], dtype=reference.SCALE_DTYPE, device=device)
         if self.static_addresses:  # fixed addresses: a compiled step may treat them as static (CUDA graphs)
-            torch._dynamo.mark_static_address(self.k[i])
-            torch._dynamo.mark_static_address(self.v[i])
+            for pages in self._all():
+                if pages[i] is not None:
+                    torch._dynamo.mark_static_address(pages[i])
         self.on_layer(i)
         self.peak_bytes = max(self.peak_bytes, self.bytes())
 
@@ -226,7 +289,7 @@ class PagePool:
         the step is written: created at its first K/V, re-created while it holds no tokens."""
         k = self.k[i]
         heads, dtype, device = key.shape[1], key.dtype, key.device
-        if k is not None and k.shape[2] == heads and k.dtype == dtype and k.device == device:
+        if k is not None and k.shape[2] == heads and self.dtypes[i] == dtype and k.device == device:
             return
         if self.explicit_dtype is not None and dtype != self.explicit_dtype:
             raise TypeError(f"PagedKVCache was created with dtype={self.explicit_dtype} but the model's keys are "
@@ -239,7 +302,7 @@ class PagePool:
             raise ValueError(f"PagedKVCache was created with num_kv_heads={self.explicit_kv_heads} but the keys of "
                              f"layer {i} hold {heads} KV heads")
         if k is not None and i in self.filled and self.allocator.num_used:
-            raise RuntimeError(f"PagedKVCache layer {i} holds tokens as {k.dtype} with {k.shape[2]} KV heads on "
+            raise RuntimeError(f"PagedKVCache layer {i} holds tokens as {self.dtypes[i]} with {k.shape[2]} KV heads on "
                                f"{k.device}; it cannot take {dtype} keys with {heads} KV heads on {device} (reset() "
                                f"it first)")
         self.make_layer(i, heads, dtype, device)
@@ -252,7 +315,7 @@ class PagePool:
         old = self.allocator.num_blocks
         new = max(min_blocks, 2 * old, 1)
         one_old = max((t.numel() * t.element_size() for t in self.k if t is not None), default=0)
-        for pages in (self.k, self.v):
+        for pages in self._all():
             for i, t in enumerate(pages):
                 if t is None:
                     continue
@@ -271,24 +334,27 @@ class PagePool:
     def copy(self, src: list[int], dst: list[int]) -> None:
         """Copy pages ``src[i] -> dst[i]`` in every layer (on each layer's device)."""
         index: dict = {}  # device -> (src, dst) there
-        for k, v in zip(self.k, self.v):
+        for k, v, ks, vs in zip(*self._all()):
             if k is None:  # made later at its first K/V, zeroed: it holds nothing to copy
                 continue
             if k.device not in index:
                 index[k.device] = (torch.tensor(src, dtype=torch.int64, device=k.device),
                                    torch.tensor(dst, dtype=torch.int64, device=k.device))
             paged_ops.copy_blocks(k, v, *index[k.device])
+            if ks is not None:  # the scales go with their pages (as [num_blocks, block_size, Hkv, 1] pages)
+                paged_ops.copy_blocks(ks.unsqueeze(-1), vs.unsqueeze(-1), *index[k.device])
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write a layer's new ``key``/``value`` ``[B, Hkv, S, D]`` at ``slot_mapping`` (``[B * S]``, -1 skipped)."""
-        B, H, S, D = key.shape
-        kc, vc = self.pages(layer_idx)
-        # [B, Hkv, S, D] -> [B*S, Hkv, D]: a view for S == 1 (decode), one copy for a prefill chunk.
-        paged_ops.reshape_and_cache(key.transpose(1, 2).reshape(B * S, H, D),
-                                    value.transpose(1, 2).reshape(B * S, H, D), kc, vc, slot_mapping)
+        write(self.layer(layer_idx), key, value, slot_mapping)
 
     def read(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V rows ``[len(slots), Hkv, D]`` of a layer at token ``slots`` (``block * block_size + row``)."""
-        k_pages, v_pages = self.pages(layer_idx)
-        slots = slots.to(k_pages.device)
-        return k_pages.flatten(0, 1)[slots], v_pages.flatten(0, 1)[slots]
+        """K and V rows ``[len(slots), Hkv, D]`` of a layer at token ``slots`` (``block * block_size + row``), in the
+        layer's dtype (8-bit pages: dequantized)."""
+        k, v, ks, vs = self.layer(layer_idx)
+        slots = slots.to(k.device)
+        if ks is None:
+            return k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]
+        dtype = self.dtypes[layer_idx]
+        return tuple(reference.dequantize_kv(p.view(torch.int8).flatten(0, 1)[slots].view(p.dtype),
+                                             sc.flatten(0, 1)[slots], dtype) for p, sc in ((k, ks), (v, vs)))
