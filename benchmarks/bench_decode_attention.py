@@ -210,6 +210,7 @@ def providers(args):
         notes.append(why_po)
     else:
         provs = _serves(provs, notes, "paged_decode_attention")
+        provs += kv8_providers(args, provs, po)
 
     ok, why = H.external("flash_attn", args, "flash-attn")
     if ok:
@@ -353,6 +354,46 @@ def vllm_providers(args, notes: list[str]) -> list:
                        measure=lambda inp, bs=bs: peer.measure(inp, bs)) for n, bs in VLLM_CPU.items()]
 
 
+KV8 = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv8_providers(args, provs: list, po) -> list:
+    """``llmkern-<backend>-<kv>`` for each ``--kv-dtypes`` entry: the same decode over 8-bit pages (codes + float16
+    scales per token and KV head, quantized outside the timed region as ``reshape_and_cache`` writes them)."""
+    from llmkern import reference
+
+    out = []
+    for kv in getattr(args, "kv_dtypes", None) or []:
+        for p in [p for p in provs if p.name.startswith("llmkern-")]:
+            b = p.name[len("llmkern-"):]
+
+            def kern8(inp, b=b, kv=kv):
+                kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK)
+                (kq, ks), (vq, vs) = reference.quantize_kv(kc, KV8[kv]), reference.quantize_kv(vc, KV8[kv])
+                del kc, vc
+                q, scale, L = inp["q"], inp["scale"], inp["L"]
+                return H.with_backend(b, lambda: po.paged_decode_attention(q, kq, vq, bt, sl, scale, max_seq_len=L,
+                                                                           k_scales=ks, v_scales=vs))
+            out.append(H.Provider(f"{p.name}-{kv}", kern8, note=f"{kv} pages + fp16 scales"))
+    return out
+
+
+def print_kv8_ratios(rows) -> None:
+    """Per shape, each 8-bit provider's p50 over its float-page provider's (same backend, same run)."""
+    by = {(r.shape, r.provider): r for r in rows}
+    lines = []
+    for r in rows:
+        for kv in KV8:
+            if r.provider.endswith("-" + kv):
+                base = by.get((r.shape, r.provider[:-len(kv) - 1]))
+                if base:
+                    lines.append(f"  {r.shape:<40} {r.provider:<24} {r.us[1]:10.1f} µs  / {base.us[1]:10.1f} µs = "
+                                 f"{r.us[1] / base.us[1]:.2f}")
+    if lines:
+        print("\n8-bit pages vs the dtype's own pages (p50, same run):")
+        print("\n".join(lines))
+
+
 def ratios(case_rows: dict) -> None:
     """Per case, each vLLM row's note gets ``<llmkern provider>/<vllm provider> p50`` (< 1: llmkern is faster), so
     the ratio is in the CSV too."""
@@ -410,6 +451,14 @@ def _layout_list(text: str) -> list[str]:
     return names
 
 
+def _kv_list(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [n for n in names if n not in KV8]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kv dtype(s) {bad}; expected some of {list(KV8)}")
+    return names
+
+
 def add_args(p) -> None:
     p.add_argument("--contexts", type=_int_list, default=None, help="context lengths, e.g. 8k,32k (overrides the preset)")
     p.add_argument("--batches", type=_int_list, default=None, help="batch sizes, e.g. 1,8 (overrides the preset)")
@@ -418,6 +467,9 @@ def add_args(p) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="causal prefill attention (op prefill_attention, S = --contexts new tokens per sequence) "
                         "instead of decode; the table adds TFLOP/s")
+    p.add_argument("--kv-dtypes", type=_kv_list, default=None, metavar="LIST",
+                   help="also time decode over 8-bit pages: comma-separated from int8,fp8_e4m3 (adds "
+                        "llmkern-<backend>-<kv> providers; the ratio to the dtype's own pages is printed)")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",
                    help="a Python with vllm-cpu installed (a venv of its own, never llmkern's): adds the vllm-cpu "
                         "and vllm-cpu-bs16 providers, run there by benchmarks/_vllm_runner.py (default: "
@@ -473,6 +525,7 @@ def main(argv=None) -> int:
     rows = H.run(title, args, cases(args), provs, notes, after_case=ratios)
     print_tflops(rows)
     print_ratios(rows)
+    print_kv8_ratios(rows)
     return H.main_exit(args)
 
 

@@ -256,7 +256,7 @@ def llamacpp_python(args) -> str | None:
     return sys.executable if H.importable("llama_cpp") else None
 
 
-def llamacpp_steps(args, ctx: int) -> tuple[list[float], float, str]:
+def llamacpp_steps(args, ctx: int, kv_type: str = "f16") -> tuple[list[float], float, str]:
     """µs per decode step, prefill seconds and a label, from llama.cpp on SmolLM2's GGUF (batch 1)."""
     import json
     import subprocess
@@ -266,12 +266,14 @@ def llamacpp_steps(args, ctx: int) -> tuple[list[float], float, str]:
     runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_llamacpp_runner.py")
     gguf = os.path.join(*testing.smollm2_path())
     cmd = [llamacpp_python(args), runner, "--gguf", gguf, "--ftype", _LLAMACPP_FTYPE[args.torch_dtype],
-           "--ctx", str(ctx), "--steps", str(args.steps), "--threads", str(torch.get_num_threads())]
+           "--ctx", str(ctx), "--steps", str(args.steps), "--threads", str(torch.get_num_threads()),
+           "--kv-type", kv_type]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"llama.cpp runner failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    return out["us"], out["prefill_s"], f"llama.cpp {out['llama_cpp']}, {out['model']}, {out['threads']} threads"
+    return out["us"], out["prefill_s"], (f"llama.cpp {out['llama_cpp']}, {out['model']}, {out['threads']} threads, "
+                                         f"KV {out.get('kv_type', 'f16')}")
 
 
 PROVIDERS = {  # name -> what it runs (the module docstring says more)
@@ -282,9 +284,15 @@ PROVIDERS = {  # name -> what it runs (the module docstring says more)
     "eager+compile": "unpatched; generate(cache_implementation='static', compile_config=...): compiled decode steps",
     "llmkern+compile": "patch(model) (paged attention, reserved PagedKVCache) + the same static-cache compile path",
     "llmkern-sdpa+compile": "patch(model, attention=False) + the same static-cache compile path (StaticCache)",
+    "llmkern-paged-int8": "patch(model, kv_dtype='int8'): paged attention over int8 pages + fp16 scales",
+    "llmkern-paged-fp8": "patch(model, kv_dtype='fp8_e4m3'): paged attention over fp8 e4m3 pages + fp16 scales",
+    LLAMACPP + "-q8kv": "llama.cpp with a q8_0 K and V cache (type_k = type_v = q8_0; flash attention on, which "
+                        "llama.cpp needs for a quantized V cache)",
 }
 COMPILED = tuple(n for n in PROVIDERS if n.endswith("+compile"))
-PAGED = ("llmkern-paged", "llmkern+compile")  # patched with paged attention; the other llmkern ones attention=False
+KV8 = {"llmkern-paged-int8": "int8", "llmkern-paged-fp8": "fp8_e4m3"}  # provider -> patch(kv_dtype=...)
+LLAMACPP_KV = {LLAMACPP: "f16", LLAMACPP + "-q8kv": "q8_0"}  # provider -> llama.cpp's KV cache type
+PAGED = ("llmkern-paged", "llmkern+compile", *KV8)  # patched with paged attention; the other llmkern ones not
 
 
 def provider_names(args) -> tuple[list[str], list[str]]:
@@ -302,6 +310,8 @@ def provider_names(args) -> tuple[list[str], list[str]]:
     else:
         notes.append("llmkern-paged: llmkern.attention not importable yet")
     can_run = names + [n for n in COMPILED if n != "llmkern+compile" or "llmkern-paged" in names]
+    can_run += [n for n in KV8 if "llmkern-paged" in names]
+    can_run += [LLAMACPP + "-q8kv"] if LLAMACPP in names else []
     if args.compile:
         names = can_run
     if args.providers and args.providers != "list":
@@ -340,7 +350,7 @@ class Configured:
         m = self.model
         self._clean()
         if self.name.startswith("llmkern"):
-            llmkern.patch(m, attention=self.name in PAGED)
+            llmkern.patch(m, attention=self.name in PAGED, kv_dtype=KV8.get(self.name))
         return m
 
     def __exit__(self, *exc):
@@ -443,11 +453,11 @@ def main(argv=None) -> int:
             ref_tokens, eager_us = None, None
             for name in names:
                 bar.step(f"{shape} {name}")
-                if name == LLAMACPP:
+                if name in LLAMACPP_KV:
                     if mname != "smollm2-135m" or B != 1 or args.device.type != "cpu":
                         continue  # the GGUF is SmolLM2's; the runner decodes one sequence on the CPU
                     try:
-                        gaps, prefill_s, lc_label = llamacpp_steps(args, ctx)
+                        gaps, prefill_s, lc_label = llamacpp_steps(args, ctx, LLAMACPP_KV[name])
                     except Exception as e:
                         failed(name, shape, e)
                         continue
