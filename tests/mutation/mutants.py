@@ -172,6 +172,13 @@ MUTANTS = (
         "the C++ reshape_and_cache skips slot 0 as if it were padding",
         (("csrc/cpu/kernels_impl.h", "if (slot < 0) continue;", "if (slot <= 0) continue;"),),
         ("tests/test_cache_ops.py", "-k", "reshape_and_cache and cpp and not bad_input")),
+    Mutant(
+        "cpp-kv8-drops-v-scale", "cpp",
+        "the C++ attention over 8-bit pages forgets V's per-token scale: P multiplies the raw codes",
+        (("csrc/cpu/attention_vec.h", "V::store(s + b * W, vsc ? V::mul(p, V::load(vsc + b * W)) : p);",
+          "V::store(s + b * W, p);"),),
+        ("tests/test_kv8_cpp.py", "-k", "decode or prefill"),
+        note="Float pages pass no scales: only the 8-bit tests can see it."),
 )
 
 
