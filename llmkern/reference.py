@@ -99,11 +99,12 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scales=None,
         scales[blk, off] = s
 
 
-def _rows(cache, scales, blocks, pos, acc):
-    """Token rows ``cache[blocks, pos]`` in ``acc`` (dequantized when ``scales`` is given)."""
+def gather_rows(cache, scales, index, dtype):
+    """Token rows ``cache[index]`` (``index``: a tuple indexing the leading dimensions) in ``dtype``, dequantized
+    when ``scales`` is given (8-bit pages are gathered as int8 bits: float8 indexing is not implemented everywhere)."""
     if scales is None:
-        return cache[blocks, pos].to(acc)
-    return dequantize_kv(cache.view(torch.int8)[blocks, pos].view(cache.dtype), scales[blocks, pos], acc)
+        return cache[index].to(dtype)
+    return dequantize_kv(cache.view(torch.int8)[index].view(cache.dtype), scales[index], dtype)
 
 
 def copy_blocks(k_cache, v_cache, src, dst) -> None:
@@ -131,8 +132,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, q_lens,
                          f"{bs}")
     kpos = torch.arange(L, device=dev)
     blocks = block_tables.long()[:, kpos // bs].clamp(0, k_cache.shape[0] - 1)  # [B, L]; junk past seq_len, masked
-    k = _rows(k_cache, k_scales, blocks, kpos % bs, acc).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
-    v = _rows(v_cache, v_scales, blocks, kpos % bs, acc).permute(0, 2, 1, 3)
+    k = gather_rows(k_cache, k_scales, (blocks, kpos % bs), acc).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    v = gather_rows(v_cache, v_scales, (blocks, kpos % bs), acc).permute(0, 2, 1, 3)
     # Rows past a sequence's length are whatever the pages hold (NaN, stale codes): zeroed, as the kernels never
     # read them (a masked logit is dropped, but 0 * NaN in P @ V is not).
     junk = (kpos[None, :] >= seq_lens.long()[:, None])[:, None, :, None]  # [B, 1, L, 1]

@@ -93,7 +93,7 @@ def test_reshape_and_cache_quantizes_on_write(backend, kv):
         assert ((got_s.float() - want_s.float()).abs() <= want_s.float() * 2.0 ** -10).all()
         got = reference.dequantize_kv(c.view(torch.int8)[blk, off].view(dt), got_s)
         want = reference.dequantize_kv(want_q, want_s)
-        step = want_s.float().unsqueeze(-1) * (1.0 if dt == torch.int8 else 1.0)
+        step = want_s.float().unsqueeze(-1)
         tol = step if dt == torch.int8 else torch.maximum(want.abs() * 2.0 ** -3, 2.0 ** -9 * step)
         assert ((got - want).abs() <= tol * (1 + 1e-3)).all(), f"{backend} {kv}: codes off by more than one step"
         # Every other slot is untouched.

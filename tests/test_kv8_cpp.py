@@ -13,7 +13,6 @@ head, through ``torch.ops.llmkern_C`` directly (csrc/torch_bindings.cpp; kernels
 * the bindings' errors for scales of the wrong dtype, shape or device, and for 8-bit pages without scales.
 """
 
-import contextlib
 import os
 
 import pytest
@@ -22,6 +21,7 @@ import torch
 from llmkern import _ext, reference as R
 from llmkern.testing import (assert_within_bound, check_cpu_paged_attention, oracle_paged_attention,
                              paged_attention_fp32_bound, ulp)
+from tests.test_cpu_isa import ISAS, isa, running_on  # noqa: F401 (isa: the per-ISA fixture)
 
 if not _ext.load():
     if os.environ.get("LLMKERN_NO_EXT") == "1":
@@ -29,32 +29,10 @@ if not _ext.load():
     raise RuntimeError(f"the llmkern extension must be built for these tests: {_ext.why_not()}")
 
 C = torch.ops.llmkern_C
-ISAS = ["avx512", "avx2", "generic"]
 CACHE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VEC_8BIT_DIMS = (64, 128)  # head dims with an 8-bit vector kernel (attention_vec.h); others: portable decode
-
-
-@contextlib.contextmanager
-def running_on(isa: str):
-    """The CPU kernels on `isa` for the block; skips where this CPU cannot run it (never runs another instead)."""
-    try:
-        prev = C.set_cpu_isa(isa)
-    except RuntimeError as e:
-        pytest.skip(str(e).splitlines()[0])
-    try:
-        if isa == "avx512" and C.cpu_kernel("paged_decode_attention", torch.float32, 64) != "avx512":
-            pytest.skip("this CPU has AVX-512 but not AVX512-BF16: the AVX-512 attention kernels cannot run")
-        yield
-    finally:
-        C.set_cpu_isa(prev)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with running_on(request.param):
-        yield request.param
 
 
 def expected_kernel(op: str, isa: str, D: int) -> str:

@@ -353,8 +353,5 @@ class PagePool:
         layer's dtype (8-bit pages: dequantized)."""
         k, v, ks, vs = self.layer(layer_idx)
         slots = slots.to(k.device)
-        if ks is None:
-            return k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]
-        dtype = self.dtypes[layer_idx]
-        return tuple(reference.dequantize_kv(p.view(torch.int8).flatten(0, 1)[slots].view(p.dtype),
-                                             sc.flatten(0, 1)[slots], dtype) for p, sc in ((k, ks), (v, vs)))
+        index, dtype = (slots // self.block_size, slots % self.block_size), self.dtypes[layer_idx]
+        return reference.gather_rows(k, ks, index, dtype), reference.gather_rows(v, vs, index, dtype)
