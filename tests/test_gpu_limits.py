@@ -95,7 +95,8 @@ def test_row_op_and_cache_grids_fit_at_longest_context(dtype, monkeypatch):
 
     recs = {**_record(monkeypatch, rms_norm, "_rms_norm_kernel", "_fused_add_rms_norm_kernel"),
             **_record(monkeypatch, swiglu, "_silu_and_mul_kernel"), **_record(monkeypatch, rope, "_rope_kernel"),
-            **_record(monkeypatch, cache_ops, "_reshape_and_cache_kernel", "_copy_blocks_kernel")}
+            **_record(monkeypatch, cache_ops, "_reshape_and_cache_kernel", "_reshape_and_cache_q8_kernel",
+                       "_copy_blocks_kernel")}
     for lay in L.LAYOUTS:
         for B in (1, L.MAX_BATCH):
             T = B * lay.max_pos
@@ -116,6 +117,10 @@ def test_row_op_and_cache_grids_fit_at_longest_context(dtype, monkeypatch):
             kc = torch.empty(T // 16 + 1, 16, lay.Hkv, lay.D, dtype=dtype, device=META)
             slots = torch.empty(T, dtype=torch.int64, device=META)
             cache_ops.reshape_and_cache_fwd(kv, kv, kc, kc, slots)
+            for kv_dtype in (torch.int8, torch.float8_e4m3fn):  # 8-bit pages: the quantizing write
+                kc8 = torch.empty(kc.shape, dtype=kv_dtype, device=META)
+                sc = torch.empty(kc.shape[:3], dtype=torch.float16, device=META)
+                cache_ops.reshape_and_cache_fwd(kv, kv, kc8, kc8, slots, sc, sc)
             cache_ops.copy_blocks_fwd(kc, kc, slots[:T // 16], slots[:T // 16])
     for name, r in recs.items():
         _check(r.grids, name)
@@ -140,6 +145,7 @@ int main(int argc, char** argv) {
     show("rope", rope_grid(1, T));
     show("silu_and_mul", silu_and_mul_grid(T, I));
     show("reshape_and_cache", reshape_and_cache_grid(T));
+    show("reshape_and_cache_quant", reshape_and_cache_quant_grid(T, Hkv));
     show("copy_blocks", copy_blocks_grid(T / 16, 16 * Hkv * D * 4));
     (void)H; (void)Hq;
   }
@@ -179,6 +185,7 @@ def test_cuda_launch_grids_fit_at_longest_context(cuda_geometry):
     assert grids and not bad, f"CUDA grids outside the limits {L.GRID_LIMITS}: {bad[:10]}"
     # silu_and_mul had the rows on y: 65,536+ rows failed to launch.
     assert any(k == "silu_and_mul" and g[0] >= 65536 for k, g in grids)
+    assert any(k == "reshape_and_cache_quant" for k, g in grids)
 
 
 def test_cuda_copy_blocks_word_width_follows_alignment(cuda_geometry):
