@@ -8,7 +8,7 @@ head, through ``torch.ops.llmkern_C`` directly (csrc/torch_bindings.cpp; kernels
 * decode (AVX-512, AVX2, portable) and prefill (AVX-512, AVX2) read 8-bit pages for fp32/bf16/fp16 q: against the fp64
   oracle on the dequantized pages under the C++ attention tolerance (``llmkern.testing.check_cpu_paged_attention``:
   fp32 within the algorithm's error bound, bf16/fp16 no worse than the reference's own fp32 computation), GQA groups
-  1/2/7, pages of 1/16/64 tokens, head dims 64/128 (vector kernels) and 72/40 (portable decode only), strided caches
+  1/2/7, pages of 1/16/64 tokens, head dims 64/80/96/128/256 (vector kernels) and 72/40 (portable decode only), strided caches
   and scales, sliding window, softcap, splits;
 * the bindings' errors for scales of the wrong dtype, shape or device, and for 8-bit pages without scales.
 """
@@ -21,7 +21,7 @@ import torch
 from llmkern import _ext, reference as R
 from llmkern.testing import (assert_within_bound, check_cpu_paged_attention, oracle_paged_attention,
                              paged_attention_fp32_bound, ulp)
-from tests.test_cpu_isa import ISAS, isa, running_on  # noqa: F401 (isa: the per-ISA fixture)
+from tests.test_cpu_isa import ISAS, VEC_DIMS, isa, running_on  # noqa: F401 (isa: the per-ISA fixture)
 
 if not _ext.load():
     if os.environ.get("LLMKERN_NO_EXT") == "1":
@@ -32,12 +32,13 @@ C = torch.ops.llmkern_C
 CACHE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VEC_8BIT_DIMS = (64, 128)  # head dims with an 8-bit vector kernel (attention_vec.h); others: portable decode
 
 
 def expected_kernel(op: str, isa: str, D: int) -> str:
-    if isa != "generic" and D in VEC_8BIT_DIMS:
-        return isa
+    """8-bit pages have the float pages' vector kernels (VEC_DIMS): head_dim 80 on an AVX-512 machine runs AVX2's."""
+    for k in ISAS[ISAS.index(isa):]:
+        if D in VEC_DIMS.get(k, ()):
+            return k
     return "portable" if op == "paged_decode_attention" else "reference"
 
 
@@ -215,8 +216,11 @@ def paged_8bit(lens, Hkv, D, bs, cdt, gen, strided=False):
 # units. The guard is looser than the float pages' CPU_ATTENTION_EPS_S (6): on these pages (per-row magnitudes and
 # outliers, so that the scales differ) the float kernels themselves reach 6.8 (the portable kernel, which dequantizes
 # exactly, is bit-equal to them), the 8-bit vector paths up to 7.3 (the scale multiplies each score and each P @ V
-# weight: one rounding more).
-EPS_S_8BIT = 10.0
+# weight: one rounding more). Over 12 seeds x head dims 64-256 x both codes (2026-12-07) the vector kernels reached
+# 8.6 and the portable kernel 11.2 (at head_dim 256; the same on fp32 pages holding the same values): the portable
+# kernel's guard is 14.
+EPS_S_8BIT = {"portable": 14.0}
+EPS_S_8BIT_VEC = 10.0
 
 
 def check_attention(out, q, kd, vd, tables, lens, scale, *, kernel, q_lens=None, num_splits=None,
@@ -237,15 +241,19 @@ def check_attention(out, q, kd, vd, tables, lens, scale, *, kernel, q_lens=None,
                                        num_splits=ns if decode else 1, **kw)
     assert_within_bound(out4, oracle, bound, what=f"{what} (fp32 error bound)")
     err = (out4.double() - oracle).abs()
-    over = err > EPS_S_8BIT * ulp(torch.float32) * mag
-    assert not over.any(), f"{what}: error past {EPS_S_8BIT} eps * S_i at {over.nonzero()[0].tolist()}"
+    guard = EPS_S_8BIT.get(kernel, EPS_S_8BIT_VEC)
+    over = err > guard * ulp(torch.float32) * mag
+    assert not over.any(), f"{what}: error past {guard} eps * S_i at {over.nonzero()[0].tolist()}"
 
 
 DECODE_SHAPES = [
     pytest.param(2, 2, 64, 16, id="g1-d64-page16"),
     pytest.param(4, 2, 128, 1, id="g2-d128-page1"),
     pytest.param(14, 2, 64, 64, id="g7-d64-page64"),  # Qwen2.5-0.5B heads
-    pytest.param(6, 3, 72, 16, id="g2-d72"),  # no 8-bit vector kernel: portable on every ISA
+    pytest.param(5, 5, 80, 16, id="g1-d80"),  # AVX2's kernel on AVX-512 machines too
+    pytest.param(12, 2, 96, 1, id="g6-d96-page1"),
+    pytest.param(8, 1, 256, 16, id="g8-d256"),
+    pytest.param(6, 3, 72, 16, id="g2-d72"),  # no vector kernel: portable on every ISA
     pytest.param(7, 1, 40, 1, id="g7-d40-page1"),
 ]
 
@@ -288,6 +296,9 @@ def test_decode_window_softcap_strided_q(isa, cname, qdt, window, softcap):
     pytest.param([40, 7, 100], [40, 7, 30], 40, 14, 2, 64, 16, None, None, id="g7-d64-leftpad-chunked"),
     pytest.param([33, 18], [33, 18], 33, 2, 2, 64, 1, 9, 20.0, id="g1-d64-page1-window-softcap"),
     pytest.param([66], [66], 66, 16, 8, 128, 64, None, None, id="g2-d128-page64"),
+    pytest.param([29, 12], [20, 12], 20, 4, 2, 80, 16, None, None, id="g2-d80-chunked"),
+    pytest.param([37], [37], 37, 7, 1, 96, 1, 11, None, id="g7-d96-page1-window"),
+    pytest.param([18, 40], [18, 9], 18, 4, 4, 256, 16, None, 10.0, id="g1-d256-softcap"),
     pytest.param([20], [20], 20, 6, 3, 72, 16, None, None, id="g2-d72-no-kernel"),
 ])
 def test_prefill(isa, cname, qdt, lens, q_lens, S, Hq, Hkv, D, bs, window, softcap):

@@ -24,7 +24,7 @@
 // in code units, vec.h) and reads the chunk's scales; nothing dequantized is stored beyond the chunk's packed rows.
 // K's scale is folded into the scores (score_j = (q . code_j) * sk_j), V's into the softmax weights (p_j * sv_j
 // multiplies code_j in P @ V; the row's sum takes p_j). With bf16 q the K codes go to bf16 (exact: at most 8
-// significant bits) and through the bf16 dot product like bf16 pages. Head dims 64 and 128 (vec_8bit_head_dim).
+// significant bits) and through the bf16 dot product like bf16 pages. Same head dims as float pages (vec_head_dim).
 #pragma once
 
 #include "vec.h"
@@ -426,30 +426,20 @@ struct PrefillRange {
   }
 };
 
-// Head dims with an instantiation: 64, 80, 96, 128, 256 (each a multiple of W = 8 or 16) for float pages; 64 and
-// 128 (the supported models' head dims) for 8-bit pages, whose other head dims the portable decode kernel serves.
+// Head dims with an instantiation, for float and 8-bit pages alike: 64, 80, 96, 128, 256 (each a multiple of W = 8 or
+// 16). Any other head dim goes to the portable decode kernel and the reference prefill.
 constexpr bool vec_head_dim(int64_t D) { return D == 64 || D == 80 || D == 96 || D == 128 || D == 256; }
-constexpr bool vec_8bit_head_dim(int64_t D) { return D == 64 || D == 128; }
-constexpr bool vec_head_dim(int64_t D, DType ct) { return is_8bit(ct) ? vec_8bit_head_dim(D) : vec_head_dim(D); }
+constexpr bool vec_head_dim(int64_t D, DType) { return vec_head_dim(D); }
 
-// Fn<V, T, C, D / W>::run(args...) for the call's dtypes and head dim; kNoKernel for any other.
 template <class V, template <class, DType, DType, int> class Fn, DType T, DType C, class Args>
 int run_head_dim(int64_t D, const Args& a, int64_t i0, int64_t i1) {
-  if constexpr (is_8bit(C)) {
-    switch (D) {
-      case 64: Fn<V, T, C, 64 / V::W>::run(a, i0, i1); return kOk;
-      case 128: Fn<V, T, C, 128 / V::W>::run(a, i0, i1); return kOk;
-      default: return kNoKernel;
-    }
-  } else {
-    switch (D) {
-      case 64: Fn<V, T, C, 64 / V::W>::run(a, i0, i1); return kOk;
-      case 80: Fn<V, T, C, 80 / V::W>::run(a, i0, i1); return kOk;
-      case 96: Fn<V, T, C, 96 / V::W>::run(a, i0, i1); return kOk;
-      case 128: Fn<V, T, C, 128 / V::W>::run(a, i0, i1); return kOk;
-      case 256: Fn<V, T, C, 256 / V::W>::run(a, i0, i1); return kOk;
-      default: return kNoKernel;
-    }
+  switch (D) {
+    case 64: Fn<V, T, C, 64 / V::W>::run(a, i0, i1); return kOk;
+    case 80: Fn<V, T, C, 80 / V::W>::run(a, i0, i1); return kOk;
+    case 96: Fn<V, T, C, 96 / V::W>::run(a, i0, i1); return kOk;
+    case 128: Fn<V, T, C, 128 / V::W>::run(a, i0, i1); return kOk;
+    case 256: Fn<V, T, C, 256 / V::W>::run(a, i0, i1); return kOk;
+    default: return kNoKernel;
   }
 }
 

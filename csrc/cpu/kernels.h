@@ -183,8 +183,8 @@ struct PrefillArgs {
 
 // The vectorised attention kernels: attention_vec.h as instantiated by vec_avx512.cpp (AVX-512 + AVX512-BF16;
 // head_dim 64, 96, 128, 256) and by vec_avx2.cpp (AVX2 + FMA + F16C; head_dim 64, 80, 96, 128, 256), the best one
-// the active instruction set allows. 8-bit pages: head_dim 64 and 128 on both (the supported models' head dims; the
-// portable decode kernel takes any other). paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
+// the active instruction set allows, for float and 8-bit pages alike (the portable decode kernel takes any other
+// head dim). paged_decode_stage1 falls back to the portable kernel of kernels_impl.h;
 // paged_prefill returns kNoKernel (the caller then uses the pure-torch reference). fast_attention_supported: whether
 // a vectorised kernel serves (t, D). set_fast_attention(false) forces the portable decode kernel and no prefill
 // kernel; it returns the previous setting.
