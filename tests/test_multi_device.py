@@ -100,13 +100,35 @@ def _tp_worker(root: str) -> None:
             "num_kv_heads": cache.num_kv_heads,
         }
         llmkern.unpatch(model)
+        # 8-bit pages (issue #21): each rank's cache holds its shard's codes and scales.
+        # The C++ backend forced, as in the single-process run: the prompt then attends over the int8 pages too (the
+        # automatic choice runs a fresh prompt on SDPA over its unquantized K/V, which the interpreter-bound test
+        # process cannot).
+        from llmkern import backends
+
+        llmkern.patch(model, kv_dtype="int8")
+        with llmkern.track() as ran, backends.use_backend("cpp"):
+            out = _generate(model, ids, mask, return_dict_in_generate=True, output_scores=True)
+        cache = _cache_of(out)
+        result[name]["int8"] = {
+            "tokens": out.sequences.tolist(), "kv_dtype": str(cache.kv_dtype),
+            "scores": torch.stack(out.scores, 1).tolist(),
+            "ran": sorted({f"{op}/{backend}" for op, backend in ran}),
+            "k_codes": str(cache.layer_pages(0).k.dtype),
+            "scale_heads": [cache.layer_pages(i).k_scales.shape[2] for i in range(cache.num_layers)],
+        }
+        llmkern.unpatch(model)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
 @pytest.fixture(scope="module")
 def tp_run():
-    """Save the tiny models, run eager in this process, launch the 2-rank patched run; ``(eager, per-rank results)``."""
+    """Save the tiny models, run eager and the single-process patched model over int8 pages (C++ kernels and torch's
+    Linear, as the ranks run) in this process, launch the 2-rank patched run; ``(eager, per-rank results)``; eager[name + "/int8"]
+    holds the single-process int8 tokens."""
+    from llmkern import backends
+
     with tempfile.TemporaryDirectory(prefix="llmkern-tp-") as root:
         eager, prompts = {}, {}
         for name, (layout, overrides) in TP_LAYOUTS.items():
@@ -115,6 +137,18 @@ def tp_run():
             ids, mask = _prompts(model.config.vocab_size)
             prompts[name] = [ids.tolist(), mask.tolist()]
             eager[name] = _generate(model, ids, mask).tolist()
+            # torch's Linear, as the ranks' sharded Linears (the C++ Linear would round K/V differently in the last
+            # bits, which can move an int8 code by a step and flip a near-tie token of a random tiny model).
+            llmkern.patch(model, kv_dtype="int8", linear=False)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the C++ attention splits by threads
+            try:
+                with backends.use_backend("cpp"):
+                    out = _generate(model, ids, mask, return_dict_in_generate=True, output_scores=True)
+                eager[name + "/int8"] = (out.sequences, torch.stack(out.scores, 1))
+            finally:
+                torch.set_num_threads(threads)
+            llmkern.unpatch(model)
         with open(os.path.join(root, "prompts.json"), "w") as f:
             json.dump(prompts, f)
         failure = _run_ranks(root, RANKS, TP_TIMEOUT_S)
@@ -184,6 +218,42 @@ def test_tensor_parallel_generate_equals_single_process_eager(tp_run, name):
         assert got["skipped"], got["report"]
         assert all(what.endswith("(linear)") and "set on the instance" in why for what, why in got["skipped"]), \
             got["skipped"]
+        # int8 pages on each rank's shard: the single-process int8 run's tokens, scales of the shard's heads.
+        assert got["int8"]["kv_dtype"] == got["int8"]["k_codes"] == "torch.int8", got["int8"]
+        assert got["int8"]["scale_heads"] == [kv // RANKS] * 2, got["int8"]
+        # head_dim 32: no C++ prefill kernel, the prompt runs the reference over the dequantized pages.
+        assert {"paged_prefill_attention/reference", "paged_decode_attention/cpp"} <= set(got["int8"]["ran"]), \
+            got["int8"]
+        _check_same_greedy_run(torch.tensor(got["int8"]["tokens"]), torch.tensor(got["int8"]["scores"]),
+                               *eager[name + "/int8"], what=f"{name} rank {rank} int8")
+
+
+# The ranks' logits over int8 pages against one process's: the ranks' sharded Linears and row-parallel sums differ
+# from one process's matmuls in the last bits, which can move a K/V code by one step (1/127 of its row's amax) and the
+# logits by up to ~1e-2 (6e-3 seen on these models). A wrong scale or a shard's codes read with another's scales moves
+# them by O(1). Greedy tokens may part only where one process's top two logits are this close.
+TP_LOGIT_ATOL = 0.03
+NEAR_TIE = 0.03
+
+
+def _check_same_greedy_run(tokens, scores, ref_tokens, ref_scores, what):
+    """The same greedy run as one process's, step by step: equal logits (within TP_LOGIT_ATOL) while the tokens
+    agree; a row may part from one process's tokens only at a near-tie of its logits (random tiny models have some),
+    after which its logits are of another text and are not compared."""
+    prompt = ref_tokens.shape[1] - ref_scores.shape[1]
+    for row in range(ref_tokens.shape[0]):
+        for step in range(ref_scores.shape[1]):
+            a, b = scores[row, step], ref_scores[row, step]
+            finite = torch.isfinite(b)  # min_new_tokens masks EOS with -inf
+            assert torch.equal(torch.isfinite(a), finite), f"{what}: row {row} step {step}: other logits masked"
+            diff = (a[finite] - b[finite]).abs().max().item()
+            assert diff <= TP_LOGIT_ATOL, f"{what}: row {row} step {step}: logits differ by {diff:.2e}"
+            if tokens[row, prompt + step] != ref_tokens[row, prompt + step]:
+                top = ref_scores[row, step].double().topk(2).values
+                gap = (top[0] - top[1]).item()
+                assert gap <= NEAR_TIE, f"{what}: row {row} parts from one process's tokens at step {step} where " \
+                                        f"its top logits are {gap:.2e} apart (not a near-tie)"
+                break
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,6 +322,52 @@ def test_pages_made_lazily_from_the_kv_each_layer_is_handed():
         sharded.update(*_kv(1, 1, "cpu"), 0)
     with pytest.raises(ValueError, match=r"num_kv_heads must be an int in 1\.\.2"):
         PagedKVCache(CFG3, num_kv_heads=4)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_8bit_pages_and_scales_live_on_each_layers_device(kv_dtype):
+    """8-bit pages (issue #21) under a layer-to-device map: codes and fp16 scales of a layer are made, written and read
+    on that layer's device (meta included, where the ops' fakes run), and what a cpu layer reads back is its K/V
+    within the format's rounding."""
+    from llmkern import reference as R
+
+    devices = {0: "cpu", 1: "meta", 2: "cpu"}
+    cache = PagedKVCache(CFG3, block_size=4, num_blocks=8, device=devices, kv_dtype=kv_dtype)
+    code = cache.kv_dtype
+    mask = torch.ones(2, 5, dtype=torch.long)
+    written = {}
+    for layer in range(3):
+        k, v = _kv(2, 5, devices[layer], seed=layer)
+        h, _ = cache.update(k, v, layer)
+        plan = cache.plan(h, mask.to(devices[layer]))
+        cache.write(h, plan)
+        written[layer] = (k, v)
+        pages = cache.layer_pages(layer)
+        assert {t.device for t in pages} == {torch.device(devices[layer])}, layer
+        assert pages.k.dtype == pages.v.dtype == code and pages.k_scales.dtype == R.SCALE_DTYPE
+        assert pages.k_scales.shape == pages.k.shape[:3] == (8, 4, HKV)
+    for layer in (0, 2):
+        k_read, v_read = cache.dense(layer)
+        for got, want in ((k_read, written[layer][0]), (v_read, written[layer][1])):
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            # One code step of the row's scale (amax / QMAX) at most: half a step for int8, an e4m3 spacing for fp8.
+            step = want.abs().amax(-1, keepdim=True) / R.KV_QMAX[code]
+            assert ((got - want).abs() <= step * (0.5 if code == torch.int8 else 32.0) + 1e-6).all(), layer
+    mem = cache.memory()
+    assert mem.reserved_bytes == 3 * 2 * 8 * 4 * HKV * (D * 1 + 2), mem  # codes + an fp16 scale per row, K and V
+
+
+def test_8bit_pages_made_lazily_hold_a_shards_heads():
+    """A tensor-parallel rank hands each layer a shard of the KV heads: lazily made 8-bit pages and their scales take
+    that head count (what a TP run's per-rank cache does)."""
+    cache = PagedKVCache(CFG3, block_size=4, num_blocks=4, device=dict.fromkeys(range(3)), kv_dtype="int8")
+    mask = torch.ones(1, 3, dtype=torch.long)
+    for layer in range(3):
+        h, _ = cache.update(*_kv(1, 3, "cpu", heads=1), layer)
+        cache.write(h, cache.plan(h, mask))
+        pages = cache.layer_pages(layer)
+        assert pages.k.shape[2] == 1 and pages.k_scales.shape == (4, 4, 1) and pages.k.dtype == torch.int8
+    assert cache.num_kv_heads == 1 and cache.memory().reserved_bytes == 3 * 2 * 4 * 4 * 1 * (D + 2)
 
 
 def test_offloaded_layer_generates_like_eager_and_is_reported(tmp_path):
