@@ -11,9 +11,9 @@ Providers (``--providers``, comma-separated; default: all three):
 * ``cb-sdpa``: the model as transformers loads it, continuous batching on ``sdpa`` attention (transformers' own
   paged cache, read through its varlen path).
 * ``cb-paged-eager``: the same on ``paged|eager`` attention.
-* ``cb-llmkern``: ``llmkern.patch(model)`` then the same manager. What runs there is stated in the output and the
-  README: with the installed llmkern, continuous batching hands the patched model to transformers on ``sdpa`` (a
-  warning says so), so llmkern's RMSNorm, RoPE, SwiGLU and CPU Linear run and the attention is transformers'.
+* ``cb-llmkern``: ``llmkern.patch(model)`` then the same manager. What runs there is stated in the output: llmkern's
+  RMSNorm, RoPE, SwiGLU and CPU Linear, and its paged attention kernels over the engine's pages
+  (``llmkern/continuous.py``); where llmkern cannot serve the manager it warns and transformers' ``sdpa`` runs.
 
 How it is measured: one ``model.init_continuous_batching(...)`` manager per provider and arrival pattern, started
 once, warmed up with two short untimed requests, then fed the workload from this thread at the arrival times
@@ -243,12 +243,15 @@ def run_provider(model, name: str, work: Workload, args, arrival: str) -> Result
     if name == "cb-llmkern":
         llmkern.patch(model)
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, llmkern.track() as ran:
                 warnings.simplefilter("always")
                 res = serve(model, work, args, name, arrival)
             if any("continuous batching" in str(w.message) for w in caught):
-                print(f"  note ({name}): llmkern warned that its paged attention does not run under continuous "
-                      "batching yet: transformers' sdpa attention ran, with llmkern's row ops and Linear")
+                print(f"  note ({name}): llmkern warned that its paged attention cannot run under this manager: "
+                      "transformers' sdpa attention ran, with llmkern's row ops and Linear")
+            elif ran.backends("paged_decode_attention"):
+                print(f"  note ({name}): llmkern's paged attention ran under continuous batching "
+                      f"(decode on {sorted(ran.backends('paged_decode_attention'))}), with its row ops and Linear")
             return res
         finally:
             llmkern.unpatch(model)

@@ -392,7 +392,7 @@ class _InstallState:
     prev_masks_attr: object = None
     had_cb_attr: bool = False  # the instance had its own init_continuous_batching before install
     prev_cb_attr: object = None
-    cb_manager: object = None  # a continuous-batching manager running the model on 'sdpa' until its stop()
+    cb_manager: object = None  # a continuous-batching manager running the model until its stop()
 
 
 def is_installed(model) -> bool:
@@ -471,12 +471,12 @@ def _private_configs(model) -> _PrivateConfigs:
 
 
 def check_no_batching_session(model, what: str) -> None:
-    """Refuse ``what`` (patch, unpatch) while a continuous-batching manager runs ``model`` on 'sdpa' (its thread
-    would meet the other attention mid-run)."""
+    """Refuse ``what`` (patch, unpatch) while a continuous-batching manager runs ``model`` (its thread would meet
+    another attention mid-run)."""
     state = vars(model).get(_STATE_ATTR)
     if state is not None and state.cb_manager is not None:
-        raise RuntimeError(f"{what}: a continuous-batching manager is running this model (on 'sdpa' attention, "
-                           f"llmkern's comes back at its stop()); call manager.stop() first")
+        raise RuntimeError(f"{what}: a continuous-batching manager is running this model (its attention is bound "
+                           f"to the manager until its stop()); call manager.stop() first")
 
 
 def is_active(model) -> bool:
@@ -628,8 +628,9 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
 
     # transformers' continuous batching (generate_batch, init_continuous_batching, `transformers serve`) accepts
     # only its own attention names ('paged|eager', 'sdpa', flash; 5.4 prefixes the name with 'paged|') and runs its
-    # own paged cache: the manager is created with the model on 'sdpa', and its stop() switches the model back to
-    # llmkern's attention.
+    # own paged cache: the manager is created with the model on 'sdpa', then llmkern.continuous.attach puts the
+    # attention over the engine's pages on llmkern's kernels (or leaves 'sdpa', with a warning saying why); the
+    # manager's stop() switches the model back to llmkern's attention.
     had_cb = "init_continuous_batching" in d
     prev_cb = d.get("init_continuous_batching")
     if hasattr(type(model), "init_continuous_batching"):
@@ -637,14 +638,21 @@ def install(model, *, block_size: int = 16, num_blocks: int | None = None,
             own_cb = prev_cb if had_cb else types.MethodType(type(self).init_continuous_batching, self)
             if self.config._attn_implementation != NAME:
                 return own_cb(*args, **kwargs)
-            _warn_once(self, "continuous batching", _CB_MESSAGE)
+            from llmkern import continuous
+
             self.set_attn_implementation("sdpa")
             try:
                 manager = own_cb(*args, **kwargs)
+                why = continuous.attach(self, manager)
             except BaseException:
                 self.set_attn_implementation(NAME)
                 raise
-            vars(self)[_STATE_ATTR].cb_manager = manager
+            state = vars(self)[_STATE_ATTR]
+            if why is not None:
+                _warn_once(self, f"continuous batching: {why}", _CB_MESSAGE.format(why=why))
+            elif state.options.get("kv_dtype") is not None:
+                _warn_once(self, "continuous batching kv_dtype", _CB_KV_DTYPE_MESSAGE)
+            state.cb_manager = manager
             if "stop" not in vars(manager):  # a cached manager, handed out again, is wrapped once
                 _switch_back_at_stop(self, manager)
             return manager
@@ -674,10 +682,11 @@ def _switch_back_at_stop(model, manager) -> None:
 
 
 _CB_MESSAGE = ("continuous batching (generate_batch, init_continuous_batching, python -m llmkern serve): llmkern's "
-               "paged attention does not run under transformers' continuous batching yet. The model runs it on "
-               "'sdpa' attention over transformers' own paged cache (llmkern's RMSNorm, RoPE, SwiGLU and Linear "
-               "still run; a kv_dtype given to patch() does not apply there) and switches back to llmkern's "
-               "attention when the manager stops.")
+               "paged attention cannot run under this manager: {why}. The model runs it on 'sdpa' attention over "
+               "transformers' own paged cache (llmkern's RMSNorm, RoPE, SwiGLU and Linear still run; a kv_dtype given "
+               "to patch() does not apply there) and switches back to llmkern's attention when the manager stops.")
+_CB_KV_DTYPE_MESSAGE = ("continuous batching: the kv_dtype given to patch() does not apply under transformers' "
+                        "continuous batching: llmkern's attention reads the engine's own pages, in the model's dtype.")
 
 
 def _as_sdpa(config):
@@ -888,6 +897,9 @@ def uninstall(model) -> None:
         d["create_masks_for_generate"] = state.prev_masks_attr
     elif state.hooked:
         d.pop("create_masks_for_generate", None)
+    from llmkern import continuous
+
+    continuous.detach(model)
     if state.had_cb_attr:
         d["init_continuous_batching"] = state.prev_cb_attr
     elif state.hooked:

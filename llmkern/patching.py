@@ -75,7 +75,14 @@ HF_INTERNALS = {
     "continuous_batching": "model.init_continuous_batching(...) (what generate_batch and transformers serve call) "
                            "builds a manager that accepts only transformers' attention names and ends a session "
                            "with manager.stop(...) (llmkern/attention.py wraps it on the instance). Checked: 5.4 "
-                           "(switches to 'paged|sdpa'), 5.17 and 5.25.",
+                           "(switches to 'paged|sdpa'), 5.17 and 5.25. llmkern's kernels run the attention over the "
+                           "engine's pages (llmkern/continuous.py, which lists what it reads: "
+                           "manager._create_batch_processor, PagedAttentionCache.update(key_states, value_states, "
+                           "layer_idx, kwargs) and .extend_read_and_write_indices(...), the allocators' block_table, "
+                           "_kv_token_views, tokens_per_page, block_physical_stride, sliding_window) on 5.25, and "
+                           "on 5.17 (whose engine hands 'paged|<name>' attention functions the cache) its "
+                           "group_cache_managers, layer_index_to_group_indices and key_cache/value_cache; a release "
+                           "with neither keeps 'sdpa' with a warning naming what is missing.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
                            "Checked: 5.4 (the floor), 5.24 and 5.25.",
@@ -138,6 +145,9 @@ class PatchReport:
                 lines.append(f"  attention: transformers' {impl!r} (patched with attention=False)")
             elif impl == NAME:
                 lines.append(f"  attention: {impl!r} (llmkern's paged attention; config._attn_implementation)")
+            elif impl == "llmkern_cb":
+                lines.append(f"  attention: {impl!r} (llmkern's paged attention over a continuous-batching "
+                             f"manager's pages, until its stop())")
             else:
                 lines.append(f"  attention: {impl!r}, set with set_attn_implementation: llmkern's paged attention is "
                              f"installed but not running (model.set_attn_implementation({NAME!r}) switches back)")

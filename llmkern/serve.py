@@ -10,8 +10,8 @@ validation, continuous batching with ``--continuous-batching``, streaming) is tr
 the app transformers builds: a token limit (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``) that is
 not a positive integer is a 400 (transformers' continuous-batching path answers it with an empty 200). With
 ``--api-server-count`` > 1 the API servers run in processes transformers spawns, without that check. Under continuous
-batching the patched model runs on ``sdpa`` attention with llmkern's row ops and Linear (README.md, "What changes
-for a caller after `patch()`"); without it, ``generate`` runs llmkern's paged attention.
+batching the patched model runs llmkern's row ops, Linear and paged attention kernels over the engine's own pages
+(``llmkern/continuous.py``); without it, ``generate`` runs llmkern's paged attention over llmkern's cache.
 
 Needs transformers' serving extras (``pip install "transformers[serving]"``: fastapi, uvicorn, openai); a release
 without ``transformers.cli.serve.Serve`` or with another loader is an error that names what is missing.

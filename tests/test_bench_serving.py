@@ -48,7 +48,7 @@ def test_dry_run_every_provider_same_tokens(tmp_path):
         assert 0 <= float(r["itl_p50_ms"]) <= float(r["itl_p99_ms"])
         assert "transformers=" in r["versions"]
     # What runs for the patched model is said, not hidden.
-    assert "does not run under continuous batching yet" in p.stdout
+    assert "llmkern's paged attention ran under continuous batching" in p.stdout
     assert "measured here on: cpu" in p.stdout
 
 

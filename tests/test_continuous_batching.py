@@ -1,10 +1,11 @@
-"""transformers' continuous batching on a patched model (issue 20, item 1, first step).
+"""transformers' continuous batching on a patched model (issue 20, item 1, and item 2's attention).
 
 Continuous batching (``generate_batch``, the manager of ``init_continuous_batching``, ``transformers serve``) accepts
 only transformers' own attention names and runs its own paged cache. A patched model is handed to it on 'sdpa'
-attention, with a warning that llmkern's paged attention does not run there yet (llmkern's row ops and Linear do),
-and switched back to llmkern's attention when the manager stops (``llmkern/attention.py``, ``install``). Greedy
-fp32 tokens must equal the unpatched model's under continuous batching, with requests joining mid-run.
+attention, then its attention over the engine's pages runs llmkern's paged kernels (``llmkern/continuous.py``;
+tests/test_cb_kernels.py covers that path in depth); it is switched back to llmkern's own attention when the manager
+stops (``llmkern/attention.py``, ``install``). Greedy fp32 tokens must equal the unpatched model's under continuous
+batching, with requests joining mid-run.
 """
 
 import inspect
@@ -58,13 +59,14 @@ def test_generate_batch_on_a_patched_model(layout):
     prompts = _prompts()
     want = _batch(model, prompts)
     llmkern.patch(model)
-    with pytest.warns(UserWarning, match=r"continuous batching.*does not run under transformers' continuous "
-                                         r"batching yet.*switches back"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         with llmkern.track() as ran:
             got = _batch(model, prompts)
+    assert not [w for w in seen if "continuous batching" in str(w.message)], [str(w.message) for w in seen]
     assert got == want
     assert ran.backends("rms_norm") and ran.backends("apply_rope") and ran.backends("silu_and_mul")
-    assert not ran.backends("paged_decode_attention")
+    assert ran.backends("paged_decode_attention") and ran.backends("paged_prefill_attention")
     assert model.config._attn_implementation == NAME  # switched back when the manager stopped
     assert llmkern.patch_report(model).attention == NAME
     # and generate() runs llmkern's attention again
