@@ -43,7 +43,8 @@ format). q and out keep the model's dtype. The codes are exact in fp16/bf16/fp32
 the K scale multiplies the logits' columns, the V scale P's columns (``_attend_tile_q8``). With 16-bit q, P x V-scale
 goes to the tensor cores as a hi + lo pair of 16-bit parts (two dots), so P @ V carries no 16-bit rounding of its own
 and the output is about one rounding from the fp32 reference; 16-bit prefill takes 32-token K/V tiles for the
-registers the second dot needs.
+registers the second dot needs. With Triton < 3.7 most 8-bit variants compile with 1 stage instead of 2, which spill
+there (``decode_config``, ``prefill_config``).
 """
 
 import bisect
@@ -646,7 +647,13 @@ def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict
     (``make test-compat``).
     8-bit pages (``kv8``): the same tiles (so the same split heuristic); at D = 128 8 warps, as 4 spill on sm_90 (up
     to 20 bytes with 16-bit inputs, where the codes' conversion and the two-part P @ V come on top and ptxas caps 4
-    warps at 168 registers; up to 24 bytes at 255 registers with fp32 inputs).
+    warps at 168 registers; up to 24 bytes at 255 registers with fp32 inputs). That is enough with Triton 3.8. With
+    Triton < 3.7 (the lent H200's 3.6) every 8-bit head_dim spilled with 2 stages (16-bit D = 64 on sm_90 at 80
+    registers, D = 128 on sm_80 at 128, D = 256 on both; fp32 D = 64 and 128 on sm_90 at 255), so there the 8-bit
+    variants take 1 stage (no software pipelining of the K/V loads), plus 4 warps for 16-bit D = 64: that keeps the
+    full BLOCK_N (decode is memory-bound), where halving BLOCK_N with 2 stages still spilled for fp32 D = 64. fp32
+    D = 256 still spills with 3.6 (200 to 400 bytes of spill stores on sm_80 and sm_90) with every BLOCK_N (16, 32),
+    warps (2 to 16) and stages (1 to 3) tried; 16 tokens, 8 warps and 2 stages spill least, so they stay.
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(G))
@@ -660,7 +667,13 @@ def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict
         num_warps = 4 if block_d == 128 and not kv8 else 8
     if block_g >= 64:  # very wide groups (no supported model): keep the S tile and accumulator in registers
         block_n = min(block_n, 32)
-    return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
+    num_stages = 2
+    if kv8 and _TRITON_BEFORE_3_7 and not (fp32 and block_d > 128):  # see the docstring
+        num_stages = 1
+        if not fp32 and block_d <= 64:
+            num_warps = 4
+    return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
+            "num_stages": num_stages}
 
 
 @functools.lru_cache(maxsize=None)
@@ -729,7 +742,10 @@ def prefill_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dic
     for sm_80 and sm_90 with Triton 3.6 and 3.8; 32-row fp32 tiles and 64 x 32 for 16-bit D = 256 spill with 3.6
     (up to 48 bytes). 8-bit pages (``kv8``) with 16-bit inputs: 64 x 32 for D <= 128 and 32 x 32 for D = 256, since
     the codes' conversion and the two-part P @ V (``_attend_tile_q8``) spill at 64 x 64 (24 bytes) and 64 x 16 (268
-    bytes on sm_90)."""
+    bytes on sm_90). 8-bit pages with fp32 inputs: the float tiles, clean with Triton 3.8. With Triton < 3.7 (the lent
+    H200's 3.6) D = 128 takes 1 stage (no software pipelining): 2 stages spill on sm_80 and sm_90, and 1 stage keeps
+    the 32-token tile (16 x 16 with 2 stages is clean too); D = 256 spills there (200 to 650 bytes of spill stores)
+    whatever the warps (4, 8, 16) or stages (1 to 3), and 8 warps with 2 stages spill least."""
     block_d = max(16, triton.next_power_of_2(D))
     if fp32:
         block_m, block_n = (16, 32) if block_d <= 128 else (16, 16)
@@ -737,7 +753,8 @@ def prefill_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dic
         block_m, block_n = (64, 64) if block_d <= 128 else (64, 16)
         if kv8:
             block_m, block_n = (64, 32) if block_d <= 128 else (32, 32)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 2}
+    num_stages = 1 if kv8 and fp32 and block_d == 128 and _TRITON_BEFORE_3_7 else 2  # see the docstring
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 8, "num_stages": num_stages}
 
 
 # --------------------------------------------------------------------------------------------------------------------
