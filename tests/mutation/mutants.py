@@ -179,6 +179,14 @@ MUTANTS = (
           "V::store(s + b * W, p);"),),
         ("tests/test_kv8_cpp.py", "-k", "decode or prefill"),
         note="Float pages pass no scales: only the 8-bit tests can see it."),
+    Mutant(
+        "python-cb-block-table-reversed", "python",
+        "under continuous batching, a request's block table lists the engine's pages in reverse order",
+        (("llmkern/continuous.py", "row = [b * stride for b in blocks[:n]]",
+          "row = [b * stride for b in blocks[:n]][::-1]"),),
+        ("tests/test_cb_kernels.py", "-k", "not bf16"),
+        dtypes=("fp32",),
+        note="A request of one page reads the same either way: the tests' prompts and chunks span several pages."),
 )
 
 
