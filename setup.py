@@ -21,7 +21,7 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/torch_bindings.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/kernels_avx512.cpp",
                "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_generic.cpp",
-               "csrc/cpu/linear_avx512.cpp", "csrc/cpu/vec_avx2.cpp", "csrc/cpu/vec_avx512.cpp"]
+               "csrc/cpu/vec_avx2.cpp", "csrc/cpu/vec_avx512.cpp"]
 CUDA_SOURCES = ["csrc/cuda/row_ops.cu", "csrc/cuda/cache_ops.cu"]
 # -fopenmp at compile time only: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers (serial
 # without the flag). Not at link time: the GOMP symbols then resolve to the OpenMP runtime torch itself loads, so the

@@ -27,8 +27,7 @@ def _jit_build():
         raise RuntimeError(f"cannot JIT-build the llmkern extension: sources not found at {csrc}")
     sources = [os.path.join(csrc, p) for p in ("torch_bindings.cpp", "cpu/dispatch.cpp", "cpu/kernels_avx512.cpp",
                                                "cpu/kernels_avx2.cpp", "cpu/kernels_generic.cpp",
-                                               "cpu/linear_avx512.cpp", "cpu/vec_avx2.cpp",
-                                               "cpu/vec_avx512.cpp")]
+                                               "cpu/vec_avx2.cpp", "cpu/vec_avx512.cpp")]
     load("llmkern_C_jit", sources, extra_include_paths=[csrc], is_python_module=False,
          extra_cflags=["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"])
 

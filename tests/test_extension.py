@@ -289,7 +289,7 @@ def test_built_cuda_kernels_do_not_spill():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Decode-sized Linear (linear_avx512.cpp, linear_vec.h; every ISA in tests/test_cpu_isa.py)
+# Decode-sized Linear (linear_vec.h; every ISA in tests/test_cpu_isa.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -152,12 +152,9 @@ namespace avx512_vec {
 bool attention_supported(DType t, int64_t D, DType ct);
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t);
 int paged_prefill(const PrefillArgs&, int64_t, int64_t);
-}  // namespace avx512_vec
-
-namespace avx512_linear {
-bool supported(DType t);
+bool linear_supported(DType t);
 int linear(const LinearArgs&, int64_t, int64_t);
-}  // namespace avx512_linear
+}  // namespace avx512_vec
 
 namespace avx2_vec {
 bool attention_supported(DType t, int64_t D, DType ct);
@@ -173,11 +170,9 @@ namespace avx512_vec {
 bool attention_supported(DType, int64_t, DType) { return false; }
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
 int paged_prefill(const PrefillArgs&, int64_t, int64_t) { return kNoKernel; }
-}  // namespace avx512_vec
-namespace avx512_linear {
-bool supported(DType) { return false; }
+bool linear_supported(DType) { return false; }
 int linear(const LinearArgs&, int64_t, int64_t) { return kNoKernel; }
-}  // namespace avx512_linear
+}  // namespace avx512_vec
 namespace avx2_vec {
 bool attention_supported(DType, int64_t, DType) { return false; }
 int paged_decode_stage1(const DecodeArgs&, int64_t, int64_t) { return kNoKernel; }
@@ -218,7 +213,7 @@ Kernel decode_kernel(DType t, int64_t D, DType ct) {
 
 Kernel linear_kernel(DType t) {
   const Isa isa = active_isa();
-  if (isa >= kIsaAvx512 && avx512_linear::supported(t)) return kKernelAvx512;
+  if (isa >= kIsaAvx512 && avx512_vec::linear_supported(t)) return kKernelAvx512;
   if (isa >= kIsaAvx2 && avx2_vec::linear_supported(t)) return kKernelAvx2;
   return kKernelNone;
 }
@@ -247,7 +242,7 @@ bool linear_supported(DType t) { return linear_kernel(t) != kKernelNone; }
 
 int linear(const LinearArgs& a, int64_t b0, int64_t b1) {
   switch (linear_kernel(a.t)) {
-    case kKernelAvx512: return avx512_linear::linear(a, b0, b1);
+    case kKernelAvx512: return avx512_vec::linear(a, b0, b1);
     case kKernelAvx2: return avx2_vec::linear(a, b0, b1);
     default: return kNoKernel;
   }

@@ -194,7 +194,7 @@ bool set_fast_attention(bool on);
 int paged_prefill(const PrefillArgs& a, int64_t item_begin, int64_t item_end);
 
 // y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < M and output features n in 16-wide blocks [blk_begin, blk_end)
-// (linear_avx512.cpp, or linear_vec.h as instantiated by vec_avx2.cpp, per linear_kernel): the decode-sized Linear.
+// (linear_vec.h as instantiated by vec_avx512.cpp or vec_avx2.cpp, per linear_kernel): the decode-sized Linear.
 // x, w, y have unit last stride; one dtype (fp32 or bf16).
 struct LinearArgs {
   const void* x;

@@ -1,9 +1,8 @@
-// The vector-width templated attention (attention_vec.h) instantiated for AVX-512 F/BW/VL/DQ + AVX512-BF16 + FMA +
-// F16C: 16 fp32 lanes, bf16 scores by VDPBF16PS (VecAvx512 in vec.h). For CPUs with all of these (AMD Zen 4 and
+// The vector-width templated kernels (attention_vec.h, linear_vec.h) instantiated for AVX-512 F/BW/VL/DQ +
+// AVX512-BF16 + FMA + F16C: 16 fp32 lanes, bf16 dot products by VDPBF16PS (VecAvx512 in vec.h). For CPUs with all of these (AMD Zen 4 and
 // later, Intel Sapphire Rapids and later); dispatch.cpp uses it when the active instruction set is AVX-512, and the
 // AVX2 instantiation (vec_avx2.cpp) on AVX-512 CPUs without AVX512-BF16 and for head_dim 80 (five 16-lane pieces:
-// the bf16 dot takes them in pairs). The decode-sized Linear keeps its own AVX-512 kernel (linear_avx512.cpp).
-// Other architectures compile this file empty.
+// the bf16 dot takes them in pairs). Other architectures compile this file empty.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +22,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define LLMKERN_VEC_AVX512
 #include "attention_vec.h"
+#include "linear_vec.h"
 
 namespace llmkern {
 namespace cpu {
@@ -54,6 +54,17 @@ int paged_decode_stage1(const DecodeArgs& a, int64_t i0, int64_t i1) {
 int paged_prefill(const PrefillArgs& a, int64_t i0, int64_t i1) {
   if (!attention_supported(a.t, a.D, a.ct) || a.tile <= 0) return kNoKernel;
   return run_attention<VecAvx512, PrefillRange>(a, i0, i1);
+}
+
+bool linear_supported(DType t) { return kCpuOk && (t == kF32 || t == kBF16); }
+
+int linear(const LinearArgs& a, int64_t blk0, int64_t blk1) {
+  if (!avx512_vec::linear_supported(a.t)) return kNoKernel;  // qualified: kernels.h has one too
+  if (a.t == kBF16)
+    linear_range<VecAvx512, kBF16>(a, blk0, blk1);
+  else
+    linear_range<VecAvx512, kF32>(a, blk0, blk1);
+  return kOk;
 }
 
 }  // namespace avx512_vec
