@@ -254,7 +254,7 @@ def test_rope(isa, dtype, D, rot):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=str)
 @pytest.mark.parametrize("M,N,K", [pytest.param(*mnk, id="M{}-N{}-K{}".format(*mnk)) for mnk in [
     (1, 1, 1), (1, 7, 9), (2, 24, 31), (3, 33, 100), (4, 40, 70), (4, 19, 224), (6, 21, 67), (16, 17, 4111),
-    (1, 1536, 576)]])
+    (1, 1536, 576), (1, 20, 2100), (5, 36, 2100)]])
 def test_linear(isa, dtype, M, N, K):
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(M + N + K)

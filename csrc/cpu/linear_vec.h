@@ -4,16 +4,16 @@
 // accumulation, and bf16 output rounded to nearest even once, after the bias add (what oneDNN's bf16 GEMM does).
 //
 // At decode every weight byte is read once per step for one multiply-add per row of x: the kernel's job is to
-// stream W from memory. Two walks over a block of 16 output features (linear_range picks, see the numbers there):
-//   * by row (linear_by_row; bf16, up to 4 rows of x): W in memory order, one weight row after another, each row one
-//     sequential stream for the hardware prefetchers. Up to G rows of x per weight row, A accumulators each over
-//     interleaved steps of K (A * G <= 8 independent chains hide the FMA / VDPBF16PS latency); the 16 rows'
-//     finished accumulators of one x row then go through V::hsum, W features per vector. A bf16 row of a small
-//     model is short (SmolLM2: 1152 bytes): read 16 side by side, such rows streamed at 14 GB/s on one thread of an
-//     AMD EPYC (AVX-512), walked one by one at 22 GB/s;
-//   * side by side (linear_side_by_side; fp32, and more rows of x): per row of x, one step of K of each of the 16
-//     weight rows into 16 accumulators (W per vector of features), then V::hsum. One weight load per product and the
-//     block re-read from L1/L2 per row of x: better once compute binds, and for fp32's longer rows.
+// stream W from memory, and, as rows of x grow, to reuse each loaded weight vector from registers. Two walks over a
+// block of 16 output features (linear_range picks one, with the measurements):
+//   * by row (linear_by_row): W in memory order, R weight rows at a time against up to G = 4 rows of x, A
+//     accumulators per pair over interleaved steps of K (G * R * A >= 8 independent chains hide the FMA / VDPBF16PS
+//     latency); the finished accumulators go through V::hsum, W features per vector. R = 1 keeps one sequential
+//     stream for the hardware prefetchers: a bf16 row of a small model is short (SmolLM2: 1152 bytes), and read 16
+//     side by side such rows streamed at 14 GB/s on one thread of an AMD EPYC (AVX-512), walked one by one at 22
+//     GB/s. R = 4 (AVX-512) / 2 (AVX2) is register blocking: G loads of x and R of W feed G * R products;
+//   * side by side (linear_side_by_side; one row of x): one step of K of each of W weight rows into W accumulators,
+//     then V::hsum.
 // A step is W fp32 elements (one FMA) or 2W bf16 elements: one VDPBF16PS where V has it (kBf16Dot; products exact in
 // fp32, fp32 accumulation), else even and odd lanes widened and two FMAs; only the summation order differs. K tails
 // go through zero-padded copies of the last partial step; N tails read only the rows that exist (by row) or point
@@ -44,44 +44,69 @@ inline typename V::reg dot_step(typename V::reg acc, const unsigned char* x, con
   }
 }
 
-// out[g] = x[g] . row over K (not reduced: W partial sums) for G rows of x; `tail_x[g]` / `tail_w` hold the last
-// K - k_main elements zero-padded to one step (unused when k_main == K).
-template <class V, DType T, int G>
-inline void row_dot(const unsigned char* const* x, const unsigned char* row, int64_t k_main, bool tail,
-                    const unsigned char* const* tail_x, const unsigned char* tail_w, typename V::reg* out) {
+// out[g * 16 + r] = x[g] . rows[r] over K (not reduced: W partial sums) for G rows of x and R weight rows;
+// `tail_x[g]` / `tail_w[r]` hold the last K - k_main elements zero-padded to one step (used when `tail`).
+template <class V, DType T, int G, int R>
+inline void row_dot(const unsigned char* const* x, const unsigned char* const* rows, int64_t k_main, bool tail,
+                    const unsigned char* const* tail_x, const unsigned char* const* tail_w, typename V::reg* out) {
   using reg = typename V::reg;
-  constexpr int A = G <= 2 ? 4 : 2;  // accumulators per x row
+  constexpr int A = G * R >= 8 ? 1 : G <= 2 ? 4 : 2;  // accumulators per (x row, weight row)
   constexpr int64_t es = elem_size(T), SB = (T == kBF16 ? 2 * V::W : V::W) * es;  // bytes per step
   const int64_t main_b = k_main * es;
-  reg acc[G][A];
+  reg acc[G][R][A];
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) acc[g][i] = V::zero();
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i) acc[g][r][i] = V::zero();
   int64_t b = 0;
   for (; b + A * SB <= main_b; b += A * SB) {
 #pragma GCC unroll 8
     for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[g][i] = dot_step<V, T>(acc[g][i], x[g] + b + i * SB, row + b + i * SB);
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g)
+          acc[g][r][i] = dot_step<V, T>(acc[g][r][i], x[g] + b + i * SB, rows[r] + b + i * SB);
   }
   for (; b < main_b; b += SB)  // < A steps left
 #pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[g][0] = dot_step<V, T>(acc[g][0], x[g] + b, row + b);
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[g][r][0] = dot_step<V, T>(acc[g][r][0], x[g] + b, rows[r] + b);
   if (tail)
 #pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[g][0] = dot_step<V, T>(acc[g][0], tail_x[g], tail_w);
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-  for (int g = 0; g < G; ++g) {
-    reg s = acc[g][0];
+      for (int g = 0; g < G; ++g) acc[g][r][0] = dot_step<V, T>(acc[g][r][0], tail_x[g], tail_w[r]);
 #pragma GCC unroll 8
-    for (int i = 1; i < A; ++i) s = V::add(s, acc[g][i]);
-    out[g * 16] = s;
-  }
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      reg s = acc[g][r][0];
+#pragma GCC unroll 8
+      for (int i = 1; i < A; ++i) s = V::add(s, acc[g][r][i]);
+      out[g * 16 + r] = s;
+    }
 }
 
-// Output features [16 * blk0, 16 * blk1) of every row of x, weight rows one after another (the streaming walk).
-template <class V, DType T>
+// The rows of x in groups of 4, 2, 1 against R weight rows.
+template <class V, DType T, int R>
+inline void rows_dot(const unsigned char* const* xr, int mc, const unsigned char* const* rows, int64_t k_main,
+                     bool tail, const unsigned char* const* txr, const unsigned char* const* tw, typename V::reg* out) {
+  int g = 0;
+  for (; g + 4 <= mc; g += 4) row_dot<V, T, 4, R>(xr + g, rows, k_main, tail, txr + g, tw, out + g * 16);
+  if (mc - g >= 2) {
+    row_dot<V, T, 2, R>(xr + g, rows, k_main, tail, txr + g, tw, out + g * 16);
+    g += 2;
+  }
+  if (g < mc) row_dot<V, T, 1, R>(xr + g, rows, k_main, tail, txr + g, tw, out + g * 16);
+}
+
+// Output features [16 * blk0, 16 * blk1) of every row of x, R weight rows at a time in memory order (R = 1: the
+// streaming walk; R > 1: register blocking for many rows of x).
+template <class V, DType T, int R>
 void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   using reg = typename V::reg;
   constexpr int W = V::W, MC = 16;  // rows of x per pass over a block's weights
@@ -92,7 +117,9 @@ void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   const unsigned char* wb = static_cast<const unsigned char*>(a.w);
   const unsigned char* xb = static_cast<const unsigned char*>(a.x);
   alignas(64) unsigned char tail_x[MC][KS * es] = {};
-  alignas(64) unsigned char tail_w[KS * es] = {};
+  alignas(64) unsigned char tail_w[R][KS * es] = {};
+  const unsigned char* tw[R];
+  for (int r = 0; r < R; ++r) tw[r] = tail_w[r];
   alignas(64) reg sums[MC][16];  // [row of x][feature of the block]: unreduced dot products
   const unsigned char* xr[MC];
   const unsigned char* txr[MC];
@@ -105,20 +132,21 @@ void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
     }
     for (int64_t n0 = 16 * blk0; n0 < std::min(16 * blk1, a.N); n0 += 16) {
       const int nn = static_cast<int>(std::min<int64_t>(16, a.N - n0));
-      for (int t = 0; t < 16; ++t) {
-        if (t >= nn) {
-          for (int g = 0; g < mc; ++g) sums[g][t] = V::zero();
-          continue;
+      for (int t = nn; t < 16; ++t)
+        for (int g = 0; g < mc; ++g) sums[g][t] = V::zero();
+      const unsigned char* rows[R];
+      int t = 0;
+      for (; t + R <= nn; t += R) {
+        for (int r = 0; r < R; ++r) {
+          rows[r] = wb + (n0 + t + r) * a.swn * es;
+          if (tail) std::memcpy(tail_w[r], rows[r] + k_main * es, (K - k_main) * es);
         }
-        const unsigned char* row = wb + (n0 + t) * a.swn * es;
-        if (tail) std::memcpy(tail_w, row + k_main * es, (K - k_main) * es);
-        int g = 0;
-        for (; g + 4 <= mc; g += 4) row_dot<V, T, 4>(xr + g, row, k_main, tail, txr + g, tail_w, &sums[g][t]);
-        if (mc - g >= 2) {
-          row_dot<V, T, 2>(xr + g, row, k_main, tail, txr + g, tail_w, &sums[g][t]);
-          g += 2;
-        }
-        if (g < mc) row_dot<V, T, 1>(xr + g, row, k_main, tail, txr + g, tail_w, &sums[g][t]);
+        rows_dot<V, T, R>(xr, mc, rows, k_main, tail, txr, tw, &sums[0][t]);
+      }
+      for (; t < nn; ++t) {  // the block's last nn % R rows one at a time
+        rows[0] = wb + (n0 + t) * a.swn * es;
+        if (tail) std::memcpy(tail_w[0], rows[0] + k_main * es, (K - k_main) * es);
+        rows_dot<V, T, 1>(xr, mc, rows, k_main, tail, txr, tw, &sums[0][t]);
       }
       for (int g = 0; g < mc; ++g) {
         unsigned char* out = static_cast<unsigned char*>(a.y) + ((m0 + g) * a.sym + n0) * es;
@@ -140,10 +168,8 @@ void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   }
 }
 
-// Output features [16 * blk0, 16 * blk1) of every row of x, the block's 16 weight rows side by side: per row of x,
-// W accumulators per vector of features take one step of K of every weight row, then V::hsum. Each step loads one
-// weight vector per product; for more than a few rows of x (compute, not the stream, binds) this beats walking row
-// by row, which loads the x rows again per weight row.
+// Output features [16 * blk0, 16 * blk1) of every row of x, W weight rows side by side: per row of x, W accumulators
+// take one step of K of every weight row, then V::hsum (one weight load per product: for a single row of x).
 template <class V, DType T>
 void linear_side_by_side(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   using reg = typename V::reg;
@@ -183,18 +209,27 @@ void linear_side_by_side(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   }
 }
 
-// Output features [16 * blk0, 16 * blk1) of every row of x: bf16 weights with up to kLinearByRowMaxM rows of x walk
-// row by row, everything else side by side. Measured 2026-12-07 (AMD EPYC AVX-512 + AVX512-BF16, 30 layers of
-// SmolLM2-135M's 7 weights, torch-allocated, one process, the two walks alternating; time by row / side by side):
-// bf16 1 row 0.68 (1 thread) - 0.88 (2 threads), 4 rows 0.77; fp32 1 row 1.05-1.11 (slower), 4 rows 0.85-1.04
-// (noise); 16 rows 1.2 both. Forced AVX2 (vec_avx2.cpp): bf16 1 row 0.63.
-constexpr int64_t kLinearByRowMaxM = 4;
+// Which walk serves a call (measured 2026-12-07 on an AMD EPYC with AVX-512 + AVX512-BF16, 2 threads, weights of
+// SmolLM2-135M (K 576 / 1536) and Llama-3-8B (K 4096 / 14336) in torch-allocated memory, the walks alternating in
+// one process; time relative to the side-by-side walk, which was the only one before):
+//   * bf16 rows shorter than 4 KiB, up to 8 rows of x: by row, one weight row at a time (0.87-0.93);
+//   * other single rows of x: side by side (by row 1.04-1.20, 4 weight rows at a time 1.00-1.12);
+//   * everything else: by row, R = kLinearBlockRows weight rows at a time against up to 4 rows of x (register
+//     blocking: 0.33-0.63 at 4-16 rows of Llama-3-8B's weights, 0.78-0.98 at 16 rows of SmolLM2's; 1.05-1.06 at 2-4
+//     rows of SmolLM2's fp32 weights, the one loss); except bf16 on AVX2, which stays side by side: there each bf16
+//     step is widened into even and odd fp32 lanes, and 2 x 4 blocks of those took 1.3-1.8x the side-by-side
+//     walk's time at 4-16 rows (forced AVX2 on the same machine).
+template <class V>
+constexpr int kLinearBlockRows = V::W == 16 ? 4 : 2;  // AVX2 has 16 registers: 4 x 2 accumulators
+
 template <class V, DType T>
 void linear_range(const LinearArgs& a, int64_t blk0, int64_t blk1) {
-  if (T == kBF16 && a.M <= kLinearByRowMaxM)
-    linear_by_row<V, T>(a, blk0, blk1);
-  else
+  if (T == kBF16 && a.K * elem_size(T) < 4096 && a.M <= 8)
+    linear_by_row<V, T, 1>(a, blk0, blk1);
+  else if (a.M == 1 || (T == kBF16 && !V::kBf16Dot))
     linear_side_by_side<V, T>(a, blk0, blk1);
+  else
+    linear_by_row<V, T, kLinearBlockRows<V>>(a, blk0, blk1);
 }
 
 }  // namespace
