@@ -17,7 +17,7 @@ checks: the C++ kernel checks every input too (TORCH_CHECK), and when it raises,
 path, whose Python checks raise the error that names the argument. The few conditions the kernel does not check
 (finite eps and offset, a row at most ``_MAX_NORM_N`` wide, a non-empty ``cos``) are tested before the direct call.
 
-``linear`` is ``F.linear`` with a C++ kernel for decode-sized inputs on CPU (``LINEAR_MAX_ROWS``); there is no
+``linear`` is ``F.linear`` with a C++ kernel for decode-sized inputs on CPU (``linear_max_rows``); there is no
 Triton linear: on CUDA, and for larger inputs, ``F.linear`` (the reference backend) runs.
 
 Training: ``rms_norm``, ``fused_add_rms_norm``, ``apply_rope``, ``silu_and_mul`` (so ``silu_and_mul_fused``) and
@@ -510,8 +510,17 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
 
 # Decode sizes. At a few rows a Linear is a matrix-vector product bound by streaming the weight from memory, which the
 # C++ kernel does at memory speed (torch's GEMM reads such weights at ~9 GB/s here); as rows grow, each weight byte is
-# reused more and torch's register-blocked GEMM wins (prefill), so inputs above this many rows run F.linear.
+# reused more and torch's GEMM catches up (prefill), so inputs above this many rows run F.linear. fp32 keeps the C++
+# kernel up to 64 rows (its register-blocked walk took 0.41-0.94x torch's time at 16-64 rows of SmolLM2-135M's and
+# Llama-3-8B's weights, AVX-512 and forced AVX2, AMD EPYC, 2 threads, 2026-12-07); bf16 up to 16 (Llama-3-8B's bf16
+# weights: 0.82x torch's time at 16 rows, 1.14x at 32, where torch's AVX512-BF16 GEMM pulls ahead).
 LINEAR_MAX_ROWS = 16
+LINEAR_MAX_ROWS_FP32 = _ROWS_FP32 = 64
+
+
+def linear_max_rows(dtype: torch.dtype) -> int:
+    """How many rows of x (``x.numel() // K``) the C++ linear serves for ``dtype``; more run ``F.linear``."""
+    return LINEAR_MAX_ROWS_FP32 if dtype == torch.float32 else LINEAR_MAX_ROWS
 
 _K_LINEAR = ("linear", "cpp")
 # Dtypes the C++ linear serves on this CPU (AVX-512 or AVX2 kernel; fp16 never). Filled in place once, on the first full
@@ -532,8 +541,8 @@ def _linear_cpp_dtypes() -> set:
 
 def _linear_cpp_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the C++ kernel serves this (validated) call: CPU, a dtype it has, a weight with unit last stride (the
-    rows it streams), a contiguous bias, and at most ``LINEAR_MAX_ROWS`` rows."""
-    return (x.is_cpu and weight.stride(1) == 1 and x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+    rows it streams), a contiguous bias, and at most ``linear_max_rows(x.dtype)`` rows."""
+    return (x.is_cpu and weight.stride(1) == 1 and x.numel() <= linear_max_rows(x.dtype) * weight.shape[1]
             and (bias is None or bias.is_contiguous()) and x.dtype in _linear_cpp_dtypes())
 
 
@@ -566,7 +575,8 @@ def _check_linear(x, weight, bias) -> None:
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     fn = _local.direct.get("linear")
     if (fn is not None and x.is_cpu and not _function_mode() and x.dtype in _LINEAR_CPP_DTYPES
-            and weight.dim() == 2 and weight.stride(1) == 1 and 0 < x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+            and weight.dim() == 2 and weight.stride(1) == 1
+            and 0 < x.numel() <= (_ROWS_FP32 if x.dtype is torch.float32 else LINEAR_MAX_ROWS) * weight.shape[1]
             and (bias is None or bias.is_contiguous())):
         out = _call_direct(fn, _K_LINEAR, x, weight, bias)
         if out is not None:
@@ -600,8 +610,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ``[..., N]`` contiguous, x's dtype.
 
     Backend: ``cpp`` for CPU tensors when the extension has a kernel for the dtype on this CPU (fp32 and bf16 on
-    AVX2 and AVX-512 CPUs), ``weight.stride(1) == 1`` and x has at most ``LINEAR_MAX_ROWS`` rows
-    (``x.numel() // K``); otherwise ``reference`` (``F.linear``).
+    AVX2 and AVX-512 CPUs), ``weight.stride(1) == 1`` and x has at most ``linear_max_rows(dtype)`` rows
+    (``x.numel() // K``; 64 in fp32, 16 in bf16); otherwise ``reference`` (``F.linear``).
 
     Rounding (bf16): the C++ kernel accumulates in fp32, adds the bias in fp32 and rounds once, as torch's CPU GEMM
     does, but sums in another order, so a few elements differ from ``F.linear``'s by one ulp. Guarantee: the

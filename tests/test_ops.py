@@ -600,7 +600,7 @@ def _linear_backend(x, weight, bias=None) -> str:
     """The backend ``ops.linear`` must record for these inputs (its docstring), whatever backend is forced (other
     than the reference): no other backend implements linear."""
     rows = x.numel() // weight.shape[1]
-    served = (x.is_cpu and _cpp_linear(x.dtype) and weight.stride(1) == 1 and rows <= ops.LINEAR_MAX_ROWS
+    served = (x.is_cpu and _cpp_linear(x.dtype) and weight.stride(1) == 1 and rows <= ops.linear_max_rows(x.dtype)
               and (bias is None or bias.is_contiguous()))
     return "cpp" if served else "reference"
 
@@ -697,10 +697,11 @@ def test_linear_served_by_cpp(linear_backend, device, dtype):
     w, b = _linear_weights(1536, 576, device, dtype, True)
     with llmkern.track() as t:
         outs = [ops.linear(x, w, b) for _ in range(3)] + [ops.linear(x, w)]
-        batch = ops.linear(torch.randn(ops.LINEAR_MAX_ROWS, 576, device=device).to(dtype), w, b)
+        batch = ops.linear(torch.randn(ops.linear_max_rows(dtype), 576, device=device).to(dtype), w, b)
     assert dict(t) == {("linear", "cpp"): 5}
     assert all(torch.equal(o, outs[0]) for o in outs[1:3])
-    assert batch.shape == (ops.LINEAR_MAX_ROWS, 1536)
+    assert batch.shape == (ops.linear_max_rows(dtype), 1536)
+    assert ops.linear_max_rows(torch.float32) == 64 and ops.linear_max_rows(torch.bfloat16) == 16
 
 
 @pytest.mark.parametrize("case", ["rows_above_max", "fp16", "weight_last_stride", "bias_strided"])
@@ -708,7 +709,7 @@ def test_linear_reference_when_cpp_cannot_serve(linear_backend, device, case):
     """Inputs the C++ kernel does not take run F.linear, and the record says so."""
     K, N = 64, 24
     dtype = torch.float16 if case == "fp16" else torch.float32
-    x = torch.randn(ops.LINEAR_MAX_ROWS + 1 if case == "rows_above_max" else 2, K, device=device).to(dtype)
+    x = torch.randn(ops.linear_max_rows(dtype) + 1 if case == "rows_above_max" else 2, K, device=device).to(dtype)
     w, b = _linear_weights(N, K, device, dtype, True)
     if case == "weight_last_stride":
         w = w.t().contiguous().t()  # [N, K] with strides (1, N)
@@ -721,14 +722,14 @@ def test_linear_reference_when_cpp_cannot_serve(linear_backend, device, case):
 
 
 def test_linear_rows_limit_counts_all_leading_dims(linear_backend, device):
-    """Rows are x.numel() // K: [2, 8, K] is 16 rows (cpp), [1, 17, K] is 17 (reference)."""
+    """Rows are x.numel() // K: [2, 32, K] is 64 rows (cpp in fp32), [1, 65, K] is 65 (reference)."""
     _need_cpp_linear(torch.float32, device)
     w, _ = _linear_weights(8, 32, device, torch.float32, False)
     with llmkern.track() as t:
-        ops.linear(torch.randn(2, 8, 32, device=device), w)
+        ops.linear(torch.randn(2, 32, 32, device=device), w)
     assert t.backends("linear") == {"cpp"}
     with llmkern.track() as t:
-        ops.linear(torch.randn(1, 17, 32, device=device), w)
+        ops.linear(torch.randn(1, 65, 32, device=device), w)
     assert t.backends("linear") == {"reference"}
 
 
