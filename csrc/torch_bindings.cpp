@@ -191,6 +191,9 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at:
   return {qo, ko};
 }
 
+// A row is split across threads (silu_and_mul_cpu) only with at least this many columns per piece.
+constexpr int64_t kSiluMinPiece = 2048;
+
 at::Tensor silu_and_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   check_nonempty(gate, "gate");
   check_same_device(gate, "gate", up, "up");
@@ -201,6 +204,26 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor out = at::empty(gate.sizes(), gate.options());
   const RowView g2 = row_view(gate), u2 = row_view(up), o2 = row_view(out);
   const int64_t M = g2.M, I = gate.size(-1);
+  const int64_t threads = at::get_num_threads();
+  if (M < threads && I >= 2 * kSiluMinPiece) {
+    // Decode: fewer rows than threads. Each row splits into column pieces, 64-element aligned, about one per thread
+    // (the op is elementwise: the same result), so one row of Llama-3-8B's 14336 no longer runs on one thread.
+    const int64_t per_row = std::min((threads + M - 1) / M, I / kSiluMinPiece);
+    const int64_t piece = ((I + per_row - 1) / per_row + 63) & ~int64_t{63}, es = gate.element_size();
+    const int64_t pieces = (I + piece - 1) / piece;
+    at::parallel_for(0, M * pieces, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t m = i / pieces, c0 = i % pieces * piece, n = std::min(piece, I - c0);
+        const auto col = [&](void* p, int64_t sm, int64_t sn) {  // row m, column c0
+          return static_cast<void*>(static_cast<char*>(p) + (m * sm + c0 * sn) * es);
+        };
+        ok(kc::silu_and_mul(col(g2.p, g2.sm, g2.sn), 0, g2.sn, col(u2.p, u2.sm, u2.sn), 0, u2.sn,
+                            col(o2.p, o2.sm, o2.sn), 0, o2.sn, 0, 1, n, t),
+           "silu_and_mul");
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, M, row_grain(I), [&](int64_t b, int64_t e) {
     ok(kc::silu_and_mul(g2.p, g2.sm, g2.sn, u2.p, u2.sm, u2.sn, o2.p, o2.sm, o2.sn, b, e, I, t), "silu_and_mul");
   });

@@ -205,6 +205,28 @@ def _row_check(out, eager, oracle, what, scale=None):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("M,I", [(1, 14336), (1, 4097), (2, 9000), (3, 8192)])
+def test_silu_and_mul_row_split_across_threads(isa, dtype, M, I):
+    """Fewer rows than threads: the binding splits each row into column pieces (torch_bindings.cpp); the result must
+    be the one-thread result bit for bit (the op is elementwise), on column-strided inputs too."""
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(M * I)
+    gate = (torch.randn(M, 2 * I, generator=gen) * 4).to(dt)[:, ::2]  # column stride 2
+    up = torch.randn(M, I, generator=gen).to(dt)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = C.silu_and_mul(gate, up)
+        torch.set_num_threads(4)  # more threads than rows: split (4 on a 2-core machine is fine for a check)
+        split = C.silu_and_mul(gate, up)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(split, one), f"silu_and_mul split across threads differs from one thread ({isa}, {dtype})"
+    _row_check(split, ACT2FN["silu"](gate) * up, oracle_silu_and_mul(gate, up), f"silu_and_mul split {isa} {dtype}",
+               scale=silu_and_mul_scale(gate, up))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("N", ROW_WIDTHS)
 def test_row_ops(isa, dtype, N):
     from llmkern import ops
