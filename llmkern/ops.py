@@ -515,7 +515,7 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
 # Llama-3-8B's weights, AVX-512 and forced AVX2, AMD EPYC, 2 threads, 2026-12-07); bf16 up to 16 (Llama-3-8B's bf16
 # weights: 0.82x torch's time at 16 rows, 1.14x at 32, where torch's AVX512-BF16 GEMM pulls ahead).
 LINEAR_MAX_ROWS = 16
-LINEAR_MAX_ROWS_FP32 = _ROWS_FP32 = 64
+LINEAR_MAX_ROWS_FP32 = 64
 
 
 def linear_max_rows(dtype: torch.dtype) -> int:
@@ -576,7 +576,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     fn = _local.direct.get("linear")
     if (fn is not None and x.is_cpu and not _function_mode() and x.dtype in _LINEAR_CPP_DTYPES
             and weight.dim() == 2 and weight.stride(1) == 1
-            and 0 < x.numel() <= (_ROWS_FP32 if x.dtype is torch.float32 else LINEAR_MAX_ROWS) * weight.shape[1]
+            and 0 < x.numel() <= weight.shape[1] * (
+                LINEAR_MAX_ROWS_FP32 if x.dtype is torch.float32 else LINEAR_MAX_ROWS)
             and (bias is None or bias.is_contiguous())):
         out = _call_direct(fn, _K_LINEAR, x, weight, bias)
         if out is not None:

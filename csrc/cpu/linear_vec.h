@@ -232,6 +232,16 @@ void linear_range(const LinearArgs& a, int64_t blk0, int64_t blk1) {
     linear_by_row<V, T, kLinearBlockRows<V>>(a, blk0, blk1);
 }
 
+// kernels.h's `linear` for one instruction set (vec_avx2.cpp, vec_avx512.cpp): the dtype picks the instantiation.
+template <class V>
+int run_linear(const LinearArgs& a, int64_t blk0, int64_t blk1) {
+  if (a.t == kBF16)
+    linear_range<V, kBF16>(a, blk0, blk1);
+  else
+    linear_range<V, kF32>(a, blk0, blk1);
+  return kOk;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace llmkern

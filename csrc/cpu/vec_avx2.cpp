@@ -48,11 +48,7 @@ bool linear_supported(DType t) { return kCpuOk && (t == kF32 || t == kBF16); }
 
 int linear(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   if (!avx2_vec::linear_supported(a.t)) return kNoKernel;  // qualified: kernels.h has one too
-  if (a.t == kBF16)
-    linear_range<VecAvx2, kBF16>(a, blk0, blk1);
-  else
-    linear_range<VecAvx2, kF32>(a, blk0, blk1);
-  return kOk;
+  return run_linear<VecAvx2>(a, blk0, blk1);
 }
 
 }  // namespace avx2_vec
