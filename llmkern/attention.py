@@ -110,6 +110,9 @@ def _softcap(module, kwargs) -> float | None:
     return getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
 
 
+_capture: dict | None = None  # set by llmkern/decode_layer.py while it verifies a layer: module -> the decode's inputs
+
+
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
                             scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """``AttentionInterface`` function for ``NAME``.
@@ -156,6 +159,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     softcap = _softcap(module, kwargs)
 
     if plan.decode:
+        if _capture is not None:  # llmkern/decode_layer.py verifies its fast path against this call
+            _capture[module] = (scale, window, softcap, query, handle)
         return _decode(cache, plan, handle, query, scale, window, softcap).unsqueeze(1), None  # [B, 1, Hq, D]
 
     # One way: the plan (made once per step, by the first layer) and this layer's pages; the layer writes its K/V

@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch import nn
 
-from llmkern import ops
+from llmkern import decode_layer, ops
 
 # model_type -> modeling module; the same decoder structure holds for all four.
 SUPPORTED = {
@@ -49,6 +49,7 @@ SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM
                      "LlamaModel", "Qwen2Model", "MistralModel", "Qwen3Model")
 
 _STATE_ATTR = "_llmkern_patch_state"
+_DECODE_LAYER_ATTR = decode_layer._ATTR
 
 # The transformers internals patch() depends on, with the releases each was checked against (tests/test_patch.py
 # checks every entry on the installed release).
@@ -83,6 +84,11 @@ HF_INTERNALS = {
                            "on 5.17 (whose engine hands 'paged|<name>' attention functions the cache) its "
                            "group_cache_managers, layer_index_to_group_indices and key_cache/value_cache; a release "
                            "with neither keeps 'sdpa' with a warning naming what is missing.",
+    "decode_layer": "a decoder layer receives position_embeddings=(cos, sin) and the cache (cache or past_key_values) "
+                    "as keywords, and its attention computes q/k/v projections (then q_norm/k_norm on the head view "
+                    "where it has them), apply_rotary_pos_emb, cache.update, the attention function, o_proj "
+                    "(llmkern/decode_layer.py runs that sequence itself, after checking it bit for bit against the "
+                    "module path at each layer's first decode step). Checked: 5.25.",
     "generate_cache_hook": "generate() asks self._prepare_cache_for_generation(generation_config, model_kwargs, "
                            "generation_mode, batch_size, max_cache_length) for its cache (llmkern/attention.py). "
                            "Checked: 5.4 (the floor), 5.24 and 5.25.",
@@ -180,6 +186,13 @@ def _decoder_layer_forward(self, hidden_states, *args, **kwargs):
     # 5.24's attention both names and a FutureWarning per layer and step.
     if args:  # positional extras: name them by the original layer's signature
         kwargs = _name_args(self, args, kwargs)
+    if _DECODE_LAYER_ATTR in self.__dict__:  # a fully patched CPU layer: decode steps may skip the module tree
+        return decode_layer.run(self, hidden_states, kwargs, _decoder_layer_modules)
+    return _decoder_layer_modules(self, hidden_states, kwargs)
+
+
+def _decoder_layer_modules(self, hidden_states, kwargs):
+    """The patched decoder layer's body through its modules (``llmkern/decode_layer.py`` is the fast path)."""
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
@@ -609,6 +622,10 @@ def _apply(model: nn.Module, options: dict, linear_note: str | None) -> PatchRep
             state.extra_undo.append(lambda: paged.uninstall(model))
             for layer in layers:
                 report.entries.append((names[layer.self_attn], "paged_attention"))
+        if (all(options[k] for k in ("rms_norm", "rope", "swiglu", "linear", "attention"))
+                and _device_type(model) == "cpu"):
+            # Every kernel on every module of a layer: its decode steps may run as one function (decode_layer.py).
+            state.extra_undo.extend(decode_layer.install(layers))
         if options["strict"] and report.skipped:
             lines = "; ".join(f"{what}: {why}" for what, why in report.skipped)
             raise PatchError(f"llmkern.patch(strict=True): {len(report.skipped)} requested kernel installation(s) "

@@ -48,7 +48,8 @@ def test_hf_internals_hold_on_the_installed_transformers(layout):
     """Every entry of patching.HF_INTERNALS, checked on the installed release: the next silent change fails here."""
     model = testing.tiny_model(layout)
     assert set(patching.HF_INTERNALS) == {"apply_rotary_pos_emb", "decoder_layer", "rms_norm", "mlp",
-                                          "attention_interface", "generate_cache_hook", "continuous_batching"}
+                                          "attention_interface", "generate_cache_hook", "continuous_batching",
+                                          "decode_layer"}
     layer = model.model.layers[0]
     inner = inspect.unwrap(type(layer.self_attn).forward)
     assert "apply_rotary_pos_emb" in inner.__code__.co_names
@@ -73,6 +74,11 @@ def test_hf_internals_hold_on_the_installed_transformers(layout):
     assert "config" in inspect.signature(create_masks_for_generate).parameters
     # continuous_batching: the model method the manager comes from
     assert callable(getattr(type(model), "init_continuous_batching", None))
+    # decode_layer: the attention forward's steps (llmkern/decode_layer.py also checks them at the first decode step)
+    names = set(inner.__code__.co_names)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "update"} <= names, names
+    assert ("q_norm" in names) == layout.startswith("qwen3")
+    assert "position_embeddings" in inspect.signature(type(layer).forward).parameters
     # decoder_layer: the base model is model.base_model, holding the layers
     assert model.base_model.layers is model.model.layers
 
