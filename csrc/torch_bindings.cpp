@@ -470,6 +470,60 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// A decoder layer's decode step in two calls (llmkern/decode_layer.py): the ops above, called in the order and on the
+// tensors the module path gives them, so the result is theirs bit for bit, without a Python round trip per op. The
+// cache's plan for the step is made in Python between the two.
+
+// input norm, q/k/v projections, q/k norms over head_dim (Qwen3; undefined weights: none), RoPE. x [B, 1, hidden].
+// Returns q, k [B, H, 1, D] with RoPE applied, and v [B, Hkv, 1, D] (a view of the projection).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_layer_qkv(
+    const at::Tensor& x, const at::Tensor& norm_w, double norm_eps, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const std::optional<at::Tensor>& q_norm_w,
+    const std::optional<at::Tensor>& k_norm_w, double q_norm_eps, double k_norm_eps, const at::Tensor& cos,
+    const at::Tensor& sin, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "x must have shape [batch, 1, hidden], got ", x.sizes());
+  TORCH_CHECK(head_dim > 0, "head_dim must be positive, got ", head_dim);
+  TORCH_CHECK(q_norm_w.has_value() == k_norm_w.has_value(), "q_norm_weight and k_norm_weight come together");
+  const int64_t B = x.size(0);
+  const at::Tensor h = rms_norm_cpu(x, norm_w, norm_eps, 0.0);
+  at::Tensor q = linear_cpu(h, wq, bq).view({B, 1, -1, head_dim});
+  at::Tensor k = linear_cpu(h, wk, bk).view({B, 1, -1, head_dim});
+  at::Tensor v = linear_cpu(h, wv, bv).view({B, 1, -1, head_dim});
+  if (q_norm_w.has_value()) {
+    q = rms_norm_cpu(q, *q_norm_w, q_norm_eps, 0.0);
+    k = rms_norm_cpu(k, *k_norm_w, k_norm_eps, 0.0);
+  }
+  auto [qr, kr] = apply_rope_cpu(q.transpose(1, 2), k.transpose(1, 2), cos, sin);
+  return {qr, kr, v.transpose(1, 2)};
+}
+
+// The K/V write, paged decode attention, o_proj, residual add + post-attention norm, gate/up projections, SwiGLU,
+// down projection and the last residual add. q, k, v as decode_layer_qkv returns them; x the layer's input.
+at::Tensor decode_layer_rest(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                             int64_t sliding_window, double softcap, int64_t num_splits,
+                             const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales,
+                             const at::Tensor& wo, const std::optional<at::Tensor>& bo, const at::Tensor& post_w,
+                             double post_eps, const at::Tensor& wg, const std::optional<at::Tensor>& bg,
+                             const at::Tensor& wu, const std::optional<at::Tensor>& bu, const at::Tensor& wd,
+                             const std::optional<at::Tensor>& bd) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "x must have shape [batch, 1, hidden], got ", x.sizes());
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.size(2) == 1 && v.dim() == 4 && v.size(2) == 1,
+              "q, k and v must have shape [batch, heads, 1, head_dim], got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  reshape_and_cache_cpu(k.squeeze(2), v.squeeze(2), k_cache, v_cache, slot_mapping, k_scales, v_scales);
+  const at::Tensor o = paged_decode_attention_cpu(q.squeeze(2), k_cache, v_cache, block_tables, seq_lens, scale,
+                                                  sliding_window, softcap, num_splits, k_scales, v_scales);
+  const at::Tensor a = linear_cpu(o.reshape({x.size(0), 1, -1}), wo, bo);
+  auto [h, residual] = fused_add_rms_norm_cpu(a, x, post_w, post_eps);
+  const at::Tensor g = linear_cpu(h, wg, bg);
+  const at::Tensor m = silu_and_mul_cpu(g, linear_cpu(h, wu, bu));
+  return residual + linear_cpu(m, wd, bd);
+}
+
 bool cpu_linear_supported(at::ScalarType dtype) {
   return dtype == at::kFloat ? kc::linear_supported(kc::kF32)
                              : dtype == at::kBFloat16 ? kc::linear_supported(kc::kBF16) : false;
@@ -602,6 +656,15 @@ TORCH_LIBRARY(llmkern_C, m) {
       "Tensor q_lens, float scale, int sliding_window, float softcap, Tensor? k_scales=None, "
       "Tensor? v_scales=None) -> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "decode_layer_qkv(Tensor x, Tensor norm_weight, float norm_eps, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
+      "Tensor wv, Tensor? bv, Tensor? q_norm_weight, Tensor? k_norm_weight, float q_norm_eps, float k_norm_eps, "
+      "Tensor cos, Tensor sin, int head_dim) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "decode_layer_rest(Tensor x, Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window, float softcap, "
+      "int num_splits, Tensor(c!)? k_scales, Tensor(d!)? v_scales, Tensor wo, Tensor? bo, Tensor post_norm_weight, "
+      "float post_norm_eps, Tensor wg, Tensor? bg, Tensor wu, Tensor? bu, Tensor wd, Tensor? bd) -> Tensor");
   m.def("cpu_linear_supported(ScalarType dtype) -> bool", &cpu_linear_supported);
   m.def("cpu_isa() -> str", &isa);
   m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
@@ -624,6 +687,8 @@ TORCH_LIBRARY_IMPL(llmkern_C, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_cpu);
   m.impl("paged_prefill_attention", &paged_prefill_attention_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("decode_layer_qkv", &decode_layer_qkv);
+  m.impl("decode_layer_rest", &decode_layer_rest);
 }
 
 #ifdef LLMKERN_WITH_CUDA

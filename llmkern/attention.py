@@ -153,22 +153,30 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
     cache: PagedKVCache = handle.cache
     plan = cache.plan(handle, mask2d)
 
-    B, Hq, S, D = query.shape
-    scale = scaling if scaling is not None else getattr(module, "scaling", None) or D ** -0.5
+    scale = scaling if scaling is not None else getattr(module, "scaling", None) or query.shape[-1] ** -0.5
     window = _sliding_window(module, kwargs)
     softcap = _softcap(module, kwargs)
+    if plan.decode and _capture is not None:  # llmkern/decode_layer.py verifies its fast path against this call
+        _capture[module] = (scale, window, softcap, query, handle, plan)
+    return attend_planned(cache, plan, handle, query, scale, window, softcap), None
 
+
+def attend_planned(cache: PagedKVCache, plan: StepPlan, handle: PagedKV, query, scale: float, window, softcap):
+    """The attention of one layer's step whose plan is made: ``query [B, Hq, S, D]`` -> ``[B, S, Hq, D]``.
+
+    ``cache.plan`` is called once per layer and step: in the reserved mode the step's first layer advances the device
+    buffers with it, so a caller that planned (llmkern/decode_layer.py) passes its plan here instead of planning
+    again."""
     if plan.decode:
-        if _capture is not None:  # llmkern/decode_layer.py verifies its fast path against this call
-            _capture[module] = (scale, window, softcap, query, handle)
-        return _decode(cache, plan, handle, query, scale, window, softcap).unsqueeze(1), None  # [B, 1, Hq, D]
+        return _decode(cache, plan, handle, query, scale, window, softcap).unsqueeze(1)  # [B, 1, Hq, D]
+    B, Hq, S, D = query.shape
 
     # One way: the plan (made once per step, by the first layer) and this layer's pages; the layer writes its K/V
     # and reads the pages through the ops, never calling back into the cache.
     pages = cache.layer_pages(handle.layer_idx)
     write_pages(pages, handle.key, handle.value, plan.slot_mapping)
     if plan.fresh and _dense_prefill_ok(query, window, softcap):
-        return _dense_prefill(handle, query, scale, plan.real), None
+        return _dense_prefill(handle, query, scale, plan.real)
     q = query
     if plan.q_index is not None:  # real tokens not all at the end of their row: gather them there
         q = torch.gather(query, 2, plan.q_index[:, None, :, None].expand(B, Hq, S, D))
@@ -177,7 +185,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, v
                                             v_scales=pages.v_scales)
     if plan.q_index is not None:
         out = torch.empty_like(out).scatter_(2, plan.q_index[:, None, :, None].expand(B, Hq, S, D), out)
-    return out.transpose(1, 2), None  # [B, S, Hq, D]
+    return out.transpose(1, 2)  # [B, S, Hq, D]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch.nn.modules import module as _module_mod
 
-from llmkern import attention, ops
+from llmkern import attention, backends, ops
 from llmkern.cache import PagedKV, PagedKVCache
 
 _ATTR = "_llmkern_decode_layer"
@@ -48,7 +48,7 @@ class LayerState:
     """What ``run`` needs of one patched decoder layer, gathered once at patch time."""
 
     __slots__ = ("layer", "attn", "config_vars", "modules", "classes", "params", "in_norm", "post_norm", "q_norm",
-                 "k_norm", "layer_idx", "head_dim", "scalars", "verified", "disabled", "steps")
+                 "k_norm", "layer_idx", "head_dim", "scalars", "verified", "disabled", "steps", "fused_steps")
 
     def __init__(self, layer, q_norm, k_norm):
         attn, mlp = layer.self_attn, layer.mlp
@@ -70,6 +70,7 @@ class LayerState:
         self.verified = False
         self.disabled = False
         self.steps = 0  # decode steps this layer ran through the fast path (tests read it)
+        self.fused_steps = 0  # of which both C++ calls (decode_layer_qkv / decode_layer_rest) ran
 
 
 def eligible(layer) -> tuple[bool, str]:
@@ -175,11 +176,14 @@ def _rest(state: LayerState, x, attn_out):
     return residual + ops._linear_op(m, pd["weight"], pd.get("bias"))
 
 
-def _attend(state: LayerState, handle: PagedKV, q, mask):
-    scale, window, softcap = state.scalars
-    out, _ = attention.paged_attention_forward(state.attn, q, handle, handle, mask, scaling=scale,
-                                               sliding_window=window, softcap=softcap)
-    return out  # [B, 1, Hq, D]
+def _attend(state: LayerState, cache: PagedKVCache, plan, handle: PagedKV, q):
+    """The paged attention over the step's plan (made once per layer: llmkern/attention.py, attend_planned)."""
+    return attention.attend_planned(cache, plan, handle, q, *state.scalars)  # [B, 1, Hq, D]
+
+
+def _plan(cache: PagedKVCache, handle: PagedKV, kwargs):
+    mask = kwargs.get("attention_mask")
+    return cache.plan(handle, None if mask is None else mask.attention_mask)
 
 
 def run(layer, x: torch.Tensor, kwargs: dict, slow):
@@ -192,10 +196,93 @@ def run(layer, x: torch.Tensor, kwargs: dict, slow):
     if not state.verified:
         return _verify(state, layer, x, kwargs, cache, slow)
     cos, sin = kwargs["position_embeddings"]
-    q, k, v = _qkv(state, x, cos, sin)
-    handle, _ = cache.update(k, v, state.layer_idx)
     state.steps += 1
-    return _rest(state, x, _attend(state, handle, q, kwargs.get("attention_mask")))
+    fused = _fused_ok(x)
+    qkv = _fused_qkv(state, x, cos, sin) if fused else None
+    q, k, v = qkv if qkv is not None else _qkv(state, x, cos, sin)
+    handle, _ = cache.update(k, v, state.layer_idx)
+    plan = _plan(cache, handle, kwargs)
+    if fused:
+        out = _fused_rest(state, x, q, k, v, cache, plan)
+        if out is not None:
+            state.fused_steps += qkv is not None
+            return out
+    return _rest(state, x, _attend(state, cache, plan, handle, q))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two C++ calls (csrc/torch_bindings.cpp, decode_layer_qkv / decode_layer_rest): the same kernels the ops above
+# call, chained in C++, for when every one of those ops would take its C++ kernel directly (ops.py's direct path):
+# the CPU backend chosen for all five row ops, a dtype the C++ Linear serves and at most linear_max_rows rows. Either
+# call raising (an input a kernel refuses) falls back to the Python sequence, which raises the error that names it.
+
+_ROW_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "linear"})
+_C: dict = {}
+
+
+def _fused_ok(x) -> bool:
+    if not _ROW_OPS <= ops._local.direct.keys() or x.dtype not in ops._LINEAR_CPP_DTYPES:
+        return False
+    rows = ops.LINEAR_MAX_ROWS_FP32 if x.dtype is torch.float32 else ops.LINEAR_MAX_ROWS
+    return x.shape[0] <= rows and (bool(_C) or _resolve())
+
+
+def _resolve() -> bool:
+    """Fill ``_C`` with the two ops; False for an extension built before them (the Python sequence then runs)."""
+    lib = torch.ops.llmkern_C
+    if not hasattr(lib, "decode_layer_rest"):
+        return False
+    _C.update(qkv=lib.decode_layer_qkv.default, rest=lib.decode_layer_rest.default)
+    return True
+
+
+def _record(keys) -> None:
+    counts, trackers = backends._counts, backends._trackers
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+        for t in trackers:
+            t[key] += 1
+
+
+_K_QKV = (ops._K_RMS_NORM, ops._K_LINEAR, ops._K_LINEAR, ops._K_LINEAR, ops._K_APPLY_ROPE)
+_K_QKV_NORMS = _K_QKV + (ops._K_RMS_NORM, ops._K_RMS_NORM)
+_K_REST = (attention._WRITE_CPP, attention._DECODE_CPP, ops._K_LINEAR, ops._K_FUSED_ADD_RMS_NORM, ops._K_LINEAR,
+           ops._K_LINEAR, ops._K_SILU_AND_MUL, ops._K_LINEAR)
+
+
+def _fused_qkv(state: LayerState, x, cos, sin):
+    pq, pk, pv = state.params[:3]
+    nw, ne = _norm(state.in_norm)
+    if state.q_norm is not None:
+        (qw, qe), (kw, ke) = _norm(state.q_norm), _norm(state.k_norm)
+    else:
+        qw = kw = None
+        qe = ke = 0.0
+    try:
+        out = _C["qkv"](x, nw, ne, pq["weight"], pq.get("bias"), pk["weight"], pk.get("bias"), pv["weight"],
+                        pv.get("bias"), qw, kw, qe, ke, cos, sin, state.head_dim)
+    except RuntimeError:
+        return None
+    _record(_K_QKV if qw is None else _K_QKV_NORMS)
+    return out
+
+
+def _fused_rest(state: LayerState, x, q, k, v, cache: PagedKVCache, plan):
+    scale, window, softcap = state.scalars
+    if not plan.decode or state.scalars not in plan.direct:
+        return None  # the step's first layer: the attention's full path decides (llmkern/attention.py, _decode)
+    pages = cache.layer_pages(state.layer_idx)
+    po, pg, pu, pd = state.params[3:]
+    pw, pe = _norm(state.post_norm)
+    try:
+        out = _C["rest"](x, q, k, v, pages.k, pages.v, plan.slot_mapping, plan.block_tables, plan.seq_lens, scale,
+                         window or 0, softcap or 0.0, plan.num_splits.get(window) or 0, pages.k_scales,
+                         pages.v_scales, po["weight"], po.get("bias"), pw, pe, pg["weight"], pg.get("bias"),
+                         pu["weight"], pu.get("bias"), pd["weight"], pd.get("bias"))
+    except RuntimeError:
+        return None  # the K/V write is idempotent: the Python sequence redoes it
+    _record(_K_REST)
+    return out
 
 
 def _verify(state: LayerState, layer, x, kwargs, cache, slow):
@@ -208,17 +295,19 @@ def _verify(state: LayerState, layer, x, kwargs, cache, slow):
     got = seen.get(state.attn)
     if got is None:  # the module path did not reach the paged decode (not a decode plan): decide next time
         return out
-    state.scalars, q_ref, handle_ref = got[:3], got[3], got[4]
+    state.scalars, q_ref, handle_ref, plan = got[:3], got[3], got[4], got[5]
     cos, sin = kwargs["position_embeddings"]
-    q, k, v = _qkv(state, x, cos, sin)
-    why = None
-    if not (torch.equal(q, q_ref) and torch.equal(k, handle_ref.key) and torch.equal(v, handle_ref.value)):
-        why = "its query/key/value differ from the attention forward's"
-    else:
-        # Same K/V: the page write the attention repeats stores the same values again.
-        handle = PagedKV(cache, state.layer_idx, k, v, handle_ref.step)
-        if not torch.equal(_rest(state, x, _attend(state, handle, q, kwargs.get("attention_mask"))), out):
-            why = "its output differs from the module path's"
+    # The check's kernel calls are not the model's: llmkern.track() and llmkern.backends.counts() keep the module
+    # path's counts only.
+    counts, trackers = dict(backends._counts), [dict(t) for t in backends._trackers]
+    try:
+        why = _compare(state, x, cos, sin, q_ref, handle_ref, cache, plan, out)
+    finally:
+        backends._counts.clear()
+        backends._counts.update(counts)
+        for t, saved in zip(backends._trackers, trackers):
+            t.clear()
+            t.update(saved)
     if why is None:
         state.verified = True
     else:
@@ -227,3 +316,18 @@ def _verify(state: LayerState, layer, x, kwargs, cache, slow):
                       f"on this transformers release (llmkern/decode_layer.py). The layer keeps the module path, "
                       f"which is correct but slower; please report it.", UserWarning, stacklevel=3)
     return out
+
+
+def _compare(state: LayerState, x, cos, sin, q_ref, handle_ref, cache, plan, out) -> str | None:
+    """Why this path's step differs from the module path's (``q_ref``, ``handle_ref``, ``out``), or None."""
+    q, k, v = _qkv(state, x, cos, sin)
+    why = None
+    if not (torch.equal(q, q_ref) and torch.equal(k, handle_ref.key) and torch.equal(v, handle_ref.value)):
+        why = "its query/key/value differ from the attention forward's"
+    else:
+        # Same K/V: the page write the attention repeats stores the same values again, over the module path's plan
+        # (planning again would advance a reserved cache a second column).
+        handle = PagedKV(cache, state.layer_idx, k, v, handle_ref.step)
+        if not torch.equal(_rest(state, x, _attend(state, cache, plan, handle, q)), out):
+            why = "its output differs from the module path's"
+    return why

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmkern
-from llmkern import decode_layer, testing
+from llmkern import _ext, decode_layer, testing
 
 LAYOUTS = ["llama-tiny", "qwen2-tiny", "mistral-tiny", "qwen3-tiny"]
 
@@ -24,10 +24,11 @@ def _set_fast(model, on: bool, saved: dict) -> None:
             layer.__dict__.pop(decode_layer._ATTR, None)
 
 
-def _generate(model, ids, mask, new=8):
+def _generate(model, ids, mask, new=8, **gen_kw):
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                             **gen_kw)
     return out.sequences, torch.stack(out.scores)
 
 
@@ -41,13 +42,13 @@ def _prompt(model, B=1, S=12, pad=0):
     return ids, mask
 
 
-def _fast_vs_modules(model, ids, mask, new=8):
+def _fast_vs_modules(model, ids, mask, new=8, **gen_kw):
     """(fast sequences, fast scores, module sequences, module scores, fast steps taken)."""
     saved: dict = {}
     _set_fast(model, False, saved)
-    seq_m, sc_m = _generate(model, ids, mask, new)
+    seq_m, sc_m = _generate(model, ids, mask, new, **gen_kw)
     _set_fast(model, True, saved)
-    seq_f, sc_f = _generate(model, ids, mask, new)
+    seq_f, sc_f = _generate(model, ids, mask, new, **gen_kw)
     steps = sum(s.steps for s in decode_layer.states(model))
     return seq_f, sc_f, seq_m, sc_m, steps
 
@@ -62,13 +63,36 @@ def test_fast_path_equals_module_path(layout, dtype):
         seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model))
     # 8 new tokens: the prefill and the first decode step (verification) on the module path, 6 steps fast per layer.
     assert steps == 6 * model.config.num_hidden_layers
+    # Both C++ calls on every layer but the step's first (whose attention call the full path clears first).
+    fused = [s.fused_steps for s in decode_layer.states(model)]
+    assert fused[0] == 0 and fused[1:] == [6] * (len(fused) - 1), fused
     assert torch.equal(seq_f, seq_m)
     assert torch.equal(sc_f, sc_m), (sc_f - sc_m).abs().max()
 
 
-@pytest.mark.parametrize("case", ["left-padded batch", "sliding window", "int8 pages", "group 7"])
+@pytest.mark.parametrize("why", ["more rows than the C++ Linear takes", "a C++ call raises"])
+def test_python_sequence_when_the_cpp_calls_do_not_serve(why, monkeypatch):
+    """The fast path without its two C++ calls: the Python sequence of ops, still equal to the module path."""
+    model = testing.tiny_model("qwen3-tiny", torch.bfloat16)
+    B = llmkern.ops.linear_max_rows(torch.bfloat16) + 1 if why.startswith("more") else 2
+    if why == "a C++ call raises":
+        assert _ext.load() and decode_layer._resolve()
+
+        def refuse(*args):
+            raise RuntimeError("planted")
+
+        monkeypatch.setitem(decode_layer._C, "rest", refuse)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model)
+        seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model, B=B))
+    assert steps == 6 * model.config.num_hidden_layers
+    assert all(s.fused_steps == 0 for s in decode_layer.states(model))
+    assert torch.equal(seq_f, seq_m) and torch.equal(sc_f, sc_m)
+
+
+@pytest.mark.parametrize("case", ["left-padded batch", "sliding window", "int8 pages", "group 7", "reserved cache"])
 def test_fast_path_equals_module_path_cases(case):
-    kw, patch_kw, B, pad, S = {}, {}, 1, 0, 12
+    kw, patch_kw, gen_kw, B, pad, S = {}, {}, {}, 1, 0, 12
     layout = "llama-tiny"
     if case == "left-padded batch":
         B, pad = 3, 5
@@ -76,14 +100,21 @@ def test_fast_path_equals_module_path_cases(case):
         layout, kw, S = "mistral-tiny", dict(sliding_window=8), 14
     elif case == "int8 pages":
         patch_kw = dict(kv_dtype="int8")
+    elif case == "reserved cache":  # sized to the generation: planning a step twice would overflow it
+        B, pad, gen_kw = 2, 3, dict(cache_implementation="static")
     else:
         layout = "qwen2.5-0.5b"
         kw = dict(hidden_size=448, intermediate_size=256, num_attention_heads=7, num_key_value_heads=1)
     model = testing.tiny_model(layout, torch.float32, **kw)
     with llmkern.use_backend("cpp"):
         llmkern.patch(model, **patch_kw)
-        seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model, B=B, S=S, pad=pad), new=10)
-    assert steps == 8 * model.config.num_hidden_layers
+        with llmkern.track() as ran:
+            seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model, B=B, S=S, pad=pad), new=10,
+                                                               **gen_kw)
+    n = model.config.num_hidden_layers
+    assert steps == 8 * n
+    # Both runs' 9 decode steps per layer, counted once each (the first step's check is not counted).
+    assert ran[("paged_decode_attention", "cpp")] == 2 * 9 * n, dict(ran)
     assert torch.equal(seq_f, seq_m)
     assert torch.equal(sc_f, sc_m)
 
@@ -178,3 +209,33 @@ def test_only_a_fully_patched_cpu_model_gets_it():
             llmkern.patch(model, **opts)
         assert decode_layer.states(model) == [], opts
         llmkern.unpatch(model)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_cpp_schemas_declare_what_is_written(qk_norm):
+    """torch.library.opcheck's schema test for the two C++ calls: decode_layer_rest writes the pages (and nothing
+    else it is given), decode_layer_qkv writes nothing it is given."""
+    if not _ext.load():
+        pytest.skip(f"the C++ extension is not built here: {_ext.why_not()}")
+    assert decode_layer._resolve()
+    C = torch.ops.llmkern_C
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, hidden, inter, bs = 2, 4, 2, 16, 64, 96, 4
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    x = w(B, 1, hidden)
+    cos, sin = torch.ones(B, 1, D), torch.zeros(B, 1, D)
+    norms = (torch.ones(D), torch.ones(D)) if qk_norm else (None, None)
+    opts = dict(test_utils=("test_schema",))
+    qkv_args = (x, torch.ones(hidden), 1e-6, w(H * D, hidden), None, w(Hkv * D, hidden), w(Hkv * D), w(Hkv * D, hidden),
+                None, *norms, 1e-6, 1e-6, cos, sin, D)
+    torch.library.opcheck(C.decode_layer_qkv.default, qkv_args, **opts)
+    q, k, v = C.decode_layer_qkv(*qkv_args)
+    k_cache, v_cache = torch.zeros(4, bs, Hkv, D), torch.zeros(4, bs, Hkv, D)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    rest_args = (x, q, k, v, k_cache, v_cache, torch.tensor([0, 8]), tables, torch.tensor([1, 1], dtype=torch.int32),
+                 D ** -0.5, 0, 0.0, 0, None, None, w(hidden, H * D), None, torch.ones(hidden), 1e-6,
+                 w(inter, hidden), None, w(inter, hidden), None, w(hidden, inter), None)
+    torch.library.opcheck(C.decode_layer_rest.default, rest_args, **opts)
