@@ -14,6 +14,9 @@ keeps running eager):
   ``ops.apply_rope`` — the module's globals themselves are not modified.
 * The decoder layers' ``nn.Linear`` projections and the ``lm_head`` run ``ops.linear`` (a C++ GEMV for decode-sized
   inputs on CPU; ``F.linear`` otherwise).
+* A CPU layer with every kernel installed also gets a fast path for its decode steps (``llmkern/decode_layer.py``:
+  the same kernels in one function and two C++ calls, checked bit for bit against the module path on the layer's
+  first decode step); ``unpatch`` removes it with the rest.
 
 Nothing is skipped silently: a kernel that was asked for (explicitly or by default) and could not be installed on a
 module is a warning naming the module and the reason, and ``patch(model, strict=True)`` raises ``PatchError``
