@@ -286,3 +286,37 @@ def test_cpp_schemas_declare_what_is_written(qk_norm):
                  D ** -0.5, 0, 0.0, 0, None, None, w(hidden, H * D), None, torch.ones(hidden), 1e-6,
                  w(inter, hidden), None, w(inter, hidden), None, w(hidden, inter), None)
     torch.library.opcheck(C.decode_layer_rest.default, rest_args, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_every_cpu_instruction_set(isa, dtype):
+    """The fast path on each kernel set the CPU can run (forced with set_cpu_isa, as LLMKERN_CPU_ISA does): equal to
+    the module path on the same kernels. head_dim 64 takes the vector attention kernels of avx512/avx2. Without a C++
+    Linear (generic) patch() leaves nn.Linear alone, so no layer gets the fast path."""
+    if not _ext.load():
+        pytest.skip(f"the C++ extension is not built here: {_ext.why_not()}")
+    C = torch.ops.llmkern_C
+    try:
+        prev = C.set_cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(str(e).splitlines()[0])
+    try:
+        if isa == "avx512" and C.cpu_kernel("linear", torch.float32) != "avx512":
+            pytest.skip("this CPU has AVX-512 but not AVX512-BF16: the AVX-512 Linear cannot run")
+        model = testing.tiny_model("llama-tiny", dtype, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=320)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # generic: "no C++ Linear kernel" is a warning of patch()
+            llmkern.patch(model)
+        if isa == "generic":
+            assert decode_layer.states(model) == []
+            return
+        assert C.cpu_kernel("paged_decode_attention", dtype, 64) == isa
+        with llmkern.use_backend("cpp"):
+            seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model, B=2))
+        assert steps == 6 * model.config.num_hidden_layers
+        assert [s.fused_steps for s in decode_layer.states(model)][1:] == [6]
+        assert torch.equal(seq_f, seq_m) and torch.equal(sc_f, sc_m)
+    finally:
+        C.set_cpu_isa(prev)
