@@ -296,14 +296,10 @@ def test_every_cpu_instruction_set(isa, dtype):
     Linear (generic) patch() leaves nn.Linear alone, so no layer gets the fast path."""
     if not _ext.load():
         pytest.skip(f"the C++ extension is not built here: {_ext.why_not()}")
+    from tests.test_cpu_isa import running_on  # skips where this CPU cannot run `isa`
+
     C = torch.ops.llmkern_C
-    try:
-        prev = C.set_cpu_isa(isa)
-    except RuntimeError as e:
-        pytest.skip(str(e).splitlines()[0])
-    try:
-        if isa == "avx512" and C.cpu_kernel("linear", torch.float32) != "avx512":
-            pytest.skip("this CPU has AVX-512 but not AVX512-BF16: the AVX-512 Linear cannot run")
+    with running_on(isa):
         model = testing.tiny_model("llama-tiny", dtype, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=320)
         with warnings.catch_warnings():
@@ -318,5 +314,3 @@ def test_every_cpu_instruction_set(isa, dtype):
         assert steps == 6 * model.config.num_hidden_layers
         assert [s.fused_steps for s in decode_layer.states(model)][1:] == [6]
         assert torch.equal(seq_f, seq_m) and torch.equal(sc_f, sc_m)
-    finally:
-        C.set_cpu_isa(prev)
