@@ -524,6 +524,47 @@ at::Tensor decode_layer_rest(const at::Tensor& x, const at::Tensor& q, const at:
   return residual + linear_cpu(m, wd, bd);
 }
 
+// Layers [0, n) of a decode step, each decode_layer_qkv then decode_layer_rest on the previous layer's output: one
+// call instead of two per layer, so the Python between a model's layers (llmkern/decode_layer.py, the lookahead) is
+// paid once per run of layers. Every list holds one entry per layer; the step's plan (slot_mapping, block_tables,
+// seq_lens) is shared. Returns each layer's output.
+std::vector<at::Tensor> decode_layers(
+    const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, at::TensorList norm_w, at::ArrayRef<double> norm_eps,
+    at::TensorList wq, const c10::List<std::optional<at::Tensor>>& bq, at::TensorList wk,
+    const c10::List<std::optional<at::Tensor>>& bk, at::TensorList wv, const c10::List<std::optional<at::Tensor>>& bv,
+    const c10::List<std::optional<at::Tensor>>& q_norm_w, const c10::List<std::optional<at::Tensor>>& k_norm_w,
+    at::ArrayRef<double> q_norm_eps, at::ArrayRef<double> k_norm_eps, at::TensorList k_cache, at::TensorList v_cache,
+    const c10::List<std::optional<at::Tensor>>& k_scales, const c10::List<std::optional<at::Tensor>>& v_scales,
+    at::ArrayRef<double> scale, at::IntArrayRef sliding_window, at::ArrayRef<double> softcap,
+    at::IntArrayRef num_splits, at::TensorList wo, const c10::List<std::optional<at::Tensor>>& bo,
+    at::TensorList post_w, at::ArrayRef<double> post_eps, at::TensorList wg,
+    const c10::List<std::optional<at::Tensor>>& bg, at::TensorList wu, const c10::List<std::optional<at::Tensor>>& bu,
+    at::TensorList wd, const c10::List<std::optional<at::Tensor>>& bd) {
+  const size_t n = norm_w.size();
+  const size_t sizes[] = {norm_eps.size(), wq.size(), bq.size(), wk.size(), bk.size(), wv.size(), bv.size(),
+                          q_norm_w.size(), k_norm_w.size(), q_norm_eps.size(), k_norm_eps.size(), k_cache.size(),
+                          v_cache.size(), k_scales.size(), v_scales.size(), scale.size(), sliding_window.size(),
+                          softcap.size(), num_splits.size(), wo.size(), bo.size(), post_w.size(), post_eps.size(),
+                          wg.size(), bg.size(), wu.size(), bu.size(), wd.size(), bd.size()};
+  for (const size_t s : sizes)
+    TORCH_CHECK(s == n, "decode_layers: every per-layer list must have one entry per layer (", n, "), got one of ", s);
+  std::vector<at::Tensor> outs;
+  outs.reserve(n);
+  at::Tensor h = x;
+  for (size_t i = 0; i < n; ++i) {
+    auto [q, k, v] = decode_layer_qkv(h, norm_w[i], norm_eps[i], wq[i], bq.get(i), wk[i], bk.get(i), wv[i], bv.get(i),
+                                      q_norm_w.get(i), k_norm_w.get(i), q_norm_eps[i], k_norm_eps[i], cos, sin,
+                                      head_dim);
+    at::Tensor kc = k_cache[i], vc = v_cache[i];
+    h = decode_layer_rest(h, q, k, v, kc, vc, slot_mapping, block_tables, seq_lens, scale[i], sliding_window[i],
+                          softcap[i], num_splits[i], k_scales.get(i), v_scales.get(i), wo[i], bo.get(i), post_w[i],
+                          post_eps[i], wg[i], bg.get(i), wu[i], bu.get(i), wd[i], bd.get(i));
+    outs.push_back(h);
+  }
+  return outs;
+}
+
 bool cpu_linear_supported(at::ScalarType dtype) {
   return dtype == at::kFloat ? kc::linear_supported(kc::kF32)
                              : dtype == at::kBFloat16 ? kc::linear_supported(kc::kBF16) : false;
@@ -665,6 +706,14 @@ TORCH_LIBRARY(llmkern_C, m) {
       "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, float scale, int sliding_window, float softcap, "
       "int num_splits, Tensor(c!)? k_scales, Tensor(d!)? v_scales, Tensor wo, Tensor? bo, Tensor post_norm_weight, "
       "float post_norm_eps, Tensor wg, Tensor? bg, Tensor wu, Tensor? bu, Tensor wd, Tensor? bd) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, int head_dim, Tensor slot_mapping, Tensor block_tables, "
+      "Tensor seq_lens, Tensor[] norm_weight, float[] norm_eps, Tensor[] wq, Tensor?[] bq, Tensor[] wk, Tensor?[] bk, "
+      "Tensor[] wv, Tensor?[] bv, Tensor?[] q_norm_weight, Tensor?[] k_norm_weight, float[] q_norm_eps, "
+      "float[] k_norm_eps, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor(c!)?[] k_scales, Tensor(d!)?[] v_scales, "
+      "float[] scale, int[] sliding_window, float[] softcap, int[] num_splits, Tensor[] wo, Tensor?[] bo, "
+      "Tensor[] post_norm_weight, float[] post_norm_eps, Tensor[] wg, Tensor?[] bg, Tensor[] wu, Tensor?[] bu, "
+      "Tensor[] wd, Tensor?[] bd) -> Tensor[]");
   m.def("cpu_linear_supported(ScalarType dtype) -> bool", &cpu_linear_supported);
   m.def("cpu_isa() -> str", &isa);
   m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
@@ -689,6 +738,7 @@ TORCH_LIBRARY_IMPL(llmkern_C, CPU, m) {
   m.impl("linear", &linear_cpu);
   m.impl("decode_layer_qkv", &decode_layer_qkv);
   m.impl("decode_layer_rest", &decode_layer_rest);
+  m.impl("decode_layers", &decode_layers);
 }
 
 #ifdef LLMKERN_WITH_CUDA

@@ -55,7 +55,7 @@ class LayerState:
 
     __slots__ = ("layer", "attn", "config_vars", "modules", "classes", "hooks_seen", "params", "in_norm",
                  "post_norm", "q_norm", "k_norm", "layer_idx", "head_dim", "scalars", "verified", "disabled", "steps",
-                 "fused_steps")
+                 "fused_steps", "stack", "index")
 
     def __init__(self, layer, q_norm, k_norm):
         attn, mlp = layer.self_attn, layer.mlp
@@ -79,6 +79,37 @@ class LayerState:
         self.disabled = False
         self.steps = 0  # decode steps this layer ran through the fast path (tests read it)
         self.fused_steps = 0  # of which both C++ calls (decode_layer_qkv / decode_layer_rest) ran
+        self.stack: Stack | None = None  # the model's patched layers in order (install), and this one's place
+        self.index = 0
+
+
+class Stack:
+    """The layers ``install`` was given, in the model's order (None where a layer is not eligible), and the outputs
+    of a lookahead that has run ahead of the model's loop (``run``)."""
+
+    __slots__ = ("states", "pending", "lookahead", "runs")
+
+    def __init__(self, states: list):
+        self.states = states
+        self.pending: _Pending | None = None
+        self.lookahead = True  # tests turn it off to compare
+        self.runs = 0  # lookaheads run (tests read it)
+
+
+class _Pending:
+    """A lookahead's outputs: layer ``states[start + j]``'s is ``outs[j]``, handed out while the model's loop calls
+    the next layer with the previous output and the same step arguments."""
+
+    __slots__ = ("start", "next", "outs", "expect", "pe", "cache", "mask", "hooks", "handle", "ids")
+
+    def __init__(self, start, outs, expect, pe, cache, mask, hooks, handle, ids):
+        self.start = self.next = start
+        self.outs, self.expect, self.pe, self.cache, self.mask, self.hooks = outs, expect, pe, cache, mask, hooks
+        self.handle, self.ids = handle, ids  # the plan's layer handle, and the cache's layer of each output
+
+    def drop(self) -> None:
+        """Give the cache back the layers not taken: their own update() comes next (llmkern/cache, leave)."""
+        self.cache.leave(self.handle, self.ids[self.next - self.start:])
 
 
 def eligible(layer) -> tuple[bool, str]:
@@ -109,13 +140,17 @@ def states(model) -> list:
 
 def install(layers) -> list:
     """Record the eligible ``layers``; returns the undo callables (one per layer)."""
-    undo = []
+    undo, states = [], []
+    stack = Stack(states)
     for layer in layers:
         ok, _ = eligible(layer)
         if not ok:
+            states.append(None)
             continue
         attn = layer.self_attn
         state = LayerState(layer, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+        state.stack, state.index = stack, len(states)
+        states.append(state)
         layer.__dict__[_ATTR] = state
         undo.append(lambda m=layer: m.__dict__.pop(_ATTR, None))
     return undo
@@ -210,7 +245,13 @@ def run(layer, x: torch.Tensor, kwargs: dict, slow):
     """The layer's output for a decode step through the fast path, or ``slow(layer, x, kwargs)`` (the module
     path) where it may not run (module docstring). ``slow`` is the patched decoder layer's module-path body."""
     state = layer.__dict__.get(_ATTR)
-    cache = None if state is None else _usable(state, x, kwargs)
+    if state is None:
+        return slow(layer, x, kwargs)
+    if state.stack.pending is not None:
+        out = _take(state, x, kwargs)
+        if out is not None:
+            return out
+    cache = _usable(state, x, kwargs)
     if cache is None:
         return slow(layer, x, kwargs)
     if not state.verified:
@@ -228,12 +269,134 @@ def run(layer, x: torch.Tensor, kwargs: dict, slow):
             if qkv is not None:
                 state.fused_steps += 1
                 _record(_K_QKV[state.q_norm is not None][1])
+                _ahead(state, out, handle, plan, cache, kwargs)
             else:
                 _record(_K_REST)
             return out
     if qkv is not None:
         _record(_K_QKV[state.q_norm is not None][0])
-    return _rest(state, x, _attend(state, cache, plan, handle, q))
+    out = _rest(state, x, _attend(state, cache, plan, handle, q))
+    if qkv is not None:  # the step's first layer: its attention cleared the direct C++ calls for the layers after it
+        _ahead(state, out, handle, plan, cache, kwargs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The lookahead. The Python of a fused layer's call (the checks above, the cache's update and plan, two C++ calls and
+# their argument lists) cost about 60 µs per layer, ~2 ms of an 11 ms SmolLM2 bf16 step at 128 tokens. So once a
+# layer's step took both C++ calls, the verified layers after it (up to the first that is not: unverified, hooked,
+# in training, or with an attention the step's first layer did not clear for the direct C++ calls) run in one more
+# C++ call, decode_layers, which chains the same two functions over them (the result of each layer is the one its
+# own two calls would give, bit for bit). The model's loop still calls every layer: each takes its precomputed
+# output when its input is the object the previous layer returned and the step's arguments (cache, rotary cos/sin,
+# padding mask) are the same objects, and no hook was registered anywhere since; otherwise the rest of the
+# lookahead is dropped and the layers run as they would have (their page writes are the same slots of the same plan,
+# written again).
+
+
+def _cache_arg(kwargs):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _mask_arg(kwargs):
+    mask = kwargs.get("attention_mask")
+    return None if mask is None else mask.attention_mask
+
+
+def _take(state: LayerState, x, kwargs):
+    """This layer's output from the pending lookahead, or None (the lookahead is then dropped)."""
+    stack = state.stack
+    p = stack.pending
+    if (p.next != state.index or x is not p.expect or kwargs.get("position_embeddings") is not p.pe
+            or _cache_arg(kwargs) is not p.cache or _mask_arg(kwargs) is not p.mask
+            or _RemovableHandle.next_id != p.hooks):
+        stack.pending = None
+        p.drop()
+        return None
+    out = p.outs[p.next - p.start]
+    p.next += 1
+    if p.next - p.start == len(p.outs):
+        stack.pending = None
+    else:
+        p.expect = out
+    state.steps += 1
+    state.fused_steps += 1
+    _record(_K_QKV[state.q_norm is not None][1])
+    return out
+
+
+def _joins(state: LayerState, s: LayerState | None, direct) -> bool:
+    """Whether layer state ``s`` may join a lookahead after ``state``'s (the module docstring's conditions, which
+    ``_usable`` checked for ``state`` and the step's arguments)."""
+    return (s is not None and s.verified and not s.disabled and s.scalars in direct and s.head_dim == state.head_dim
+            and not s.layer.training and s.config_vars.get("_attn_implementation_internal") == attention.NAME
+            and not _hooked(s))
+
+
+def _ahead(state: LayerState, out, handle: PagedKV, plan, cache: PagedKVCache, kwargs) -> None:
+    """Run the layers after ``state``'s on ``out`` in one C++ call and keep their outputs (the lookahead)."""
+    stack = state.stack
+    if stack.pending is not None:  # not taken to its end (a layer the loop skipped): the cache gets the rest back
+        stack.pending.drop()
+        stack.pending = None
+    states, direct = stack.states, plan.direct
+    if not stack.lookahead or not plan.decode or "layers" not in _C:
+        return
+    i = j = state.index + 1
+    while j < len(states) and _joins(state, states[j], direct):
+        j += 1
+    if j == i:
+        return
+    group = states[i:j]
+    ids = [s.layer_idx for s in group]
+    if not cache.can_enter(handle, ids):
+        return
+    cols = [[] for _ in range(30)]
+    (nw, ne, wq, bq, wk, bk, wv, bv, qw, kw, qe, ke, kc, vc, ks, vs, sc, win, cap, spl,
+     wo, bo, pw, pe, wg, bg, wu, bu, wd, bd) = cols
+    splits = plan.num_splits
+    for s in group:
+        w, e = _norm(s.in_norm)
+        nw.append(w)
+        ne.append(e)
+        pq, pk, pv, po, pg, pu, pd = s.params
+        for p, wl, bl in ((pq, wq, bq), (pk, wk, bk), (pv, wv, bv), (po, wo, bo), (pg, wg, bg), (pu, wu, bu),
+                          (pd, wd, bd)):
+            wl.append(p["weight"])
+            bl.append(p.get("bias"))
+        if s.q_norm is not None:
+            (w, e), (w2, e2) = _norm(s.q_norm), _norm(s.k_norm)
+        else:
+            w = w2 = None
+            e = e2 = 0.0
+        qw.append(w)
+        kw.append(w2)
+        qe.append(e)
+        ke.append(e2)
+        pages = cache.layer_pages(s.layer_idx)
+        kc.append(pages.k)
+        vc.append(pages.v)
+        ks.append(pages.k_scales)
+        vs.append(pages.v_scales)
+        scale, window, softcap = s.scalars
+        sc.append(scale)
+        win.append(window or 0)
+        cap.append(softcap or 0.0)
+        spl.append(splits.get(window) or 0)
+        w, e = _norm(s.post_norm)
+        pw.append(w)
+        pe.append(e)
+    cos, sin = kwargs["position_embeddings"]
+    try:
+        outs = _C["layers"](out, cos, sin, state.head_dim, plan.slot_mapping, plan.block_tables, plan.seq_lens, nw,
+                            ne, wq, bq, wk, bk, wv, bv, qw, kw, qe, ke, kc, vc, ks, vs, sc, win, cap, spl, wo, bo, pw,
+                            pe, wg, bg, wu, bu, wd, bd)
+    except RuntimeError:
+        return  # the layers run one by one and raise the error that names the input (their page writes redone)
+    cache.enter(handle, ids)
+    stack.runs += 1
+    stack.pending = _Pending(i, outs, out, kwargs.get("position_embeddings"), cache, _mask_arg(kwargs),
+                             _RemovableHandle.next_id, handle, ids)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,6 +422,8 @@ def _resolve() -> bool:
     if not hasattr(lib, "decode_layer_rest"):
         return False
     _C.update(qkv=lib.decode_layer_qkv.default, rest=lib.decode_layer_rest.default)
+    if hasattr(lib, "decode_layers"):  # an extension built before it: no lookahead
+        _C["layers"] = lib.decode_layers.default
     return True
 
 

@@ -91,6 +91,7 @@ def test_python_sequence_when_the_cpp_calls_do_not_serve(why, monkeypatch):
             raise RuntimeError("planted")
 
         monkeypatch.setitem(decode_layer._C, "rest", refuse)
+        monkeypatch.setitem(decode_layer._C, "layers", refuse)  # the lookahead chains the same C++ functions
     with llmkern.use_backend("cpp"):
         llmkern.patch(model)
         seq_f, sc_f, seq_m, sc_m, steps = _fast_vs_modules(model, *_prompt(model, B=B))
@@ -286,6 +287,32 @@ def test_cpp_schemas_declare_what_is_written(qk_norm):
                  D ** -0.5, 0, 0.0, 0, None, None, w(hidden, H * D), None, torch.ones(hidden), 1e-6,
                  w(inter, hidden), None, w(inter, hidden), None, w(hidden, inter), None)
     torch.library.opcheck(C.decode_layer_rest.default, rest_args, **opts)
+    # decode_layers: two layers of its own weights, each the two calls above on the previous output, bit for bit;
+    # it writes both layers' pages and nothing else.
+    layers = [(qkv_args[1:11] + qkv_args[11:13], rest_args[9:13], rest_args[15:]) for _ in range(2)]
+    layers[1] = ((torch.ones(hidden) * 1.5,) + layers[1][0][1:], layers[1][1], (w(hidden, H * D),) + layers[1][2][1:])
+    caches = [(torch.zeros(4, bs, Hkv, D), torch.zeros(4, bs, Hkv, D)) for _ in range(2)]
+    plan = rest_args[6:9]
+    lists = []
+    for j in range(12):  # norm_weight .. k_norm_eps as decode_layer_qkv takes them
+        lists.append([lay[0][j] for lay in layers])
+    lists += [[c[0] for c in caches], [c[1] for c in caches], [None, None], [None, None]]
+    lists += [[lay[1][j] for lay in layers] for j in range(4)]  # scale, window, softcap, splits
+    lists += [[lay[2][j] for lay in layers] for j in range(10)]  # wo .. bd
+    layers_args = (x, cos, sin, D, *plan, *lists)
+    torch.library.opcheck(C.decode_layers.default, layers_args, **opts)
+    for kc, vc in caches:
+        kc.zero_(), vc.zero_()
+    outs = C.decode_layers(*layers_args)
+    h = x
+    for i, (qkv_w, scalars, rest_w) in enumerate(layers):
+        kc, vc = torch.zeros(4, bs, Hkv, D), torch.zeros(4, bs, Hkv, D)
+        q, k, v = C.decode_layer_qkv(h, *qkv_w, cos, sin, D)
+        h = C.decode_layer_rest(h, q, k, v, kc, vc, *plan, *scalars, None, None, *rest_w)
+        assert torch.equal(outs[i], h), i
+        assert torch.equal(caches[i][0], kc) and torch.equal(caches[i][1], vc), i
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        C.decode_layers(*layers_args[:7], lists[0][:1], *lists[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -314,3 +341,135 @@ def test_every_cpu_instruction_set(isa, dtype):
         assert steps == 6 * model.config.num_hidden_layers
         assert [s.fused_steps for s in decode_layer.states(model)][1:] == [6]
         assert torch.equal(seq_f, seq_m) and torch.equal(sc_f, sc_m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lookahead: the layers after a fused one run in one C++ call (decode_layers), each layer taking its output when
+# the model's loop calls it.
+
+def _lookahead_vs_off(model, ids, mask, new=8, **gen_kw):
+    """(scores with the lookahead, scores without it, scores of the module path, lookaheads run)."""
+    states = decode_layer.states(model)
+    stack = states[0].stack
+    runs = stack.runs
+    seq_on, sc_on = _generate(model, ids, mask, new, **gen_kw)
+    runs = stack.runs - runs
+    stack.lookahead = False
+    seq_off, sc_off = _generate(model, ids, mask, new, **gen_kw)
+    stack.lookahead = True
+    for s in states:
+        s.disabled = True  # the module path
+    seq_m, sc_m = _generate(model, ids, mask, new, **gen_kw)
+    for s in states:
+        s.disabled = False
+    assert torch.equal(seq_on, seq_off) and torch.equal(seq_on, seq_m)
+    return sc_on, sc_off, sc_m, runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "left-padded batch", "int8 pages", "reserved cache",
+                                  "sliding layers"])
+def test_lookahead_equals_layer_by_layer(case, dtype):
+    layout, kw, patch_kw, gen_kw, B, pad, S = "llama-tiny", {}, {}, {}, 1, 0, 12
+    if case == "qwen3":
+        layout = "qwen3-tiny"
+    elif case == "left-padded batch":
+        B, pad = 3, 5
+    elif case == "int8 pages":
+        patch_kw = dict(kv_dtype="int8")
+    elif case == "reserved cache":  # the layers after the step's first take its plan without advancing the buffers
+        B, pad, gen_kw = 2, 3, dict(cache_implementation="static")
+    elif case == "sliding layers":  # layers 2-4 slide: the first of them clears the windowed attention for the rest
+        layout, S = "qwen2-tiny", 14
+        kw = dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    model = testing.tiny_model(layout, dtype, num_hidden_layers=5, **kw)
+    ids, mask = _prompt(model, B=B, S=S, pad=pad)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model, **patch_kw)
+        _generate(model, ids, mask, **gen_kw)  # verifies every layer
+        with llmkern.track() as ran_on:
+            sc_on, sc_off, sc_m, runs = _lookahead_vs_off(model, ids, mask, **gen_kw)
+    assert torch.equal(sc_on, sc_off), (sc_on - sc_off).abs().max()
+    assert torch.equal(sc_on, sc_m), (sc_on - sc_m).abs().max()
+    # 7 decode steps: one lookahead each (layers 1-4), two with sliding layers (1, then 3-4 after layer 2 ran alone).
+    assert runs == (14 if case == "sliding layers" else 7), runs
+    # Three generates, each 7 decode steps over 5 layers: every decode attention counted once.
+    assert ran_on[("paged_decode_attention", "cpp")] == 3 * 7 * 5, dict(ran_on)
+
+
+class _Between(torch.nn.Module):
+    """A decoder layer behind a wrapper module (no hook on the layer): what runs between two layers of the loop."""
+
+    def __init__(self, layer, before=None):
+        super().__init__()
+        self.layer, self.before = layer, before
+        self.attention_type = getattr(layer, "attention_type", "full_attention")
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.before is not None:
+            hidden_states = self.before(hidden_states)
+        return self.layer(hidden_states, *args, **kwargs)
+
+
+def test_lookahead_dropped_when_the_loop_changes_a_layer_input():
+    """Something between two layers hands layer 2 another tensor than layer 1 returned: the precomputed outputs are
+    dropped and the layers run on what they were given."""
+
+    model = testing.tiny_model("llama-tiny", torch.float32, num_hidden_layers=5)
+    ids, mask = _prompt(model)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model)
+        _generate(model, ids, mask)
+        layers = model.model.layers
+        model.model.layers = torch.nn.ModuleList([_Between(layer, (lambda x: x + 0.25) if i == 2 else None)
+                                                  for i, layer in enumerate(layers)])
+        states = decode_layer.states(model)
+        fused = [s.fused_steps for s in states]
+        sc_on, sc_off, sc_m, runs = _lookahead_vs_off(model, ids, mask)
+    assert torch.equal(sc_on, sc_m) and torch.equal(sc_off, sc_m)
+    # Per step: the lookahead after layer 0 is dropped at layer 2, which runs its own two calls and looks ahead again.
+    assert runs == 2 * 7, runs
+    assert [s.fused_steps - f for s, f in zip(states, fused)] == [0] + [2 * 7] * 4
+
+
+def test_a_hook_on_a_later_layer_stops_the_lookahead_before_it():
+    model = testing.tiny_model("llama-tiny", torch.float32, num_hidden_layers=5)
+    ids, mask = _prompt(model)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model)
+        ref_seq, ref_sc = _generate(model, ids, mask)
+        states = decode_layer.states(model)
+        stack = states[0].stack
+        calls, before, runs = [], [s.steps for s in states], stack.runs
+        h = model.model.layers[3].mlp.up_proj.register_forward_hook(lambda m, a, o: calls.append(1))
+        seq, sc = _generate(model, ids, mask)
+        h.remove()
+    assert len(calls) == 8  # the prefill and 7 decode steps
+    assert torch.equal(seq, ref_seq) and torch.equal(sc, ref_sc)
+    # Layers 1-2 ahead of layer 0, layer 3 through its modules, layer 4 alone after it (no layer left to look ahead to).
+    assert stack.runs - runs == 7
+    assert [s.steps - b for s, b in zip(states, before)] == [7, 7, 7, 0, 7]
+
+
+def test_a_hook_registered_between_layers_is_called():
+    """A hook put on layer 3 while the loop is between layers 1 and 2 (after the lookahead ran layers 1-4): layer 3
+    must still call its modules, so the lookahead is dropped."""
+    model = testing.tiny_model("llama-tiny", torch.float32, num_hidden_layers=5)
+    ids, mask = _prompt(model)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model)
+        ref_seq, ref_sc = _generate(model, ids, mask)
+        layers = model.model.layers
+        calls, handles = [], []
+
+        def hook_layer_3(x):
+            if not handles and x.shape[1] == 1:  # the first decode step
+                handles.append(layers[3].mlp.up_proj.register_forward_hook(lambda m, a, o: calls.append(1)))
+            return x
+
+        model.model.layers = torch.nn.ModuleList([_Between(layer, hook_layer_3 if i == 2 else None)
+                                                  for i, layer in enumerate(layers)])
+        seq, sc = _generate(model, ids, mask)
+        handles[0].remove()
+    assert len(calls) == 7  # every decode step, the first included
+    assert torch.equal(seq, ref_seq) and torch.equal(sc, ref_sc)

@@ -613,6 +613,32 @@ class PagedKVCache(Cache):
         """
         return self._planner.plan_step(handle, attention_mask)
 
+    def can_enter(self, handle: PagedKV, layer_ids) -> bool:
+        """Whether ``layer_ids`` may run this step's decode inside one C++ call over the plan ``handle``'s layer
+        made (llmkern/decode_layer.py, the lookahead): none of them has been handed K/V in this step yet, their
+        pages exist, and in the reserved mode none of them is the layer that advances the device buffers. Records
+        nothing (``enter``)."""
+        planner = self._planner
+        if handle.step == -1:  # reserved mode, decode: update() keeps no host state either
+            st = planner.rsv_by_layer[handle.layer_idx]
+            return all(planner.rsv_by_layer[i] is st and i != st.first_layer for i in layer_ids)
+        seen, filled = planner.step_layers, self._pool.filled
+        return handle.step == planner.step and not any(i in seen or i not in filled for i in layer_ids)
+
+    def enter(self, handle: PagedKV, layer_ids) -> None:
+        """What ``update`` records of a layer, for ``layer_ids`` that ``can_enter`` cleared and whose K/V the C++
+        call wrote."""
+        if handle.step != -1:
+            self._planner.step_layers.update(layer_ids)
+
+    def leave(self, handle: PagedKV, layer_ids) -> None:
+        """Undo ``enter`` for ``layer_ids`` whose outputs the model did not take (the lookahead was dropped): if the
+        step is still the one ``handle`` belongs to, their ``update`` is still to come in it, and must not be
+        taken for the start of a new forward."""
+        planner = self._planner
+        if handle.step != -1 and handle.step == planner.step:
+            planner.step_layers.difference_update(layer_ids)
+
     def write(self, handle: PagedKV, plan: StepPlan) -> None:
         """Write a layer's new K/V into its pages at the plan's slots (padding skipped)."""
         self._pool.write(handle.layer_idx, handle.key, handle.value, plan.slot_mapping)
