@@ -16,6 +16,8 @@ When it runs (``run``; anything else takes the module path, which is always corr
   eval mode, the cache a ``PagedKVCache`` whose plan is a decode step, no ``output_attentions``, and no hook
   anywhere in the layer (forward/backward hooks or pre-hooks on any of its modules, global module hooks, a
   forward set on an instance): a hook must see its module called, so the layer then takes the module path.
+* The lookahead: once a layer of the step ran this path with its C++ calls, the verified layers after it run in one
+  more C++ call, each taking its output when the model's loop calls it (see the comment above ``_take``).
 * Verified: a layer's first decode step runs the module path, records the attention's scale, sliding window and
   softcap as transformers passed them, and runs this path beside it; q/k/v and the layer's output must be equal bit
   for bit. Only then do later steps take it. A transformers release whose attention forward does something this
@@ -284,14 +286,15 @@ def run(layer, x: torch.Tensor, kwargs: dict, slow):
 # --------------------------------------------------------------------------------------------------------------------
 # The lookahead. The Python of a fused layer's call (the checks above, the cache's update and plan, two C++ calls and
 # their argument lists) cost about 60 µs per layer, ~2 ms of an 11 ms SmolLM2 bf16 step at 128 tokens. So once a
-# layer's step took both C++ calls, the verified layers after it (up to the first that is not: unverified, hooked,
-# in training, or with an attention the step's first layer did not clear for the direct C++ calls) run in one more
-# C++ call, decode_layers, which chains the same two functions over them (the result of each layer is the one its
-# own two calls would give, bit for bit). The model's loop still calls every layer: each takes its precomputed
-# output when its input is the object the previous layer returned and the step's arguments (cache, rotary cos/sin,
-# padding mask) are the same objects, and no hook was registered anywhere since; otherwise the rest of the
-# lookahead is dropped and the layers run as they would have (their page writes are the same slots of the same plan,
-# written again).
+# layer's step ran its C++ q/k/v call and its attention (directly, or at the step's first layer through the full
+# path, which clears the direct calls for the layers after it), the layers after it run in one more C++ call,
+# decode_layers, which chains the same two functions over them: the result of each layer is the one its own two calls
+# would give, bit for bit. It stops before the first layer that is unverified, hooked, in training, or has an
+# attention (scale, window, softcap) the step has not cleared for the direct calls. The model's loop still calls every
+# layer: each takes its precomputed output when its input is the object the previous layer returned, the step's
+# arguments (cache, rotary cos/sin, padding mask) are the same objects, and no hook was registered anywhere since;
+# otherwise the rest of the lookahead is dropped, the cache gets those layers back, and they run as they would have
+# (their page writes are the same slots of the same plan, written again).
 
 
 def _cache_arg(kwargs):
