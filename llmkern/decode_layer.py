@@ -312,7 +312,7 @@ def _take(state: LayerState, x, kwargs):
     p = stack.pending
     if (p.next != state.index or x is not p.expect or kwargs.get("position_embeddings") is not p.pe
             or _cache_arg(kwargs) is not p.cache or _mask_arg(kwargs) is not p.mask
-            or _RemovableHandle.next_id != p.hooks):
+            or _RemovableHandle.next_id != p.hooks or _grad_enabled() or state.layer.training):
         stack.pending = None
         p.drop()
         return None

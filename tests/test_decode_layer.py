@@ -473,3 +473,50 @@ def test_a_hook_registered_between_layers_is_called():
         handles[0].remove()
     assert len(calls) == 7  # every decode step, the first included
     assert torch.equal(seq, ref_seq) and torch.equal(sc, ref_sc)
+
+
+@pytest.mark.parametrize("how", ["grad mode", "training mode"])
+def test_grad_or_training_turned_on_between_layers_takes_the_module_path(how):
+    """Grad mode (or a layer's training mode) switched on by code between two layers after the lookahead ran: that
+    layer must run its modules (autograd records them), not hand out an output computed without."""
+    model = testing.tiny_model("llama-tiny", torch.float32, num_hidden_layers=5)
+    ids, mask = _prompt(model)
+    with llmkern.use_backend("cpp"):
+        llmkern.patch(model)
+        _generate(model, ids, mask)
+        states = decode_layer.states(model)
+        before = [s.steps for s in states]
+        layers = model.model.layers
+
+        class Switch(torch.nn.Module):
+            def __init__(self, layer):
+                super().__init__()
+                self.layer, self.attention_type = layer, "full_attention"
+
+            def forward(self, x, *args, **kwargs):
+                if how == "grad mode":
+                    if x.shape[1] != 1:  # the decode steps only (the prefill refuses grad over the cache too)
+                        return self.layer(x, *args, **kwargs)
+                    with torch.enable_grad():
+                        return self.layer(x, *args, **kwargs)
+                self.layer.train()
+                try:
+                    return self.layer(x, *args, **kwargs)
+                finally:
+                    self.layer.eval()
+
+        model.model.layers = torch.nn.ModuleList([Switch(layer) if i == 2 else layer for i, layer in enumerate(layers)])
+
+        def run():
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+
+        if how == "grad mode":  # layer 2's modules run, and its attention refuses grad over the cache, loudly
+            with pytest.raises(RuntimeError, match="PagedKVCache is for inference"):
+                run()
+            return
+        out = run()
+    assert out.shape[1] == ids.shape[1] + 8
+    # Layer 2 took no fast step (its modules ran); the layers after it took theirs.
+    assert [s.steps - b for s, b in zip(states, before)] == [7, 7, 0, 7, 7]
