@@ -491,10 +491,10 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
 }
 
 // Projections of one input (q/k/v, gate/up) in one parallel region over all their blocks: each output is the one
-// linear_cpu gives, bit for bit (a block is computed the same whichever thread's range it falls in), with one fork
-// and join instead of one per weight. Measured on an AMD EPYC (AVX-512, 2 threads, bf16): 90 SmolLM2 MLP weights
-// streamed at 28 GB/s called one by one and at 34 GB/s as one matrix; the difference is per-call (fork/join, each
-// thread's share of a small matrix ending at a different time).
+// linear_cpu gives, bit for bit (a block is computed the same whichever thread's range it falls in), with one
+// parallel region instead of one per weight. Measured on an AMD EPYC (AVX-512, 2 threads, bf16): 90 SmolLM2 MLP
+// weights streamed at 28 GB/s called one by one and at 34 GB/s as one matrix; the difference is per call, mostly each
+// call's cold start and its threads' shares ending at different times (the fork/join itself is ~1 µs there).
 std::vector<at::Tensor> linear_many(const at::Tensor& x, std::initializer_list<const at::Tensor*> ws,
                                     std::initializer_list<const std::optional<at::Tensor>*> bs) {
   std::vector<LinearCall> calls;

@@ -354,46 +354,15 @@ def _ahead(state: LayerState, out, handle: PagedKV, plan, cache: PagedKVCache, k
     ids = [s.layer_idx for s in group]
     if not cache.can_enter(handle, ids):
         return
-    cols = [[] for _ in range(30)]
-    (nw, ne, wq, bq, wk, bk, wv, bv, qw, kw, qe, ke, kc, vc, ks, vs, sc, win, cap, spl,
-     wo, bo, pw, pe, wg, bg, wu, bu, wd, bd) = cols
-    splits = plan.num_splits
+    rows = []
     for s in group:
-        w, e = _norm(s.in_norm)
-        nw.append(w)
-        ne.append(e)
-        pq, pk, pv, po, pg, pu, pd = s.params
-        for p, wl, bl in ((pq, wq, bq), (pk, wk, bk), (pv, wv, bv), (po, wo, bo), (pg, wg, bg), (pu, wu, bu),
-                          (pd, wd, bd)):
-            wl.append(p["weight"])
-            bl.append(p.get("bias"))
-        if s.q_norm is not None:
-            (w, e), (w2, e2) = _norm(s.q_norm), _norm(s.k_norm)
-        else:
-            w = w2 = None
-            e = e2 = 0.0
-        qw.append(w)
-        kw.append(w2)
-        qe.append(e)
-        ke.append(e2)
-        pages = cache.layer_pages(s.layer_idx)
-        kc.append(pages.k)
-        vc.append(pages.v)
-        ks.append(pages.k_scales)
-        vs.append(pages.v_scales)
-        scale, window, softcap = s.scalars
-        sc.append(scale)
-        win.append(window or 0)
-        cap.append(softcap or 0.0)
-        spl.append(splits.get(window) or 0)
-        w, e = _norm(s.post_norm)
-        pw.append(w)
-        pe.append(e)
+        kv, scales, scalars, weights = _rest_args(s, cache, plan)
+        rows.append((*_qkv_args(s), *kv, *scales, *scalars, *weights))
+    cols = [list(c) for c in zip(*rows)]  # decode_layers' per-layer lists, in its order
     cos, sin = kwargs["position_embeddings"]
     try:
-        outs = _C["layers"](out, cos, sin, state.head_dim, plan.slot_mapping, plan.block_tables, plan.seq_lens, nw,
-                            ne, wq, bq, wk, bk, wv, bv, qw, kw, qe, ke, kc, vc, ks, vs, sc, win, cap, spl, wo, bo, pw,
-                            pe, wg, bg, wu, bu, wd, bd)
+        outs = _C["layers"](out, cos, sin, state.head_dim, plan.slot_mapping, plan.block_tables, plan.seq_lens,
+                            *cols)
     except RuntimeError:
         return  # the layers run one by one and raise the error that names the input (their page writes redone)
     cache.enter(handle, ids)
@@ -452,7 +421,9 @@ _K_QKV = ((_calls(*_QKV), _calls(*_QKV, *_REST)), (_calls(*_QKV, *_NORMS), _call
 _K_REST = _calls(*_REST)
 
 
-def _fused_qkv(state: LayerState, x, cos, sin):
+def _qkv_args(state: LayerState) -> tuple:
+    """A layer's own arguments of decode_layer_qkv (between x and cos): the input norm, q/k/v weights and biases,
+    the q/k norms (None and 0.0 without them). decode_layers takes the same, one list per position."""
     pq, pk, pv = state.params[:3]
     nw, ne = _norm(state.in_norm)
     if state.q_norm is not None:
@@ -460,29 +431,39 @@ def _fused_qkv(state: LayerState, x, cos, sin):
     else:
         qw = kw = None
         qe = ke = 0.0
-    try:
-        out = _C["qkv"](x, nw, ne, pq["weight"], pq.get("bias"), pk["weight"], pk.get("bias"), pv["weight"],
-                        pv.get("bias"), qw, kw, qe, ke, cos, sin, state.head_dim)
-    except RuntimeError:
-        return None
-    return out
+    return (nw, ne, pq["weight"], pq.get("bias"), pk["weight"], pk.get("bias"), pv["weight"], pv.get("bias"), qw, kw,
+            qe, ke)
 
 
-def _fused_rest(state: LayerState, x, q, k, v, cache: PagedKVCache, plan):
+def _rest_args(state: LayerState, cache: PagedKVCache, plan) -> tuple:
+    """A layer's own arguments of decode_layer_rest: its pages (k, v), their 8-bit scales (k, v), the attention's
+    scalars (scale, window, softcap, split count) and the o/norm/MLP weights, as four tuples."""
     scale, window, softcap = state.scalars
-    if not plan.decode or state.scalars not in plan.direct:
-        return None  # the step's first layer: the attention's full path decides (llmkern/attention.py, _decode)
     pages = cache.layer_pages(state.layer_idx)
     po, pg, pu, pd = state.params[3:]
     pw, pe = _norm(state.post_norm)
+    return ((pages.k, pages.v), (pages.k_scales, pages.v_scales),
+            (scale, window or 0, softcap or 0.0, plan.num_splits.get(window) or 0),
+            (po["weight"], po.get("bias"), pw, pe, pg["weight"], pg.get("bias"), pu["weight"], pu.get("bias"),
+             pd["weight"], pd.get("bias")))
+
+
+def _fused_qkv(state: LayerState, x, cos, sin):
     try:
-        out = _C["rest"](x, q, k, v, pages.k, pages.v, plan.slot_mapping, plan.block_tables, plan.seq_lens, scale,
-                         window or 0, softcap or 0.0, plan.num_splits.get(window) or 0, pages.k_scales,
-                         pages.v_scales, po["weight"], po.get("bias"), pw, pe, pg["weight"], pg.get("bias"),
-                         pu["weight"], pu.get("bias"), pd["weight"], pd.get("bias"))
+        return _C["qkv"](x, *_qkv_args(state), cos, sin, state.head_dim)
+    except RuntimeError:
+        return None
+
+
+def _fused_rest(state: LayerState, x, q, k, v, cache: PagedKVCache, plan):
+    if not plan.decode or state.scalars not in plan.direct:
+        return None  # the step's first layer: the attention's full path decides (llmkern/attention.py, _decode)
+    kv, scales, scalars, weights = _rest_args(state, cache, plan)
+    try:
+        return _C["rest"](x, q, k, v, *kv, plan.slot_mapping, plan.block_tables, plan.seq_lens, *scalars, *scales,
+                          *weights)
     except RuntimeError:
         return None  # the K/V write is idempotent: the Python sequence redoes it
-    return out
 
 
 def _verify(state: LayerState, layer, x, kwargs, cache, slow):
