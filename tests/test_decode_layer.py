@@ -100,8 +100,9 @@ def test_python_sequence_when_the_cpp_calls_do_not_serve(why, monkeypatch):
     assert torch.equal(seq_f, seq_m) and torch.equal(sc_f, sc_m)
 
 
-@pytest.mark.parametrize("case", ["left-padded batch", "sliding window", "int8 pages", "group 7", "reserved cache"])
-def test_fast_path_equals_module_path_cases(case):
+@pytest.mark.parametrize("case", ["left-padded batch", "sliding window", "int8 pages", "group 7", "reserved cache",
+                                  "token-major pages"])
+def test_fast_path_equals_module_path_cases(case, monkeypatch):
     kw, patch_kw, gen_kw, B, pad, S = {}, {}, {}, 1, 0, 12
     layout = "llama-tiny"
     if case == "left-padded batch":
@@ -112,6 +113,11 @@ def test_fast_path_equals_module_path_cases(case):
         patch_kw = dict(kv_dtype="int8")
     elif case == "reserved cache":  # sized to the generation: planning a step twice would overflow it
         B, pad, gen_kw = 2, 3, dict(cache_implementation="static")
+    elif case == "token-major pages":  # the caches generate makes get NHD pages (CPU's default is head-major)
+        from llmkern.cache import pool
+
+        monkeypatch.setattr(pool, "layout_for", lambda kv_layout, device: "NHD")
+        B, pad = 2, 3
     else:
         layout = "qwen2.5-0.5b"
         kw = dict(hidden_size=448, intermediate_size=256, num_attention_heads=7, num_key_value_heads=1)

@@ -228,6 +228,34 @@ def test_cpp_decode_direct_path_matches_full_path(device, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("backend", ["cpp", "reference", None])
+def test_page_layouts_give_the_same_generation(backend, kv_dtype, device):
+    # The pages in either memory order (PagedKVCache's kv_layout: head-major, CPU's default, or token-major): the same
+    # tokens and scores, and with float pages the same tokens as eager (fp32, left padded, a pool that grows).
+    if backend == "cpp":
+        ok, why = llmkern.backends.available("cpp", device)
+        if not ok:
+            pytest.skip(why)
+    model = testing.tiny_model("qwen2-tiny", device=device)
+    ids, mask = (t.to(device) for t in _prompts(model))
+    n = 12 if backend is None else 24  # None: the device's choice (Triton under the interpreter on CPU: slow)
+    eager = _generate(model, ids, mask, n)
+    install(model)
+    got = {}
+    for lay in ("NHD", "HND"):
+        cache = PagedKVCache(model.config, block_size=4, num_blocks=2, growable=True, device=device,
+                             kv_dtype=kv_dtype, kv_layout=lay)
+        got[lay] = _generate(model, ids, mask, n, backend, past_key_values=cache, output_scores=True,
+                             return_dict_in_generate=True)
+        k = cache.pages(0)[0]
+        assert cache.kv_layout == lay and (k.stride(1) < k.stride(2)) == (lay == "HND")
+    assert torch.equal(got["NHD"].sequences, got["HND"].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got["NHD"].scores, got["HND"].scores, strict=True))
+    if kv_dtype is None:
+        assert torch.equal(got["HND"].sequences, eager)
+
+
 # -- the real model ----------------------------------------------------------------------------------------------------
 
 

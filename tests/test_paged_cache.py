@@ -53,6 +53,66 @@ def _consistent(cache):
     assert a.num_free + len(held) == a.num_blocks
 
 
+def _layout(pages):
+    """The memory order of ``[num_blocks, block_size, Hkv, D]`` pages, read from their strides."""
+    nb, bs, h, d = pages.shape
+    if pages.stride() == (bs * h * d, h * d, d, 1):
+        return "NHD"
+    assert pages.stride() == (bs * h * d, d, bs * d, 1), pages.stride()  # [nb, h, bs, d] memory, transposed
+    return "HND"
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_kv_layout_default_per_device_and_explicit(kv_dtype):
+    from llmkern.cache.pool import layout_for
+
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=3, kv_dtype=kv_dtype)  # CPU pages, made up front
+    assert cache.kv_layout == "HND"  # CPU's default: one KV head's rows of a page contiguous
+    for i in range(L):
+        k, v, ks, vs = cache.layer_pages(i)
+        assert k.shape == (3, 4, HKV, D) and _layout(k) == _layout(v) == "HND"
+        if kv_dtype:  # the scales [nb, bs, Hkv] follow their pages
+            assert ks.shape == (3, 4, HKV) and ks.stride() == (4 * HKV, 1, 4) and vs.stride() == ks.stride()
+    nhd = PagedKVCache(CFG, block_size=4, num_blocks=3, kv_dtype=kv_dtype, kv_layout="nhd")
+    assert nhd.kv_layout == "NHD" and all(t.is_contiguous() for i in range(L) for t in nhd.layer_pages(i) if t is not None)
+    assert nhd.memory().reserved_bytes == cache.memory().reserved_bytes  # same bytes either way
+    assert layout_for(None, torch.device("cuda")) == "NHD" and layout_for(None, torch.device("cpu")) == "HND"
+    assert layout_for("NHD", torch.device("cpu")) == "NHD"
+    with pytest.raises(ValueError, match="kv_layout must be"):
+        PagedKVCache(CFG, num_blocks=1, kv_layout="HDN")
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_layouts_hold_and_return_the_same_tokens(kv_dtype, device):
+    # The same traffic (padding, beams sharing and copying a partial page, growth, crop) through both layouts:
+    # the same tokens in the same slots, read back the same, and the same attention over them.
+    from llmkern import paged_ops
+
+    caches = {lay: PagedKVCache(CFG, block_size=4, num_blocks=2, growable=True, device=device, kv_dtype=kv_dtype,
+                                kv_layout=lay) for lay in ("NHD", "HND")}
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[2, :3] = 0
+    for cache in caches.values():
+        _step(cache, mask)
+        cache.reorder_cache(torch.tensor([1, 1, 0]))
+        for i in range(3):
+            _step(cache, torch.ones(3, 7 + i, dtype=torch.long), seed=i + 1)
+        cache.crop(-1)
+    nhd, hnd = caches["NHD"], caches["HND"]
+    assert nhd.block_tables() == hnd.block_tables() and nhd.seq_lens() == hnd.seq_lens()
+    assert hnd.allocator.num_blocks > 2 and all(_layout(t) == "HND" for i in range(L) for t in hnd.pages(i))
+    q = torch.randn(3, 4, D).to(device)
+    bt = torch.tensor(hnd.block_tables(), dtype=torch.int32, device=device)
+    sl = torch.tensor(hnd.seq_lens(), dtype=torch.int32, device=device)
+    for i in range(L):
+        for a, b in zip(nhd.layer_pages(i), hnd.layer_pages(i)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert all(torch.equal(a, b) for a, b in zip(nhd.dense(i), hnd.dense(i)))
+        outs = [paged_ops.paged_decode_attention(q, *c.pages(i), bt, sl, 0.2, k_scales=c.layer_pages(i).k_scales,
+                                                 v_scales=c.layer_pages(i).v_scales) for c in (nhd, hnd)]
+        assert torch.equal(*outs)
+
+
 def test_allocator_free_list_refcounts_grow():
     a = BlockAllocator(4)
     assert a.allocate(2) == [0, 1] and a.num_free == 2
@@ -127,8 +187,9 @@ def test_padding_not_stored_and_tokens_land_in_order(device):
     _consistent(cache)
 
 
-def test_reorder_shares_blocks_and_copies_partial_block_on_write(device):
-    cache = PagedKVCache(CFG, block_size=4, num_blocks=16, device=device)
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+def test_reorder_shares_blocks_and_copies_partial_block_on_write(device, kv_layout):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=16, device=device, kv_layout=kv_layout)
     _step(cache, torch.ones(3, 6, dtype=torch.long))  # 6 tokens: one full block + a partial one per row
     before = [[_stored(cache, layer, b) for b in range(3)] for layer in range(L)]
     tables = cache.block_tables()
@@ -152,8 +213,9 @@ def test_reorder_shares_blocks_and_copies_partial_block_on_write(device):
             assert torch.equal(sk[6], k[b, :, 0])
 
 
-def test_exhaustion_checks_whole_step_first_and_changes_nothing(device):
-    cache = PagedKVCache(CFG, block_size=4, num_blocks=5, device=device)
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+def test_exhaustion_checks_whole_step_first_and_changes_nothing(device, kv_layout):
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=5, device=device, kv_layout=kv_layout)
     _step(cache, torch.ones(2, 7, dtype=torch.long))  # 2 blocks per row, 1 free
     snap_pages = [t.clone() for i in range(L) for t in cache.pages(i)]
     snap = (cache.block_tables(), cache.seq_lens(), cache.get_seq_length(), cache.allocator.num_free)
@@ -176,8 +238,9 @@ def test_exhaustion_checks_whole_step_first_and_changes_nothing(device):
     _consistent(cache)
 
 
-def test_crop_and_growable_pool(device):
-    cache = PagedKVCache(CFG, block_size=4, device=device)  # no capacity given: the pool grows
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+def test_crop_and_growable_pool(device, kv_layout):
+    cache = PagedKVCache(CFG, block_size=4, device=device, kv_layout=kv_layout)  # no capacity given: the pool grows
     assert cache.growable and cache.memory().reserved_bytes == 0
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0
@@ -216,10 +279,11 @@ def test_repr_is_one_short_line_that_does_not_change_per_step(device):
     assert repr(cache) == r
 
 
-def test_growth_is_layer_by_layer_and_reports_its_peak(device):
+@pytest.mark.parametrize("kv_layout", ["NHD", "HND"])
+def test_growth_is_layer_by_layer_and_reports_its_peak(device, kv_layout):
     import weakref
 
-    cache = PagedKVCache(CFG, block_size=4, num_blocks=2, growable=True, device=device)
+    cache = PagedKVCache(CFG, block_size=4, num_blocks=2, growable=True, device=device, kv_layout=kv_layout)
     assert cache.growable and cache.allocator.num_blocks == 2
     _step(cache, torch.ones(1, 8, dtype=torch.long))  # fills both blocks
     before = _stored(cache, 1, 0)
@@ -237,6 +301,7 @@ def test_growth_is_layer_by_layer_and_reports_its_peak(device):
     assert m.peak_bytes == m.reserved_bytes + one_old_tensor < m.reserved_bytes + m0.reserved_bytes
     k, v = _stored(cache, 1, 0)
     assert torch.equal(k[:8], before[0]) and torch.equal(v[:8], before[1])
+    assert all(_layout(t) == kv_layout for i in range(L) for t in cache.pages(i))  # grown in the same layout
     _consistent(cache)
 
 

@@ -64,7 +64,7 @@ from llmkern.cache.plan import PagedKV, Planner, StepPlan
 from llmkern.cache.pool import DTYPES as _DTYPES
 from llmkern.cache.pool import MAX_BLOCK_SIZE as _MAX_BLOCK_SIZE
 from llmkern.cache.pool import (BlockAllocator, CacheExhaustedError, LayerPages, PagePool, blocks_for_fraction,
-                                bytes_per_block, parse_kv_dtype)
+                                bytes_per_block, layout_for, parse_kv_dtype, parse_kv_layout)
 from llmkern.cache.pool import free_bytes as _free_bytes  # a module attribute: tests stand in for the free memory
 from llmkern.cache.sequences import Sequences
 
@@ -243,6 +243,11 @@ class PagedKVCache(Cache):
             ``reshape_and_cache``, dequantized in registers by the attention kernels. At head_dim 64 a token costs
             0.52 x its bf16 bytes (``memory().bytes_per_token``), so a fixed byte budget holds 1.9 x the tokens.
             ``dtype`` stays the model's: what the cache takes and reads back (``dense``).
+        kv_layout: where a page's elements sit in memory; every page is ``[num_blocks, block_size, Hkv, D]`` to the
+            kernels either way. None or ``"auto"``: ``"HND"`` on CPU, ``"NHD"`` elsewhere (per layer device).
+            ``"HND"``: each KV head's rows of a page are contiguous (memory ``[num_blocks, Hkv, block_size, D]``, the
+            pages a transposed view of it; FlashInfer's name for it), what a decode kernel streams; ``"NHD"``:
+            token-major, the tensor contiguous (transformers' and vLLM's GPU layout). Same bytes, same results.
         growable: whether the pool grows when a step needs more pages than are free. Default: only when none of
             ``num_blocks``, ``max_memory_bytes`` and ``max_batch_size`` is given. ``num_blocks=n, growable=True`` starts
             with n pages (what ``generate`` creates on its own: sized for the call, and able to serve a longer next
@@ -259,7 +264,7 @@ class PagedKVCache(Cache):
                  max_memory_bytes: int | None = None, dtype: torch.dtype | None = None,
                  device=None, max_batch_size: int | None = None, growable: bool | None = None,
                  num_kv_heads: int | None = None, max_cache_len: int | None = None,
-                 memory_fraction: float | None = None, kv_dtype=None):
+                 memory_fraction: float | None = None, kv_dtype=None, kv_layout=None):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
                 1 <= block_size <= _MAX_BLOCK_SIZE) or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two in 1..{_MAX_BLOCK_SIZE}, got {block_size!r}")
@@ -297,6 +302,7 @@ class PagedKVCache(Cache):
                                  f"max_cache_len tokens; it cannot be combined with {', '.join(clash)}")
 
         self._kv_dtype = parse_kv_dtype(kv_dtype)
+        self._kv_layout = parse_kv_layout(kv_layout)
         self.num_layers, self.config_kv_heads, self.head_dim = _decoder_dims(config)
         if num_kv_heads is not None and (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
                                          or not 1 <= num_kv_heads <= self.config_kv_heads):
@@ -341,7 +347,7 @@ class PagedKVCache(Cache):
             num_blocks=0 if num_blocks is None else num_blocks, default_dtype=default_dtype,
             default_device=default_device, layer_devices=layer_devices, explicit_dtype=dtype,
             explicit_kv_heads=num_kv_heads, static_addresses=max_cache_len is not None, on_layer=self._sync_layer_view,
-            kv_dtype=self._kv_dtype)
+            kv_dtype=self._kv_dtype, kv_layout=self._kv_layout)
         self._seqs = Sequences(block_size, self._pool.allocator)
         self._planner = Planner(self._pool, self._seqs, num_layers=self.num_layers,
                                 growable=num_blocks is None if growable is None else growable,
@@ -399,6 +405,15 @@ class PagedKVCache(Cache):
         """The pages' dtype: ``dtype`` for float pages, or torch.int8 / torch.float8_e4m3fn (8-bit codes with
         float16 scales)."""
         return self._pool.kv_dtype or self.dtype
+
+    @property
+    def kv_layout(self) -> str:
+        """Where a page's elements sit in memory (the pages are ``[num_blocks, block_size, Hkv, D]`` either way):
+        "HND" (each KV head's rows of a page contiguous: a strided view of ``[num_blocks, Hkv, block_size, D]``
+        memory) or "NHD" (token-major, contiguous). Asked for with ``kv_layout=``, else per device: "HND" on CPU,
+        "NHD" elsewhere (llmkern/cache/pool.py). The first layer that has pages; before any, what they will be."""
+        return next((lay for lay in self._pool.layouts if lay is not None),
+                    layout_for(self._kv_layout, self._pool.default_device))
 
     @property
     def device(self) -> torch.device:

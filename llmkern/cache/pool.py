@@ -9,6 +9,14 @@ Page formats: the model's dtype (K/V bit for bit), or 8-bit (``kv_dtype`` int8 o
 and one float16 scale per (token, KV head) in ``k_scales``/``v_scales`` ``[num_blocks, block_size, Hkv]`` beside them
 (llmkern/reference.py, ``quantize_kv``). Pages and scales are made, grown, copied and written together.
 
+Page layout (``kv_layout``): every page is handed out as ``[num_blocks, block_size, Hkv, D]``; what differs is where
+its elements sit in memory. "NHD" (token-major, the tensor contiguous): a token's rows of all KV heads together, as
+transformers' and vLLM's GPU pools store them. "HND" (head-major): the memory is ``[num_blocks, Hkv, block_size, D]``
+and the page a strided view of it, so one KV head's rows of a page are ``block_size * D`` contiguous elements, the
+run a decode kernel streams. The kernels take either (any strides along blocks, slots and heads). Default per layer
+device: "HND" on CPU, where it measured 0.8-0.96x the decode attention time of "NHD" at 8k-32k tokens with cold
+caches (benchmarks/README.md, "Page layout"), "NHD" elsewhere (the GPU kernels were tuned on it).
+
 This is the only module that knows the page format (llmkern/paged_ops.py holds the kernels that read and write it):
 a new format changes this module and the kernels. It may touch the pages and the
 allocator; it knows nothing of sequences, block tables or plans (llmkern/cache/sequences.py, llmkern/cache/plan.py),
@@ -47,6 +55,39 @@ def row_bytes(head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype | None) -
     if kv_dtype is None:
         return head_dim * dtype.itemsize
     return head_dim * kv_dtype.itemsize + reference.SCALE_DTYPE.itemsize
+
+
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def parse_kv_layout(kv_layout) -> str | None:
+    """``kv_layout`` as the cache takes it -> "NHD", "HND" or None (the default of each layer's device)."""
+    if kv_layout is None or kv_layout == "auto":
+        return None
+    if isinstance(kv_layout, str) and kv_layout.upper() in KV_LAYOUTS:
+        return kv_layout.upper()
+    raise ValueError(f"kv_layout must be None or 'auto' (head-major 'HND' on CPU, 'NHD' elsewhere), 'NHD' "
+                     f"(pages token-major in memory) or 'HND' (each KV head's rows of a page contiguous), got "
+                     f"{kv_layout!r}")
+
+
+def layout_for(kv_layout: str | None, device: torch.device) -> str:
+    """The layout a layer's pages get on ``device``."""
+    return kv_layout or ("HND" if torch.device(device).type == "cpu" else "NHD")
+
+
+def empty_pages(shape: tuple, layout: str, *, dtype: torch.dtype, device, zero: bool) -> torch.Tensor:
+    """Pages (or scales) of logical ``shape`` ``[num_blocks, block_size, Hkv, ...]`` stored in ``layout``: for "HND"
+    a ``[num_blocks, Hkv, block_size, ...]`` tensor, transposed back to the logical shape (a strided view)."""
+    make = torch.zeros if zero else torch.empty
+    if layout == "NHD":
+        return make(shape, dtype=dtype, device=device)
+    return make((shape[0], shape[2], shape[1], *shape[3:]), dtype=dtype, device=device).transpose(1, 2)
+
+
+def layout_of(pages: torch.Tensor) -> str:
+    """"HND" when a page's rows of one KV head sit next to each other (slot stride below head stride), else "NHD"."""
+    return "HND" if pages.dim() >= 3 and pages.shape[2] > 1 and pages.stride(1) < pages.stride(2) else "NHD"
 
 
 class LayerPages(NamedTuple):
@@ -202,12 +243,13 @@ class PagePool:
     ``on_layer(i)`` is called whenever layer ``i``'s pages are replaced (made, re-made, grown): the cache's
     transformers-facing layer objects mirror them. ``static_addresses``: mark the pages as fixed addresses for
     compiled steps (the reserved mode). ``kv_dtype``: 8-bit pages (int8 / float8_e4m3fn) with scales, whatever the
-    model's dtype; None: pages in the layer's dtype."""
+    model's dtype; None: pages in the layer's dtype. ``kv_layout``: "NHD", "HND" or None (the layer device's
+    default, ``layout_for``)."""
 
     def __init__(self, *, num_layers: int, block_size: int, head_dim: int, kv_heads: int, num_blocks: int,
                  default_dtype: torch.dtype, default_device: torch.device, layer_devices: list,
                  explicit_dtype: torch.dtype | None, explicit_kv_heads: int | None, static_addresses: bool,
-                 on_layer=None, kv_dtype: torch.dtype | None = None):
+                 on_layer=None, kv_dtype: torch.dtype | None = None, kv_layout: str | None = None):
         self.num_layers = num_layers
         self.block_size = block_size
         self.head_dim = head_dim
@@ -221,6 +263,8 @@ class PagePool:
         self.on_layer = on_layer or (lambda i: None)
         self.allocator = BlockAllocator(num_blocks)
         self.kv_dtype = kv_dtype
+        self.kv_layout = kv_layout
+        self.layouts: list[str | None] = [None] * num_layers  # per layer, the layout its pages were made in
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.ks: list[torch.Tensor | None] = [None] * num_layers  # 8-bit pages: their scales
@@ -271,12 +315,13 @@ class PagePool:
             pages[i] = None
         self.on_layer(i)
         self.dtypes[i] = dtype
+        layout = self.layouts[i] = layout_for(self.kv_layout, device)
         with torch.inference_mode(False):  # normal tensors: a crop or reorder outside inference mode writes them
-            self.k[i] = torch.zeros(shape, dtype=self.kv_dtype or dtype, device=device)
-            self.v[i] = torch.zeros(shape, dtype=self.kv_dtype or dtype, device=device)
+            self.k[i] = empty_pages(shape, layout, dtype=self.kv_dtype or dtype, device=device, zero=True)
+            self.v[i] = empty_pages(shape, layout, dtype=self.kv_dtype or dtype, device=device, zero=True)
             if self.kv_dtype is not None:
-                self.ks[i] = torch.zeros(shape[:3], dtype=reference.SCALE_DTYPE, device=device)
-                self.vs[i] = torch.zeros(shape[:3], dtype=reference.SCALE_DTYPE, device=device)
+                self.ks[i] = empty_pages(shape[:3], layout, dtype=reference.SCALE_DTYPE, device=device, zero=True)
+                self.vs[i] = empty_pages(shape[:3], layout, dtype=reference.SCALE_DTYPE, device=device, zero=True)
         if self.static_addresses:  # fixed addresses: a compiled step may treat them as static (CUDA graphs)
             for pages in self._all():
                 if pages[i] is not None:
@@ -320,7 +365,8 @@ class PagePool:
                 if t is None:
                     continue
                 with torch.inference_mode(False):  # normal tensors, as make_layer makes them
-                    grown = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    grown = empty_pages((new, *t.shape[1:]), self.layouts[i], dtype=t.dtype, device=t.device,
+                                        zero=False)
                     grown[:old].copy_(t)
                     grown[old:].zero_()
                 pages[i] = grown  # the last references to the old pages: this list and the layer's view
