@@ -8,9 +8,11 @@
 // group; prefill: a tile of positions times G), chunk by chunk (V::chunk_tokens):
 //   1. gather: the chunk's K and V rows are packed [CH, D], V widened to fp32, K too unless the scores take it as
 //      stored (bf16 with V::kBf16Dot). Rows of one KV head sit Hkv * D elements apart (4 KiB for Llama-3-8B in
-//      fp32), so left in place they fall into the same few L1 sets and evict each other while the block's rows
-//      re-read them; packed, each line is read from memory once. The next chunk's rows are prefetched into L2
-//      meanwhile: every row is on its own 4 KiB page, where the hardware prefetchers stop.
+//      fp32) in token-major ("NHD") pages, so left in place they fall into the same few L1 sets and evict each other
+//      while the block's rows re-read them; packed, each line is read from memory once. (In head-major ("HND")
+//      pages, PagedKVCache's CPU default, a page's rows of one head are contiguous.) The next chunk's rows are
+//      prefetched into L2 meanwhile, a few lines between each pass over the current chunk (NextRows): in NHD pages
+//      every row is on its own 4 KiB page, where the hardware prefetchers stop.
 //   2. scores: per query row and W tokens, W accumulators take q . k over D in W-lane pieces, and one hsum turns
 //      them into a vector of W scores — every FMA lane does useful work for any group size. bf16 with
 //      V::kBf16Dot: the dot-product instruction on the raw bf16 q and K (products exact in fp32), and the softmax
@@ -71,6 +73,36 @@ struct KvHead {
     }
   }
 };
+
+// The next chunk's K and V rows, line by line, handed to the L2 prefetcher a few lines at a time between the current
+// chunk's arithmetic. Issued all at once (a loop of 2 * CH * D * es / 64 prefetches: 512 for fp32 at D = 64), they
+// stall the core once its miss buffers are full, so the lines arrive while it waits instead of while it computes;
+// spread over the chunk's score and P @ V passes, memory and arithmetic overlap (AMD EPYC, AVX-512, 2 threads, cold
+// caches: 0.65-0.85x the decode time at 8k-32k; benchmarks/README.md, "Decode attention: prefetch").
+struct NextRows {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  const int64_t* offs = nullptr;   // the next chunk's K row offsets (bytes from k)
+  const int64_t* voffs = nullptr;  // and V's
+  int64_t rows = 0, row_bytes = 0;
+  int64_t j = 0, l = 0;  // the next line to hand out: row j, byte l
+
+  // Up to `lines` more of the K (and as many of the V) lines.
+  template <class V>
+  void issue(int64_t lines) {
+    for (; lines > 0 && j < rows; --lines) {
+      V::prefetch_l2(k + offs[j] + l);
+      V::prefetch_l2(v + voffs[j] + l);
+      l += 64;
+      if (l >= row_bytes) {
+        l = 0;
+        ++j;
+      }
+    }
+  }
+};
+
+inline int64_t n1_lines(const NextRows& n) { return n.rows * ((n.row_bytes + 63) / 64); }
 
 // A block of M query rows and their online-softmax state.
 struct QueryRows {
@@ -290,14 +322,11 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
       std::fill(kf + n * D / 2, kf + nblk * W * D / 2, 0.f);
     else
       std::fill(kf + n * D, kf + nblk * W * D, 0.f);
-    if (c0 + CH < t1) {  // the next chunk: offsets, and its lines on their way to L2
+    NextRows next;  // the next chunk: its offsets now, its lines on their way to L2 between the passes below
+    if (c0 + CH < t1) {
       const int64_t n1 = std::min(CH, t1 - c0 - CH);
       kv.offsets<q8>(c0 + CH, n1, offs, voffs, ksoffs, vsoffs);
-      for (int64_t j = 0; j < n1; ++j)
-        for (int64_t l = 0; l < D * es; l += 64) {
-          V::prefetch_l2(kv.k + offs[j] + l);
-          V::prefetch_l2(kv.v + voffs[j] + l);
-        }
+      next = NextRows{kv.k, kv.v, offs, voffs, n1, D * es};
       if constexpr (q8) {  // the scales' lines, each once (a page's scales share a few lines)
         uintptr_t klast = 0, vlast = 0;
         for (int64_t j = 0; j < n1; ++j) {
@@ -310,6 +339,9 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
         }
       }
     }
+    // 2M + 1 portions: before the scores, after each row's scores and after each row's P @ V.
+    const int64_t portion = (n1_lines(next) + 2 * r.M) / (2 * r.M + 1);
+    next.template issue<V>(portion);
     for (int64_t m = 0; m < r.M; ++m) {
       float* sm = w.scores.data() + m * CH;
       const int64_t lo = r.lo ? std::max(r.lo[m], c0) : c0, hi = r.hi ? std::min(r.hi[m], c0 + n) : c0 + n;
@@ -318,6 +350,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
         continue;
       }
       score_row<V, T, ND>(r, m, kf, nblk, sm, ksc);
+      next.template issue<V>(portion);
       if (r.softcap > 0.f)
         for (int64_t j = 0; j < n; ++j) sm[j] = r.softcap * std::tanh(sm[j] / r.softcap);
       if (lo > c0 || hi < c0 + nblk * W)  // offsets from c0 fit in int32
@@ -325,9 +358,12 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
           V::store(sm + b * W, V::keep_range(V::load(sm + b * W), static_cast<int32_t>(b * W),
                                              static_cast<int32_t>(lo - c0), static_cast<int32_t>(hi - c0), neg_inf));
     }
-    for (int64_t m = 0; m < r.M; ++m)
+    for (int64_t m = 0; m < r.M; ++m) {
       softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vf, r.acc + m * D, r.row_max + m, r.row_sum + m,
                             vsc);
+      next.template issue<V>(portion);
+    }
+    next.template issue<V>(next.rows * next.row_bytes);  // whatever rounding left
   }
 }
 
