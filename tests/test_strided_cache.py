@@ -256,6 +256,60 @@ def test_paged_prefill_attention(backend, dtype, layout):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The C++ kernels read a block of a chunk's rows in place (no packing) where the rows follow one another in the
+# pages (head-major pages; one KV head) and are read as stored (fp32; bf16 K): those blocks, the packed ones around
+# them (partial last blocks, blocks across pages, window starts off the block grid) and the same values in pages
+# whose rows never follow give the same bits.
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 64])
+@pytest.mark.parametrize("hkv", [1, 2])
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_blocks_read_in_place_equal_packed_blocks(dt, path, hkv, block_size):
+    if not _ext.load():
+        pytest.fail(f"the llmkern extension must be built for these tests: {_ext.why_not()}")
+    dtype, gen, bs = DTYPES[dt], torch.Generator().manual_seed(5), block_size
+    lens = [5 * bs + 7, bs, 3 * bs + 1, 70]
+    pages = [-(-n // bs) for n in lens]
+    nb = sum(pages) + 1
+    # Head-major pages: a page's rows of one KV head follow one another (with one KV head, across pages too).
+    hnd = torch.randn(nb, hkv, bs, D, generator=gen).to(dtype)
+    k_in, v_in = hnd.transpose(1, 2), hnd.flip(0).transpose(1, 2)
+    # The same values where no two rows follow: every row padded to two head_dims.
+    k_pk = torch.zeros(nb, bs, hkv, 2, D, dtype=dtype)[..., 0, :]
+    v_pk = torch.zeros(nb, bs, hkv, 2, D, dtype=dtype)[..., 0, :]
+    k_pk.copy_(k_in)
+    v_pk.copy_(v_in)
+    order = torch.randperm(nb - 1, generator=gen).tolist()
+    rows, at = [], 0
+    for b, n in enumerate(pages):  # sequence 1 on consecutive pages (1, 2, ...), the others shuffled
+        rows.append(list(range(1, 1 + n)) if b == 1 else [1 + order[(at + i) % (nb - 1)] for i in range(n)])
+        at += n
+    width = max(pages)
+    tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    B, Hq = len(lens), hkv * 3
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    S = 5
+    qp = torch.randn(B, Hq, S, D, generator=gen).to(dtype)
+    q_lens = torch.tensor([5, 3, 5, 1], dtype=torch.int32)
+    with cpp_on(path), llmkern.use_backend("cpp"), llmkern.track() as ran:
+        for window in (None, 13):
+            for splits in (1, 3):
+                got, want = (paged_ops.paged_decode_attention(q, k, v, tables, seq_lens, D ** -0.5, num_splits=splits,
+                                                              sliding_window=window)
+                             for k, v in ((k_in, v_in), (k_pk, v_pk)))
+                _same(got, want, f"decode, window {window}, {splits} splits: in place vs packed")
+            got, want = (paged_ops.paged_prefill_attention(qp, k, v, tables, seq_lens, q_lens, D ** -0.5,
+                                                           sliding_window=window)
+                         for k, v in ((k_in, v_in), (k_pk, v_pk)))
+            _same(got, want, f"prefill, window {window}: in place vs packed")
+        _attention_ran(ran, "paged_decode_attention", "cpp", path, dtype)  # the path's kernels, asked while set
+        _attention_ran(ran, "paged_prefill_attention", "cpp", path, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # A cache whose head_dim is not contiguous is refused, by name, whatever the backend.
 
 

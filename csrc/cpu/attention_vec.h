@@ -78,7 +78,7 @@ struct KvHead {
 // chunk's arithmetic. Issued all at once (a loop of 2 * CH * D * es / 64 prefetches: 512 for fp32 at D = 64), they
 // stall the core once its miss buffers are full, so the lines arrive while it waits instead of while it computes;
 // spread over the chunk's score and P @ V passes, memory and arithmetic overlap (AMD EPYC, AVX-512, 2 threads, cold
-// caches: 0.65-0.85x the decode time at 8k-32k; benchmarks/README.md, "Decode attention: prefetch").
+// caches: 0.65-0.85x the decode time at 8k-32k; README.md, "Decode attention: page layout and prefetch").
 struct NextRows {
   const char* k = nullptr;
   const char* v = nullptr;
@@ -101,6 +101,13 @@ struct NextRows {
     }
   }
 };
+
+// Whether the n rows at byte offsets offs follow one another, row_bytes apart (one block read in place).
+inline bool rows_follow(const int64_t* offs, int64_t n, int64_t row_bytes) {
+  for (int64_t i = 1; i < n; ++i)
+    if (offs[i] != offs[0] + i * row_bytes) return false;
+  return true;
+}
 
 inline int64_t n1_lines(const NextRows& n) { return n.rows * ((n.row_bytes + 63) / 64); }
 
@@ -192,10 +199,12 @@ inline void load_query(const void* q, int64_t off, int64_t sd, float scale, Work
   }
 }
 
-// Scores of query row m against nblk * W packed K rows: fp32 q . k, or bf16 pairs then times r.scale. 8-bit pages
-// (ksc non-null): times each token's K scale, which for the bf16 dot already includes r.scale.
+// Scores of query row m against nblk blocks of W K rows, block b's rows contiguous at kblk[b] (packed, or in place in
+// the page): fp32 q . k, or bf16 pairs then times r.scale. 8-bit pages (ksc non-null): times each token's K scale,
+// which for the bf16 dot already includes r.scale.
 template <class V, DType T, int ND>
-inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nblk, float* s, const float* ksc) {
+inline void score_row(const QueryRows& r, int64_t m, const float* const* kblk, int64_t nblk, float* s,
+                      const float* ksc) {
   constexpr int W = V::W, D = ND * V::W;
   for (int64_t b = 0; b < nblk; ++b) {
     typename V::reg dot[W];
@@ -203,7 +212,7 @@ inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nb
     for (int t = 0; t < W; ++t) dot[t] = V::zero();
     if constexpr (kDotBf16<V, T, ND>) {
       const uint16_t* q = r.qb + m * D;
-      const uint16_t* kb = reinterpret_cast<const uint16_t*>(kf) + b * W * D;
+      const uint16_t* kb = reinterpret_cast<const uint16_t*>(kblk[b]);
 #pragma GCC unroll 16
       for (int i = 0; i < ND / 2; ++i) {
         const typename V::bf16x2 qv = V::load_bf16x2(q + 2 * i * W);
@@ -213,7 +222,7 @@ inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nb
       V::store(s + b * W, V::mul(V::hsum(dot), ksc ? V::load(ksc + b * W) : V::set1(r.scale)));
     } else {
       const float* q = r.q + m * D;
-      const float* kb = kf + b * W * D;
+      const float* kb = kblk[b];
 #pragma GCC unroll 32
       for (int i = 0; i < ND; ++i) {
         const typename V::reg qv = V::load(q + i * W);
@@ -226,10 +235,10 @@ inline void score_row(const QueryRows& r, int64_t m, const float* kf, int64_t nb
 }
 
 // Online-softmax step of one row over a chunk's scores s[0 .. nblk * W) (-inf where masked), then its P @ V into
-// acc. The output row stays in registers over the chunk, PW registers at a time. 8-bit pages (vsc non-null): the
+// acc (V's fp32 rows by blocks of W, as score_row's K). The output row stays in registers over the chunk, PW registers at a time. 8-bit pages (vsc non-null): the
 // weights that multiply V are p_j times token j's V scale; the row's sum takes p_j.
 template <class V, int ND>
-inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, float* acc, float* row_max,
+inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* const* vblk, float* acc, float* row_max,
                            float* row_sum, const float* vsc) {
   using reg = typename V::reg;
   constexpr int W = V::W, D = ND * V::W, PW = pv_piece<V, ND>();
@@ -261,7 +270,7 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* vf, f
     for (int i = 0; i < PW; ++i) o[i] = V::zero();
     for (int64_t j = 0; j < n; ++j) {
       const reg pj = V::set1(s[j]);
-      const float* vj = vf + j * D + p0 * W;
+      const float* vj = vblk[j / W] + (j % W) * D + p0 * W;
 #pragma GCC unroll 16
       for (int i = 0; i < PW; ++i) o[i] = V::fma(pj, V::load(vj + i * W), o[i]);
     }
@@ -277,6 +286,9 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   constexpr int64_t D = ND * V::W, es = elem_size(C), CH = V::chunk_tokens(D);
   constexpr bool dot_bf16 = kDotBf16<V, T, ND>, q8 = is_8bit(C);
   static_assert(C == T || q8, "the cache holds q's dtype or 8-bit codes");
+  static_assert(CH % W == 0, "a chunk is whole blocks of W tokens");
+  // Which of K and V the passes can read as the pages store them: fp32, and bf16 K for the bf16 dot.
+  constexpr bool kInPlaceK = !q8 && (C == kF32 || dot_bf16), kInPlaceV = !q8 && C == kF32;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* kf = w.kf.data();
   float* vf = w.vf.data();
@@ -300,24 +312,41 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
       std::fill(ksc + n, ksc + nblk * W, 0.f);
       std::fill(vsc + n, vsc + nblk * W, 0.f);
     }
-    for (int64_t j = 0; j < n; ++j) {  // gather: V widened, K widened or (bf16 dot) copied as stored
-      const char* kr = kv.k + offs[j];
-      const char* vr = kv.v + voffs[j];
-      if constexpr (dot_bf16 && q8) {  // 8-bit codes to bf16, 2W at a time
+    // gather, a block of W tokens at a time: V widened, K widened or (bf16 dot) copied as stored; a full block whose
+    // rows lie one after another in its page (head-major pages, or one KV head) and are read as stored (fp32 K and V,
+    // bf16 K for the dot) is read in place instead.
+    const float* kblk[CH / W];
+    const float* vblk[CH / W];
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t j0 = b * W, j1 = std::min<int64_t>(j0 + W, n);
+      bool k_in = false, v_in = false;
+      if constexpr (kInPlaceK) k_in = j1 - j0 == W && rows_follow(offs + j0, W, D * es);
+      if constexpr (kInPlaceV) v_in = j1 - j0 == W && rows_follow(voffs + j0, W, D * es);
+      kblk[b] = k_in ? reinterpret_cast<const float*>(kv.k + offs[j0]) : kf + j0 * (dot_bf16 ? D / 2 : D);
+      vblk[b] = v_in ? reinterpret_cast<const float*>(kv.v + voffs[j0]) : vf + j0 * D;
+      for (int64_t j = j0; j < j1; ++j) {
+        const char* kr = kv.k + offs[j];
+        const char* vr = kv.v + voffs[j];
+        if (!k_in) {
+          if constexpr (dot_bf16 && q8) {  // 8-bit codes to bf16, 2W at a time
 #pragma GCC unroll 16
-        for (int i = 0; i < ND / 2; ++i) V::template codes_to_bf16<C>(kr + 2 * i * W, kf + j * D / 2 + i * W);
-      } else if constexpr (dot_bf16) {  // D bf16 = D / 2 fp32 words, moved as bits
+            for (int i = 0; i < ND / 2; ++i) V::template codes_to_bf16<C>(kr + 2 * i * W, kf + j * D / 2 + i * W);
+          } else if constexpr (dot_bf16) {  // D bf16 = D / 2 fp32 words, moved as bits
 #pragma GCC unroll 16
-        for (int i = 0; i < ND / 2; ++i)
-          V::store(kf + j * D / 2 + i * W, V::load(reinterpret_cast<const float*>(kr) + i * W));
-      }
+            for (int i = 0; i < ND / 2; ++i)
+              V::store(kf + j * D / 2 + i * W, V::load(reinterpret_cast<const float*>(kr) + i * W));
+          } else {
 #pragma GCC unroll 32
-      for (int i = 0; i < ND; ++i) {
-        if constexpr (!dot_bf16) V::store(kf + j * D + i * W, V::template load_as<C>(kr + i * W * es));
-        V::store(vf + j * D + i * W, V::template load_as<C>(vr + i * W * es));
+            for (int i = 0; i < ND; ++i) V::store(kf + j * D + i * W, V::template load_as<C>(kr + i * W * es));
+          }
+        }
+        if (!v_in) {
+#pragma GCC unroll 32
+          for (int i = 0; i < ND; ++i) V::store(vf + j * D + i * W, V::template load_as<C>(vr + i * W * es));
+        }
       }
     }
-    // Tail lanes score 0, then are masked.
+    // Tail lanes score 0, then are masked (a partial last block is always packed).
     if constexpr (dot_bf16)
       std::fill(kf + n * D / 2, kf + nblk * W * D / 2, 0.f);
     else
@@ -349,7 +378,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
         std::fill(sm, sm + nblk * W, neg_inf);
         continue;
       }
-      score_row<V, T, ND>(r, m, kf, nblk, sm, ksc);
+      score_row<V, T, ND>(r, m, kblk, nblk, sm, ksc);
       next.template issue<V>(portion);
       if (r.softcap > 0.f)
         for (int64_t j = 0; j < n; ++j) sm[j] = r.softcap * std::tanh(sm[j] / r.softcap);
@@ -359,7 +388,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
                                              static_cast<int32_t>(lo - c0), static_cast<int32_t>(hi - c0), neg_inf));
     }
     for (int64_t m = 0; m < r.M; ++m) {
-      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vf, r.acc + m * D, r.row_max + m, r.row_sum + m,
+      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vblk, r.acc + m * D, r.row_max + m, r.row_sum + m,
                             vsc);
       next.template issue<V>(portion);
     }

@@ -14,8 +14,9 @@ its elements sit in memory. "NHD" (token-major, the tensor contiguous): a token'
 transformers' and vLLM's GPU pools store them. "HND" (head-major): the memory is ``[num_blocks, Hkv, block_size, D]``
 and the page a strided view of it, so one KV head's rows of a page are ``block_size * D`` contiguous elements, the
 run a decode kernel streams. The kernels take either (any strides along blocks, slots and heads). Default per layer
-device: "HND" on CPU, where it measured 0.8-0.96x the decode attention time of "NHD" at 8k-32k tokens with cold
-caches (benchmarks/README.md, "Page layout"), "NHD" elsewhere (the GPU kernels were tuned on it).
+device: "HND" on CPU, where the decode attention took 0.45-1.03x the time of "NHD" pages (cold caches, AMD EPYC
+AVX-512, 2 threads: README.md, "Decode attention: page layout and prefetch"), "NHD" elsewhere (the GPU kernels were
+tuned on it and nothing was measured on a GPU).
 
 This is the only module that knows the page format (llmkern/paged_ops.py holds the kernels that read and write it):
 a new format changes this module and the kernels. It may touch the pages and the
