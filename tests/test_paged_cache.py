@@ -74,7 +74,8 @@ def test_kv_layout_default_per_device_and_explicit(kv_dtype):
         if kv_dtype:  # the scales [nb, bs, Hkv] follow their pages
             assert ks.shape == (3, 4, HKV) and ks.stride() == (4 * HKV, 1, 4) and vs.stride() == ks.stride()
     nhd = PagedKVCache(CFG, block_size=4, num_blocks=3, kv_dtype=kv_dtype, kv_layout="nhd")
-    assert nhd.kv_layout == "NHD" and all(t.is_contiguous() for i in range(L) for t in nhd.layer_pages(i) if t is not None)
+    assert nhd.kv_layout == "NHD"
+    assert all(t.is_contiguous() for i in range(L) for t in nhd.layer_pages(i) if t is not None)
     assert nhd.memory().reserved_bytes == cache.memory().reserved_bytes  # same bytes either way
     assert layout_for(None, torch.device("cuda")) == "NHD" and layout_for(None, torch.device("cpu")) == "HND"
     assert layout_for("NHD", torch.device("cpu")) == "NHD"

@@ -87,6 +87,8 @@ struct NextRows {
   int64_t rows = 0, row_bytes = 0;
   int64_t j = 0, l = 0;  // the next line to hand out: row j, byte l
 
+  int64_t lines() const { return rows * ((row_bytes + 63) / 64); }
+
   // Up to `lines` more of the K (and as many of the V) lines.
   template <class V>
   void issue(int64_t lines) {
@@ -108,8 +110,6 @@ inline bool rows_follow(const int64_t* offs, int64_t n, int64_t row_bytes) {
     if (offs[i] != offs[0] + i * row_bytes) return false;
   return true;
 }
-
-inline int64_t n1_lines(const NextRows& n) { return n.rows * ((n.row_bytes + 63) / 64); }
 
 // A block of M query rows and their online-softmax state.
 struct QueryRows {
@@ -235,8 +235,9 @@ inline void score_row(const QueryRows& r, int64_t m, const float* const* kblk, i
 }
 
 // Online-softmax step of one row over a chunk's scores s[0 .. nblk * W) (-inf where masked), then its P @ V into
-// acc (V's fp32 rows by blocks of W, as score_row's K). The output row stays in registers over the chunk, PW registers at a time. 8-bit pages (vsc non-null): the
-// weights that multiply V are p_j times token j's V scale; the row's sum takes p_j.
+// acc (V's fp32 rows by blocks of W at vblk[b], as score_row's K). The output row stays in registers over the chunk,
+// PW registers at a time. 8-bit pages (vsc non-null): the weights that multiply V are p_j times token j's V scale;
+// the row's sum takes p_j.
 template <class V, int ND>
 inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* const* vblk, float* acc, float* row_max,
                            float* row_sum, const float* vsc) {
@@ -288,7 +289,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   static_assert(C == T || q8, "the cache holds q's dtype or 8-bit codes");
   static_assert(CH % W == 0, "a chunk is whole blocks of W tokens");
   // Which of K and V the passes can read as the pages store them: fp32, and bf16 K for the bf16 dot.
-  constexpr bool kInPlaceK = !q8 && (C == kF32 || dot_bf16), kInPlaceV = !q8 && C == kF32;
+  constexpr bool k_as_stored = !q8 && (C == kF32 || dot_bf16), v_as_stored = !q8 && C == kF32;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* kf = w.kf.data();
   float* vf = w.vf.data();
@@ -320,8 +321,8 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
     for (int64_t b = 0; b < nblk; ++b) {
       const int64_t j0 = b * W, j1 = std::min<int64_t>(j0 + W, n);
       bool k_in = false, v_in = false;
-      if constexpr (kInPlaceK) k_in = j1 - j0 == W && rows_follow(offs + j0, W, D * es);
-      if constexpr (kInPlaceV) v_in = j1 - j0 == W && rows_follow(voffs + j0, W, D * es);
+      if constexpr (k_as_stored) k_in = j1 - j0 == W && rows_follow(offs + j0, W, D * es);
+      if constexpr (v_as_stored) v_in = j1 - j0 == W && rows_follow(voffs + j0, W, D * es);
       kblk[b] = k_in ? reinterpret_cast<const float*>(kv.k + offs[j0]) : kf + j0 * (dot_bf16 ? D / 2 : D);
       vblk[b] = v_in ? reinterpret_cast<const float*>(kv.v + voffs[j0]) : vf + j0 * D;
       for (int64_t j = j0; j < j1; ++j) {
@@ -369,7 +370,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
       }
     }
     // 2M + 1 portions: before the scores, after each row's scores and after each row's P @ V.
-    const int64_t portion = (n1_lines(next) + 2 * r.M) / (2 * r.M + 1);
+    const int64_t portion = (next.lines() + 2 * r.M) / (2 * r.M + 1);
     next.template issue<V>(portion);
     for (int64_t m = 0; m < r.M; ++m) {
       float* sm = w.scores.data() + m * CH;
@@ -392,7 +393,7 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
                             vsc);
       next.template issue<V>(portion);
     }
-    next.template issue<V>(next.rows * next.row_bytes);  // whatever rounding left
+    next.template issue<V>(next.lines());  // whatever rounding left
   }
 }
 
