@@ -86,11 +86,6 @@ def empty_pages(shape: tuple, layout: str, *, dtype: torch.dtype, device, zero: 
     return make((shape[0], shape[2], shape[1], *shape[3:]), dtype=dtype, device=device).transpose(1, 2)
 
 
-def layout_of(pages: torch.Tensor) -> str:
-    """"HND" when a page's rows of one KV head sit next to each other (slot stride below head stride), else "NHD"."""
-    return "HND" if pages.dim() >= 3 and pages.shape[2] > 1 and pages.stride(1) < pages.stride(2) else "NHD"
-
-
 class LayerPages(NamedTuple):
     """One layer's pages as the ops take them: ``k``, ``v`` ``[num_blocks, block_size, Hkv, D]`` and, for 8-bit
     pages, their scales ``k_scales``, ``v_scales`` ``[num_blocks, block_size, Hkv]`` (None for float pages)."""
