@@ -244,6 +244,13 @@ void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
                 "strides ", t.strides(), "; strides along blocks, slots and heads may be anything");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
   check_same_device(k_cache, "k_cache", v_cache, "v_cache");
+  // The page sizes llmkern/paged_ops.py accepts on every backend (MAX_BLOCK_SIZE, MAX_HEAD_DIM): a caller that skips
+  // its Python checks (its eager fast path) gets the same refusal here.
+  const int64_t BS = k_cache.size(1);
+  TORCH_CHECK(BS >= 1 && BS <= 256 && (BS & (BS - 1)) == 0,
+              "k_cache's block_size (its second dimension) must be a power of two in 1..256, got ", BS);
+  TORCH_CHECK(k_cache.size(3) <= 256, "k_cache's head_dim (its last dimension) must be at most 256, got ",
+              k_cache.size(3));
 }
 
 // A checked cache's element strides along blocks, slots and heads.

@@ -141,7 +141,8 @@ def _warn_no_extension() -> None:
 # Per-thread choice and the eager fast path (module docstring)
 
 # Ops whose C++ CPU kernel ``llmkern.ops`` may call directly: functional, every input checked by the kernel.
-DIRECT_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "linear"})
+DIRECT_OPS = frozenset({"rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "linear", "reshape_and_cache",
+                        "paged_decode_attention", "paged_prefill_attention"})
 _CPP_DIRECT: dict = {}  # op -> torch.ops.llmkern_C.<op>.default's C function; filled by select()
 _NO_DIRECT: dict = {}  # stays empty
 

@@ -387,6 +387,9 @@ def test_reshape_and_cache_bad_input(backend_id, case, arg, make, exc, match):
         if case in _VALUE_CASES and device != "cpu":
             pytest.skip("slots on the device are not read back (a sync per layer): the kernels skip a slot past the "
                         "pool instead (test_triton_kernels_skip_slots_and_pages_past_the_pool)")
+        # A good call first: on cpp it fills the thread's direct table, so the bad call takes the eager fast path
+        # (llmkern/paged_ops.py), whose refusals must name the argument as the full path's do.
+        paged_ops.reshape_and_cache(**_write_args(device))
         a = _bad_write_args(case, arg, make, device)
         caches = [t for t in (a["k_cache"], a["v_cache"]) if isinstance(t, torch.Tensor)]
         _refused(lambda: paged_ops.reshape_and_cache(**a), exc, match, caches, f"{case} on {backend_id}")

@@ -18,7 +18,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward a
 from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
 
 import llmkern
-from llmkern import paged_ops
+from llmkern import _ext, paged_ops
 from llmkern.testing import assert_no_worse_than_eager
 
 I32 = torch.int32
@@ -419,13 +419,16 @@ BAD_DECODE = [
     ("q", lambda a: torch.randn(2, 3, 64), ValueError, "multiple of"),
     ("q", lambda a: torch.randn(2, 4, 32), ValueError, "head_dim"),
     ("q", lambda a: [1.0], TypeError, "q must be a torch.Tensor"),
+    ("q", lambda a: a["q"][:0], ValueError, "q must not be empty"),
     ("k_cache", lambda a: a["k_cache"][:, :12], ValueError, "block_size"),
     ("k_cache", lambda a: a["k_cache"][0], ValueError, "k_cache must be 4-D"),
     ("v_cache", lambda a: a["v_cache"][:, :, :1], ValueError, "v_cache"),
     ("block_tables", lambda a: a["block_tables"].long(), TypeError, "block_tables must have dtype int32"),
     ("block_tables", lambda a: a["block_tables"][:1], ValueError, "block_tables must have shape"),
+    ("block_tables", lambda a: a["block_tables"][:, :0], ValueError, "block_tables must have shape"),
     ("seq_lens", lambda a: a["seq_lens"].long(), TypeError, "seq_lens must have dtype int32"),
     ("seq_lens", lambda a: a["seq_lens"][:1], ValueError, "seq_lens must have shape"),
+    ("seq_lens", lambda a: a["seq_lens"].to("meta"), ValueError, "one device"),
     ("scale", lambda a: 0.0, ValueError, "scale"),
     ("scale", lambda a: "x", TypeError, "scale"),
     ("sliding_window", lambda a: 0, ValueError, "sliding_window"),
@@ -443,6 +446,120 @@ def test_decode_bad_input(name, make, exc, match, device):
     args[name] = make(args)
     with pytest.raises(exc, match=match):
         paged_ops.paged_decode_attention(**args)
+
+
+def _cpp_direct():
+    """cpp forced (the automatic CPU choice under the Triton interpreter is triton): the eager fast path of
+    llmkern/paged_ops.py runs only where cpp is in force."""
+    if not _ext.load():
+        if os.environ.get("LLMKERN_NO_EXT") == "1":
+            pytest.skip(f"LLMKERN_NO_EXT=1: {_ext.why_not()}")
+        pytest.fail(f"the llmkern extension must be built for these tests: {_ext.why_not()}")
+    return llmkern.use_backend("cpp")
+
+
+def _prefill_args(**over):
+    a = _decode_args("cpu")
+    a.update(q=torch.randn(2, 4, 3, 64), q_lens=torch.tensor([3, 1], dtype=I32))
+    a.update(over)
+    return a
+
+
+BAD_PREFILL = [
+    ("q", lambda a: a["q"][:, :, :, :32], ValueError, "head_dim"),
+    ("q", lambda a: a["q"][0], ValueError, "q must be 4-D"),
+    ("q_lens", lambda a: a["q_lens"].long(), TypeError, "q_lens must have dtype int32"),
+    ("q_lens", lambda a: a["q_lens"][:1], ValueError, "q_lens must have shape"),
+    ("k_cache", lambda a: a["k_cache"][:, :12], ValueError, "block_size"),
+    ("scale", lambda a: float("inf"), ValueError, "scale"),
+    ("sliding_window", lambda a: -3, ValueError, "sliding_window"),
+    ("softcap", lambda a: float("nan"), ValueError, "softcap"),
+]
+
+
+@pytest.mark.parametrize("op,name,make,exc,match",
+                         [("decode", *b) for b in BAD_DECODE] + [("prefill", *b) for b in BAD_PREFILL],
+                         ids=[f"decode-{b[0]}-{b[3]}" for b in BAD_DECODE] + [f"prefill-{b[0]}-{b[3]}"
+                                                                              for b in BAD_PREFILL])
+def test_direct_path_bad_input_names_argument(op, name, make, exc, match):
+    """Once a good call has filled the thread's direct table (llmkern/paged_ops.py, eager fast path), a bad call
+    still raises the Python error that names the argument, and no backend records a run: what the C++ kernel refuses
+    goes to the full path's checks, and what it does not check (scalars, emptiness) never reaches it."""
+    fn = paged_ops.paged_decode_attention if op == "decode" else paged_ops.paged_prefill_attention
+    args = _decode_args("cpu") if op == "decode" else _prefill_args()
+    with _cpp_direct():
+        fn(**args)
+        assert f"paged_{op}_attention" in llmkern.backends.local.direct
+        args[name] = make(args)
+        with llmkern.track() as ran, pytest.raises(exc, match=match):
+            fn(**args)
+    assert not ran.backends(f"paged_{op}_attention")
+
+
+def test_direct_path_refuses_what_only_python_checks():
+    """Empty inputs the C++ kernels would take (a batch of none, a pool of no pages with nothing to read) are refused by
+    the full path's checks on the fast path too."""
+    a = _decode_args("cpu")
+    none = dict(a, q=a["q"][:0], block_tables=a["block_tables"][:0], seq_lens=a["seq_lens"][:0])
+    no_pages = dict(a, k_cache=a["k_cache"][:0], v_cache=a["v_cache"][:0], seq_lens=torch.zeros_like(a["seq_lens"]))
+    with _cpp_direct():
+        paged_ops.paged_decode_attention(**a)
+        for bad, match in ((none, "q must not be empty"), (no_pages, "k_cache must not be empty")):
+            with llmkern.track() as ran, pytest.raises(ValueError, match=match):
+                paged_ops.paged_decode_attention(**bad)
+            assert not ran.backends("paged_decode_attention")
+            with llmkern.track() as ran, pytest.raises(ValueError, match=match):
+                paged_ops.paged_prefill_attention(**dict(bad, q=bad["q"][:, :, None]),
+                                                  q_lens=torch.zeros_like(bad["seq_lens"]))
+            assert not ran.backends("paged_prefill_attention")
+
+
+def test_direct_path_equals_full_path(monkeypatch):
+    """The fast path runs the C++ kernels without the Python checks (none is called), records each run for
+    ``track()``, and gives the full path's bits: decode (window, softcap, fixed splits), prefill, and the page write."""
+    from llmkern import backends
+
+    calls = []
+    for check in ("_check_attention", "_check_reshape_and_cache"):
+        real = getattr(paged_ops, check)
+        monkeypatch.setattr(paged_ops, check, lambda *a, _real=real, _n=check, **k: (calls.append(_n), _real(*a, **k)))
+    d, p = _decode_args("cpu"), _prefill_args()
+    key, value = torch.randn(2, 2, 64), torch.randn(2, 2, 64)
+    slots = torch.tensor([5, 40])
+    with _cpp_direct():
+        for kw in ({}, dict(sliding_window=4, softcap=3.0, num_splits=2, max_seq_len=9)):
+            paged_ops.paged_decode_attention(**d, **kw)  # fills the direct table
+            calls.clear()
+            with llmkern.track() as ran:
+                fast = paged_ops.paged_decode_attention(**d, **kw)
+            assert not calls and ran == {("paged_decode_attention", "cpp"): 1}, (calls, ran)
+            full = torch.ops.llmkern.paged_decode_attention(*d.values(), kw.get("sliding_window"), kw.get("softcap"),
+                                                            kw.get("num_splits"), kw.get("max_seq_len"))
+            assert calls, "the dispatcher path ran no Python checks"
+            assert torch.equal(fast, full), f"decode {kw}"
+        paged_ops.paged_prefill_attention(**p)
+        calls.clear()
+        with llmkern.track() as ran:
+            fast = paged_ops.paged_prefill_attention(**p)
+        assert not calls and ran == {("paged_prefill_attention", "cpp"): 1}, (calls, ran)
+        assert torch.equal(fast, torch.ops.llmkern.paged_prefill_attention(
+            p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["q_lens"], 0.125, None, None))
+        kc, vc = d["k_cache"].clone(), d["v_cache"].clone()
+        paged_ops.reshape_and_cache(key, value, kc, vc, slots)
+        calls.clear()
+        kc2, vc2 = d["k_cache"].clone(), d["v_cache"].clone()
+        with llmkern.track() as ran:
+            paged_ops.reshape_and_cache(key, value, kc2, vc2, slots)
+        assert not calls and ran == {("reshape_and_cache", "cpp"): 1}, (calls, ran)
+        assert torch.equal(kc2.nan_to_num(7.0), kc.nan_to_num(7.0)) and torch.equal(vc2.nan_to_num(7.0),
+                                                                                     vc.nan_to_num(7.0))
+        assert torch.equal(kc2[2, 8], key[1]) and torch.equal(vc2[0, 5], value[0])
+    # Another backend forced: no fast path (its table is empty), the checks run.
+    with llmkern.use_backend("reference"):
+        assert not backends.local.direct
+        calls.clear()
+        paged_ops.paged_decode_attention(**d)
+        assert calls
 
 
 def test_bad_device_and_prefill_input(device):

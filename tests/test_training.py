@@ -19,6 +19,7 @@ backward, must refuse an input that requires grad instead of returning a detache
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -343,11 +344,29 @@ def test_opcheck_with_requires_grad(name, args):
 # -- the paged ops refuse to be differentiated -------------------------------------------------------------------------
 
 
-def test_paged_ops_refuse_inputs_that_require_grad():
+@pytest.mark.parametrize("backend", [None, "cpp"])
+def test_paged_ops_refuse_inputs_that_require_grad(backend):
+    """On every path: the automatic choice, and cpp, whose eager fast path (llmkern/paged_ops.py) is open after the
+    good calls at the start."""
+    ok, why = llmkern.backends.available("cpp", torch.device("cpu"))
+    if backend == "cpp" and not ok:
+        if os.environ.get("LLMKERN_NO_EXT") == "1":
+            pytest.skip(f"LLMKERN_NO_EXT=1: {why}")
+        pytest.fail(f"the llmkern extension must be built for these tests: {why}")
+    with llmkern.use_backend(backend):
+        _refuse_grad_cases()
+
+
+def _refuse_grad_cases():
     kc, vc = torch.randn(4, 16, 2, 32), torch.randn(4, 16, 2, 32)
     bt = torch.tensor([[0, 1]], dtype=torch.int32)
     lens = torch.tensor([20], dtype=torch.int32)
     q = torch.randn(1, 4, 32, requires_grad=True)
+    with torch.no_grad():  # good calls first: on cpp they open the eager fast path (llmkern/paged_ops.py), which
+        paged_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.2)  # must still refuse grad
+        paged_ops.paged_prefill_attention(q[:, :, None], kc, vc, bt, lens, torch.tensor([1], dtype=torch.int32), 0.2)
+        paged_ops.reshape_and_cache(torch.randn(1, 2, 32, requires_grad=True), torch.randn(1, 2, 32), kc, vc,
+                                    torch.tensor([3]))
     with pytest.raises(RuntimeError, match="no backward.*q requires grad"):
         paged_ops.paged_decode_attention(q, kc, vc, bt, lens, 0.2)
     with pytest.raises(RuntimeError, match="no backward"):
