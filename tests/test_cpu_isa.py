@@ -276,7 +276,9 @@ def test_rope(isa, dtype, D, rot):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=str)
 @pytest.mark.parametrize("M,N,K", [pytest.param(*mnk, id="M{}-N{}-K{}".format(*mnk)) for mnk in [
     (1, 1, 1), (1, 7, 9), (2, 24, 31), (3, 33, 100), (4, 40, 70), (4, 19, 224), (6, 21, 67), (16, 17, 4111),
-    (1, 1536, 576), (1, 20, 2100), (5, 36, 2100)]])
+    (1, 1536, 576), (1, 20, 2100), (5, 36, 2100),
+    # More rows than one pass over a block (16) and than one walk over the range (64): every pass of every walk
+    (17, 40, 70), (33, 21, 67), (64, 36, 100), (65, 19, 224), (130, 17, 31)]])
 def test_linear(isa, dtype, M, N, K):
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(M + N + K)

@@ -105,63 +105,70 @@ inline void rows_dot(const unsigned char* const* xr, int mc, const unsigned char
 }
 
 // Output features [16 * blk0, 16 * blk1) of every row of x, R weight rows at a time in memory order (R = 1: the
-// streaming walk; R > 1: register blocking for many rows of x).
+// streaming walk; R > 1: register blocking for many rows of x). Each block of 16 weight rows serves every row of x
+// (up to MO at a time, MC per pass) before the next block is read: with the rows of x outside the weight loop, a
+// thread's share of W was read once per MC rows of x, so at 17-64 rows twice or more, from L3 or memory (an fp32 lm_head
+// of 113 MB twice per decode step of a 32-request batch); now the later passes find the block in L1/L2. Each output is
+// the same dot product in the same order either way.
 template <class V, DType T, int R>
 void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   using reg = typename V::reg;
-  constexpr int W = V::W, MC = 16;  // rows of x per pass over a block's weights
+  constexpr int W = V::W, MC = 16, MO = 64;  // rows of x per pass over a block's weights; per walk over the range
   constexpr int64_t es = elem_size(T), KS = T == kBF16 ? 2 * W : W;  // elements of K per step
   static_assert(16 % W == 0, "kernels.h's 16-feature blocks split into whole vectors");
   const int64_t K = a.K, k_main = K / KS * KS;
   const bool tail = k_main < K;
   const unsigned char* wb = static_cast<const unsigned char*>(a.w);
   const unsigned char* xb = static_cast<const unsigned char*>(a.x);
-  alignas(64) unsigned char tail_x[MC][KS * es] = {};
+  alignas(64) unsigned char tail_x[MO][KS * es] = {};
   alignas(64) unsigned char tail_w[R][KS * es] = {};
   const unsigned char* tw[R];
   for (int r = 0; r < R; ++r) tw[r] = tail_w[r];
   alignas(64) reg sums[MC][16];  // [row of x][feature of the block]: unreduced dot products
-  const unsigned char* xr[MC];
-  const unsigned char* txr[MC];
-  for (int g = 0; g < MC; ++g) txr[g] = tail_x[g];
-  for (int64_t m0 = 0; m0 < a.M; m0 += MC) {
-    const int mc = static_cast<int>(std::min<int64_t>(MC, a.M - m0));
-    for (int g = 0; g < mc; ++g) {
-      xr[g] = xb + (m0 + g) * a.sxm * es;
+  const unsigned char* xr[MO];
+  const unsigned char* txr[MO];
+  for (int g = 0; g < MO; ++g) txr[g] = tail_x[g];
+  for (int64_t mo = 0; mo < a.M; mo += MO) {
+    const int mrows = static_cast<int>(std::min<int64_t>(MO, a.M - mo));
+    for (int g = 0; g < mrows; ++g) {
+      xr[g] = xb + (mo + g) * a.sxm * es;
       if (tail) std::memcpy(tail_x[g], xr[g] + k_main * es, (K - k_main) * es);
     }
     for (int64_t n0 = 16 * blk0; n0 < std::min(16 * blk1, a.N); n0 += 16) {
       const int nn = static_cast<int>(std::min<int64_t>(16, a.N - n0));
-      for (int t = nn; t < 16; ++t)
-        for (int g = 0; g < mc; ++g) sums[g][t] = V::zero();
       const unsigned char* rows[R];
-      int t = 0;
-      for (; t + R <= nn; t += R) {
-        for (int r = 0; r < R; ++r) {
-          rows[r] = wb + (n0 + t + r) * a.swn * es;
-          if (tail) std::memcpy(tail_w[r], rows[r] + k_main * es, (K - k_main) * es);
-        }
-        rows_dot<V, T, R>(xr, mc, rows, k_main, tail, txr, tw, &sums[0][t]);
-      }
-      for (; t < nn; ++t) {  // the block's last nn % R rows one at a time
-        rows[0] = wb + (n0 + t) * a.swn * es;
-        if (tail) std::memcpy(tail_w[0], rows[0] + k_main * es, (K - k_main) * es);
-        rows_dot<V, T, 1>(xr, mc, rows, k_main, tail, txr, tw, &sums[0][t]);
-      }
-      for (int g = 0; g < mc; ++g) {
-        unsigned char* out = static_cast<unsigned char*>(a.y) + ((m0 + g) * a.sym + n0) * es;
-        for (int s = 0; s * W < nn; ++s) {
-          const int n = std::min(W, nn - s * W);
-          reg bias = V::zero();
-          if (a.bias) {
-            const unsigned char* bp = static_cast<const unsigned char*>(a.bias) + (n0 + s * W) * es;
-            bias = n == W ? V::template load_as<T>(bp) : load_as_n<V, T>(bp, n);
+      for (int m0 = 0; m0 < mrows; m0 += MC) {
+        const int mc = std::min(MC, mrows - m0);
+        for (int t = nn; t < 16; ++t)
+          for (int g = 0; g < mc; ++g) sums[g][t] = V::zero();
+        int t = 0;
+        for (; t + R <= nn; t += R) {
+          for (int r = 0; r < R; ++r) {
+            rows[r] = wb + (n0 + t + r) * a.swn * es;
+            if (tail) std::memcpy(tail_w[r], rows[r] + k_main * es, (K - k_main) * es);
           }
-          const reg y = V::add(V::hsum(&sums[g][s * W]), bias);
-          if (n == W)
-            V::template store_as<T>(out + s * W * es, y);
-          else
-            store_as_n<V, T>(out + s * W * es, y, n);
+          rows_dot<V, T, R>(xr + m0, mc, rows, k_main, tail, txr + m0, tw, &sums[0][t]);
+        }
+        for (; t < nn; ++t) {  // the block's last nn % R rows one at a time
+          rows[0] = wb + (n0 + t) * a.swn * es;
+          if (tail) std::memcpy(tail_w[0], rows[0] + k_main * es, (K - k_main) * es);
+          rows_dot<V, T, 1>(xr + m0, mc, rows, k_main, tail, txr + m0, tw, &sums[0][t]);
+        }
+        for (int g = 0; g < mc; ++g) {
+          unsigned char* out = static_cast<unsigned char*>(a.y) + ((mo + m0 + g) * a.sym + n0) * es;
+          for (int s = 0; s * W < nn; ++s) {
+            const int n = std::min(W, nn - s * W);
+            reg bias = V::zero();
+            if (a.bias) {
+              const unsigned char* bp = static_cast<const unsigned char*>(a.bias) + (n0 + s * W) * es;
+              bias = n == W ? V::template load_as<T>(bp) : load_as_n<V, T>(bp, n);
+            }
+            const reg y = V::add(V::hsum(&sums[g][s * W]), bias);
+            if (n == W)
+              V::template store_as<T>(out + s * W * es, y);
+            else
+              store_as_n<V, T>(out + s * W * es, y, n);
+          }
         }
       }
     }
