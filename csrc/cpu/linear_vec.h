@@ -107,9 +107,9 @@ inline void rows_dot(const unsigned char* const* xr, int mc, const unsigned char
 // Output features [16 * blk0, 16 * blk1) of every row of x, R weight rows at a time in memory order (R = 1: the
 // streaming walk; R > 1: register blocking for many rows of x). Each block of 16 weight rows serves every row of x
 // (up to MO at a time, MC per pass) before the next block is read: with the rows of x outside the weight loop, a
-// thread's share of W was read once per MC rows of x, so at 17-64 rows twice or more, from L3 or memory (an fp32 lm_head
-// of 113 MB twice per decode step of a 32-request batch); now the later passes find the block in L1/L2. Each output is
-// the same dot product in the same order either way.
+// thread's share of W was read once per MC rows of x, so at 17-64 rows twice or more, from L3 or memory (an fp32
+// lm_head of 113 MB twice per decode step of a 32-request batch); now the later passes find the block in L1/L2. Each
+// output is the same dot product in the same order either way.
 template <class V, DType T, int R>
 void linear_by_row(const LinearArgs& a, int64_t blk0, int64_t blk1) {
   using reg = typename V::reg;
