@@ -35,8 +35,8 @@ from numbers import Integral
 import torch
 
 from llmkern import _library, backends, reference
-from llmkern.ops import (FLOAT_DTYPES, _PLAIN, _call_direct, _check_positive_float, _check_same, _check_same_device,
-                         _check_tensor, _function_mode, _grad_enabled, _is_compiling, _local)
+from llmkern.ops import (_INF, FLOAT_DTYPES, _PLAIN, _call_direct, _check_positive_float, _check_same,
+                         _check_same_device, _check_tensor, _function_mode, _grad_enabled, _is_compiling, _local)
 
 MAX_BLOCK_SIZE = 256
 MAX_HEAD_DIM = 256
@@ -147,7 +147,6 @@ def _scalars(scale, sliding_window, softcap):
     return _check_scale(scale), _check_opt_int(sliding_window, "sliding_window", 1), _check_softcap(softcap)
 
 
-_INF = float("inf")
 _K_WRITE, _K_DECODE, _K_PREFILL = (("reshape_and_cache", "cpp"), ("paged_decode_attention", "cpp"),
                                    ("paged_prefill_attention", "cpp"))
 
