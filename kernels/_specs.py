@@ -2,6 +2,8 @@
 can pick for the supported models' shapes. Each kernel module exposes ``compile_specs() -> list[CompileSpec]``;
 ``llmkern.inspect`` compiles them for sm_80 / sm_90 and reads registers, shared memory and spills."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 
@@ -14,3 +16,4 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     meta: dict = field(default_factory=dict)  # free-form: the shape/model this config serves
+    maxnreg: int | None = None  # a register cap per thread passed to ptxas (``.maxnreg``); None: ptxas chooses

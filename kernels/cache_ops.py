@@ -201,7 +201,9 @@ def _copy_blocks_kernel(
     mask = (hs < H)[:, None] & (ds < D)[None, :]
     src = tl.load(src_ptr + i)
     dst = tl.load(dst_ptr + i)
-    mask = mask & (src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks)
+    # tl.where, not `mask & scalar`: Triton 3.9's interpreter widens a scalar bool splat against a block to an
+    # integer mask, which its loads refuse ("mask has unsupported dtype"); compiled code is the same either way.
+    mask = tl.where((src >= 0) & (src < num_blocks) & (dst >= 0) & (dst < num_blocks), mask, False)
     k_off = row * stride_kcs + hs[:, None] * stride_kch + ds[None, :] * stride_kcd
     v_off = row * stride_vcs + hs[:, None] * stride_vch + ds[None, :] * stride_vcd
     k = tl.load(kc_ptr + src * stride_kcb + k_off, mask=mask)

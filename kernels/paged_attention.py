@@ -631,7 +631,8 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_TRITON_BEFORE_3_7 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+_TRITON_BEFORE_3_7 = _TRITON_VERSION < (3, 7)
 
 
 def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict:
@@ -654,6 +655,12 @@ def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict
     full BLOCK_N (decode is memory-bound), where halving BLOCK_N with 2 stages still spilled for fp32 D = 64. fp32
     D = 256 still spills with 3.6 (200 to 400 bytes of spill stores on sm_80 and sm_90) with every BLOCK_N (16, 32),
     warps (2 to 16) and stages (1 to 3) tried; 16 tokens, 8 warps and 2 stages spill least, so they stay.
+    Triton >= 3.9 (its ptxas): 16-bit inputs on 8 warps spilled 4 to 24 bytes on sm_90 in 54 of the 252 decode
+    specs (D = 64 at 64-80 registers, 8-bit pages at D = 128 and 256 at 80-128), each below the 255 registers a
+    thread of a 256-thread block may have: ptxas capped itself for occupancy. Those classes (16-bit, 8 warps, D = 64
+    or 8-bit pages) get ``maxnreg`` 255, no cap below the hardware's, and compile clean; that trades occupancy for
+    the spills (up to ~168 registers: one 8-warp block per SM where ptxas had kept two), not measured on a GPU.
+    16-bit D = 256 on 16-bit pages did not spill and keeps ptxas's choice, as do older Tritons (clean without it).
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_g = max(16, triton.next_power_of_2(G))
@@ -672,8 +679,11 @@ def decode_config(G: int, D: int, fp32: bool = False, kv8: bool = False) -> dict
         num_stages = 1
         if not fp32 and block_d <= 64:
             num_warps = 4
-    return {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
-            "num_stages": num_stages}
+    cfg = {"BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps,
+           "num_stages": num_stages}
+    if not fp32 and num_warps == 8 and (block_d <= 64 or kv8) and _TRITON_VERSION >= (3, 9):  # see the docstring
+        cfg["maxnreg"] = 255
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -807,6 +817,8 @@ def paged_decode_fwd(q, k_cache, v_cache, block_tables, seq_lens, out, scale: fl
     consts = dict(BLOCK_SIZE=bs, BLOCK_G=cfg["BLOCK_G"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   USE_WINDOW=sliding_window is not None, SOFTCAP=softcap is not None, F32_DOT=_f32_dot(q),
                   KV_QUANT=quant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if "maxnreg" in cfg:
+        consts["maxnreg"] = cfg["maxnreg"]
     common = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride())
     grid, reduce_grid = decode_grids(B, Hq, Hkv, num_splits)
     with _launch.device_guard(q):
@@ -871,7 +883,8 @@ def _spec(fn, name: str, args: dict, constexprs: dict, cfg: dict, meta: dict, no
         if ty in ("i32", "i64") and val is not None and val % 16 == 0 and a not in no_spec:
             div.append(a)
     return CompileSpec(name=name, fn=fn, signature=sig, constexprs=const, num_warps=cfg["num_warps"],
-                       num_stages=cfg.get("num_stages", 3), meta={**meta, "divisible_by_16": div})
+                       num_stages=cfg.get("num_stages", 3), maxnreg=cfg.get("maxnreg"),
+                       meta={**meta, "divisible_by_16": div})
 
 
 def _cache_args(Hkv: int, D: int, bs: int) -> dict:
@@ -914,7 +927,7 @@ def _key(spec: CompileSpec) -> tuple:
     """What decides the compiled code: kernel, argument types, constexprs, divisibility, warps, stages."""
     return (spec.fn.__name__, tuple(sorted(spec.signature.items())),
             tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
-            tuple(sorted(spec.meta["divisible_by_16"])), spec.num_warps, spec.num_stages)
+            tuple(sorted(spec.meta["divisible_by_16"])), spec.num_warps, spec.num_stages, spec.maxnreg)
 
 
 def compile_specs() -> list:

@@ -180,6 +180,7 @@ def _cache_key(spec, arch: int) -> str:
         "attrs": sorted((k[0], repr(v)) for k, v in attrs.items()),
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
+        "maxnreg": getattr(spec, "maxnreg", None),
         "arch": arch,
         "env": {k: os.environ.get(k) for k in ("TRITON_PTXAS_PATH", "TRITON_CUOBJDUMP_PATH", "PTXAS_OPTIONS",
                                                "DISABLE_PTXAS_OPT", "TRITON_DEFAULT_FP_FUSION")},
@@ -229,6 +230,14 @@ def occupancy(arch: int, regs: int, smem_bytes: int, num_warps: int) -> dict:
 _MEASURED = ("regs", "shared_static", "shared_dynamic", "local", "stack", "spill_stores", "spill_loads", "compile_s")
 
 
+def _options(spec) -> dict:
+    """The compile options a launch of ``spec`` passes: warps, stages and, where the spec sets one, ``maxnreg``."""
+    opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if getattr(spec, "maxnreg", None) is not None:
+        opts["maxnreg"] = spec.maxnreg
+    return opts
+
+
 def compile_one(spec, arch: int, cuobjdump: str) -> dict:
     """Compile ``spec`` for ``sm_<arch>`` and measure it. Raises on compile errors."""
     import triton
@@ -243,7 +252,7 @@ def compile_one(spec, arch: int, cuobjdump: str) -> dict:
         triton.knobs.nvidia.dump_ptxas_log = True
         triton.knobs.compilation.always_compile = True  # a Triton cache hit would print no log
         kernel = triton.compile(ASTSource(spec.fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                                options=_options(spec))
     compile_s = time.perf_counter() - t0
     frames = [tuple(map(int, m)) for m in re.findall(
         r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())]
@@ -373,7 +382,7 @@ def run(archs=DEFAULT_ARCHS, modules=None, jobs: int | None = None, use_cache: b
         for spec in entry["specs"]:
             for arch in archs:
                 row = {"module": m, "kernel": spec.fn.__name__, "spec": spec.name, "arch": arch,
-                       "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                       "num_warps": spec.num_warps, "num_stages": spec.num_stages, "maxnreg": spec.maxnreg,
                        "constexprs": dict(spec.constexprs), "signature": dict(spec.signature),
                        "meta": dict(spec.meta), "cached": False, "error": None}
                 rows.append(row)

@@ -193,7 +193,7 @@ def _spec_ident(spec) -> tuple:
     """A compile spec's identity in the form ``_key_ident`` gives a launch (cf. ``paged_attention._key``)."""
     return (getattr(spec.fn, "fn", spec.fn).__name__, tuple(sorted(spec.signature.items())),
             tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())),
-            tuple(sorted(spec.meta["divisible_by_16"])), spec.num_warps, spec.num_stages)
+            tuple(sorted(spec.meta["divisible_by_16"])), spec.num_warps, spec.num_stages, spec.maxnreg)
 
 
 def _key_ident(key) -> tuple:
@@ -202,7 +202,7 @@ def _key_ident(key) -> tuple:
     return (name, tuple(sorted((a, t) for a, t, _ in spec if t != "constexpr")),
             tuple(sorted((a, repr(s)) for a, t, s in spec if t == "constexpr")),
             tuple(sorted(a for a, t, s in spec if t in ("i32", "i64") and s == "D")), opts["num_warps"],
-            opts["num_stages"])
+            opts["num_stages"], opts.get("maxnreg"))
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +401,28 @@ def test_generate_after_warmup_compiles_nothing():
     finally:
         triton.knobs.runtime.jit_post_compile_hook = old
     assert not compiled, f"{len(compiled)} Triton compiles during generate after warmup: {compiled[:4]}"
+
+
+def test_register_cap_reaches_launches_and_specs(monkeypatch):
+    """Where ``decode_config`` sets ``maxnreg`` (16-bit inputs on 8 warps at D = 64 or on 8-bit pages, Triton >= 3.9,
+    whose ptxas spilled there), the launch passes it and the compile spec that stands for that launch carries it,
+    so the compile gate checks the code that runs; no other config and no older Triton gets one."""
+    monkeypatch.setattr(PA, "_TRITON_VERSION", (3, 9))
+    assert PA.decode_config(3, 64)["maxnreg"] == 255 and PA.decode_config(3, 64)["num_warps"] == 8
+    assert PA.decode_config(1, 128, kv8=True)["maxnreg"] == 255
+    for cfg in (PA.decode_config(3, 64, fp32=True), PA.decode_config(1, 128), PA.decode_config(2, 256)):
+        assert "maxnreg" not in cfg, cfg
+    kc = _meta(8, 16, 3, 64)
+    q, bt, lens = _meta(2, 9, 64), _meta(2, 3, dtype=torch.int32), _meta(2, dtype=torch.int32)
+    for splits in (1, 4):
+        (key, *_) = sorted(_keys(PA.paged_decode_fwd, q, kc, kc, bt, lens, _meta(2, 9, 64), 0.1, None, None, splits),
+                           key=lambda k: k[0] != "_paged_decode_split_kernel")
+        assert dict(key[2]).get("maxnreg") == 255, _launch.describe(key)
+    specs = PA.compile_specs()
+    capped = [s for s in specs if s.maxnreg is not None]
+    assert capped and all(s.maxnreg == 255 and s.num_warps == 8 and s.fn is PA._paged_decode_split_kernel
+                          for s in capped)
+    assert {_key_ident(k) for k in _keys(PA.paged_decode_fwd, q, kc, kc, bt, lens, _meta(2, 9, 64), 0.1, None, None,
+                                         1)} <= {_spec_ident(s) for s in specs}
+    monkeypatch.setattr(PA, "_TRITON_VERSION", (3, 8))
+    assert all(s.maxnreg is None for s in PA.compile_specs())
