@@ -5,10 +5,11 @@ still works on its Triton and reference paths; ``LLMKERN_JIT=1`` builds it on fi
 ``torch.utils.cpp_extension.load`` (cached under ~/.cache/torch_extensions, a few minutes the first time).
 
 The CPU kernels pick their instruction set at run time: the best this CPU runs (avx512, avx2, generic), capped by
-``LLMKERN_CPU_ISA=avx512|avx2|generic`` (read when the extension loads). Tests switch it with
-``torch.ops.llmkern_C.set_cpu_isa(name)`` (returns the previous one; an ISA the CPU cannot run is an error) and ask
-which kernel serves an op with ``torch.ops.llmkern_C.cpu_kernel(op, dtype, head_dim)`` ("avx512", "avx2",
-"portable" or "reference").
+``LLMKERN_CPU_ISA=avx512|avx2|generic`` (read when the extension loads). ``set_cpu_isa(name)`` below switches it
+in a running process (returns the previous one; an ISA the CPU cannot run is an error) and ask which kernel serves
+an op with ``torch.ops.llmkern_C.cpu_kernel(op, dtype, head_dim)`` ("avx512", "avx2", "portable" or "reference").
+The raw op ``torch.ops.llmkern_C.set_cpu_isa`` switches the kernels alone: ``llmkern.ops.linear``'s row limits
+(which depend on the kernel: ``ops.linear_max_rows``) then follow at its next call that takes the full path.
 """
 
 from __future__ import annotations
@@ -82,3 +83,19 @@ def cpu_isa() -> str:
     import torch
 
     return torch.ops.llmkern_C.cpu_isa() if load() else "none"
+
+
+def set_cpu_isa(name: str) -> str:
+    """Cap the CPU kernels' instruction set at ``name`` (avx512|avx2|generic) for the whole process, as
+    ``LLMKERN_CPU_ISA`` does at load, and make ``llmkern.ops.linear`` take its row limits from the new kernels at
+    its next call. Returns the previous ISA's name."""
+    import torch
+
+    if not load():
+        raise RuntimeError(f"set_cpu_isa: {why_not()}")
+    prev = torch.ops.llmkern_C.set_cpu_isa(name)
+    from llmkern import ops
+
+    ops._LINEAR_ROWS.clear()  # the direct path serves nothing until the full path refills it for this ISA
+    ops._LINEAR_ISA.clear()
+    return prev

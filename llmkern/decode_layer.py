@@ -382,10 +382,9 @@ _C: dict = {}
 
 
 def _fused_ok(x) -> bool:
-    if not _ROW_OPS <= ops._local.direct.keys() or x.dtype not in ops._LINEAR_CPP_DTYPES:
+    if not _ROW_OPS <= ops._local.direct.keys():
         return False
-    rows = ops.LINEAR_MAX_ROWS_FP32 if x.dtype is torch.float32 else ops.LINEAR_MAX_ROWS
-    return x.shape[0] <= rows and (bool(_C) or _resolve())
+    return x.shape[0] <= ops._LINEAR_ROWS.get(x.dtype, 0) and (bool(_C) or _resolve())
 
 
 def _resolve() -> bool:

@@ -512,38 +512,61 @@ def silu_and_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
 # C++ kernel does at memory speed (torch's GEMM reads such weights at ~9 GB/s here); as rows grow, each weight byte is
 # reused more and torch's GEMM catches up (prefill), so inputs above this many rows run F.linear. fp32 keeps the C++
 # kernel up to 64 rows (its register-blocked walk took 0.41-0.94x torch's time at 16-64 rows of SmolLM2-135M's and
-# Llama-3-8B's weights, AVX-512 and forced AVX2, AMD EPYC, 2 threads, 2026-12-07); bf16 up to 16 (Llama-3-8B's bf16
-# weights: 0.82x torch's time at 16 rows, 1.14x at 32, where torch's AVX512-BF16 GEMM pulls ahead).
+# Llama-3-8B's weights, AVX-512 and forced AVX2, AMD EPYC, 2 threads, 2026-12-07). bf16 depends on the kernel: where
+# it has the bf16 dot product (the "avx512" kernel, AVX512-BF16) up to LINEAR_MAX_ROWS_BF16_DOT rows: a decode step's
+# worth of weights (SmolLM2-135M's 211 in bf16; 4 layers of Llama-3-8B's), called one after another, took 0.79 / 0.86x
+# torch's time at 16 rows and 0.90 / 0.94x at 32 (each shape alone 0.92-1.03x at 32; AMD EPYC, AVX512-BF16,
+# 2 threads, 2026-12-08); without it (AVX2: each bf16 step widened to fp32; 0.47-2.09x at 4-16 rows) up to 16.
 LINEAR_MAX_ROWS = 16
+LINEAR_MAX_ROWS_BF16_DOT = 32
 LINEAR_MAX_ROWS_FP32 = 64
 
 
+def _rows_for(dtype: torch.dtype, kernel: str) -> int:
+    if dtype == torch.float32:
+        return LINEAR_MAX_ROWS_FP32
+    return LINEAR_MAX_ROWS_BF16_DOT if dtype == torch.bfloat16 and kernel == "avx512" else LINEAR_MAX_ROWS
+
+
 def linear_max_rows(dtype: torch.dtype) -> int:
-    """How many rows of x (``x.numel() // K``) the C++ linear serves for ``dtype``; more run ``F.linear``."""
-    return LINEAR_MAX_ROWS_FP32 if dtype == torch.float32 else LINEAR_MAX_ROWS
+    """How many rows of x (``x.numel() // K``) the C++ linear serves for ``dtype`` with the kernel this CPU runs for
+    it (``torch.ops.llmkern_C.cpu_kernel("linear", dtype)``, which follows a forced instruction set); more rows run
+    ``F.linear``."""
+    kernel = (torch.ops.llmkern_C.cpu_kernel("linear", dtype)
+              if backends._ext_loaded() and hasattr(torch.ops.llmkern_C, "cpu_kernel") else "reference")
+    return _rows_for(dtype, kernel)
+
 
 _K_LINEAR = ("linear", "cpp")
-# Dtypes the C++ linear serves on this CPU (AVX-512 or AVX2 kernel; fp16 never). Filled in place once, on the first full
-# path call (``_linear_cpp_dtypes``); the direct path only runs after a full path call chose cpp.
-_LINEAR_CPP_DTYPES: set = set()
-_LINEAR_PROBED: list = []
+# Rows the C++ linear serves per dtype on this CPU, for the dtypes it has a kernel for (fp16 never). Filled in place on
+# the first full path call and again whenever the active instruction set changed since (``_linear_rows``: a forced
+# ISA, ``set_cpu_isa``, moves the bf16 limit); the direct path reads it as it stands (it only runs after a full path
+# call chose cpp).
+_LINEAR_ROWS: dict = {}
+_LINEAR_ISA: list = []
 
 
-def _linear_cpp_dtypes() -> set:
-    if not _LINEAR_PROBED:
-        # A build that predates the op has no cpu_linear_supported: then nothing is served.
-        if backends._ext_loaded() and hasattr(torch.ops.llmkern_C, "cpu_linear_supported"):
-            _LINEAR_CPP_DTYPES.update(d for d in (torch.float32, torch.bfloat16)
-                                      if torch.ops.llmkern_C.cpu_linear_supported(d))
-        _LINEAR_PROBED.append(True)
-    return _LINEAR_CPP_DTYPES
+def _linear_rows() -> dict:
+    lib = torch.ops.llmkern_C
+    # A build that predates the op has no cpu_linear_supported: then nothing is served.
+    if not (backends._ext_loaded() and hasattr(lib, "cpu_linear_supported")):
+        if not _LINEAR_ISA:
+            _LINEAR_ISA.append(None)
+        return _LINEAR_ROWS
+    isa = lib.cpu_isa() if hasattr(lib, "cpu_isa") else None
+    if not _LINEAR_ISA or _LINEAR_ISA[0] != isa:
+        _LINEAR_ROWS.clear()
+        _LINEAR_ROWS.update({d: linear_max_rows(d) for d in (torch.float32, torch.bfloat16)
+                             if lib.cpu_linear_supported(d)})
+        _LINEAR_ISA[:] = [isa]
+    return _LINEAR_ROWS
 
 
 def _linear_cpp_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the C++ kernel serves this (validated) call: CPU, a dtype it has, a weight with unit last stride (the
     rows it streams), a contiguous bias, and at most ``linear_max_rows(x.dtype)`` rows."""
-    return (x.is_cpu and weight.stride(1) == 1 and x.numel() <= linear_max_rows(x.dtype) * weight.shape[1]
-            and (bias is None or bias.is_contiguous()) and x.dtype in _linear_cpp_dtypes())
+    return (x.is_cpu and weight.stride(1) == 1 and x.numel() <= _linear_rows().get(x.dtype, 0) * weight.shape[1]
+            and (bias is None or bias.is_contiguous()))
 
 
 def _check_linear(x, weight, bias) -> None:
@@ -574,10 +597,8 @@ def _check_linear(x, weight, bias) -> None:
 
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     fn = _local.direct.get("linear")
-    if (fn is not None and x.is_cpu and not _function_mode() and x.dtype in _LINEAR_CPP_DTYPES
-            and weight.dim() == 2 and weight.stride(1) == 1
-            and 0 < x.numel() <= weight.shape[1] * (
-                LINEAR_MAX_ROWS_FP32 if x.dtype is torch.float32 else LINEAR_MAX_ROWS)
+    if (fn is not None and x.is_cpu and not _function_mode() and weight.dim() == 2 and weight.stride(1) == 1
+            and 0 < x.numel() <= weight.shape[1] * _LINEAR_ROWS.get(x.dtype, 0)
             and (bias is None or bias.is_contiguous())):
         out = _call_direct(fn, _K_LINEAR, x, weight, bias)
         if out is not None:
@@ -612,7 +633,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Backend: ``cpp`` for CPU tensors when the extension has a kernel for the dtype on this CPU (fp32 and bf16 on
     AVX2 and AVX-512 CPUs), ``weight.stride(1) == 1`` and x has at most ``linear_max_rows(dtype)`` rows
-    (``x.numel() // K``; 64 in fp32, 16 in bf16); otherwise ``reference`` (``F.linear``).
+    (``x.numel() // K``; 64 in fp32; in bf16 32 where the CPU has AVX512-BF16, else 16); otherwise ``reference``
+    (``F.linear``).
 
     Rounding (bf16): the C++ kernel accumulates in fp32, adds the bias in fp32 and rounds once, as torch's CPU GEMM
     does, but sums in another order, so a few elements differ from ``F.linear``'s by one ulp. Guarantee: the

@@ -701,7 +701,38 @@ def test_linear_served_by_cpp(linear_backend, device, dtype):
     assert dict(t) == {("linear", "cpp"): 5}
     assert all(torch.equal(o, outs[0]) for o in outs[1:3])
     assert batch.shape == (ops.linear_max_rows(dtype), 1536)
-    assert ops.linear_max_rows(torch.float32) == 64 and ops.linear_max_rows(torch.bfloat16) == 16
+    assert ops.linear_max_rows(torch.float32) == 64
+    dot = torch.ops.llmkern_C.cpu_kernel("linear", torch.bfloat16) == "avx512"  # AVX512-BF16's dot product
+    assert ops.linear_max_rows(torch.bfloat16) == (32 if dot else 16)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_linear_bf16_rows_follow_the_instruction_set(linear_backend, device, isa):
+    """bf16 takes the C++ kernel up to 32 rows where it has the bf16 dot product (the avx512 kernel), 16 where it
+    widens bf16 to fp32 (avx2): the limit follows a forced instruction set on the next full-path call, and the
+    fused-step check reads the same table."""
+    from llmkern import _ext
+
+    _need_cpp_linear(torch.bfloat16, device)
+    C = torch.ops.llmkern_C
+    if isa == "avx512" and C.cpu_kernel("linear", torch.bfloat16) != "avx512":
+        pytest.skip(f"this CPU's bf16 Linear kernel is {C.cpu_kernel('linear', torch.bfloat16)}, not avx512 "
+                    "(needs AVX-512 with AVX512-BF16)")
+    prev = _ext.set_cpu_isa(isa)
+    try:
+        want = 32 if isa == "avx512" else 16
+        assert ops.linear_max_rows(torch.bfloat16) == want
+        w, b = _linear_weights(48, 64, device, torch.bfloat16, True)
+        for rows, backend in [(want, "cpp"), (want + 1, "reference"), (17, "cpp" if want == 32 else "reference")]:
+            x = torch.randn(rows, 64, device=device).to(torch.bfloat16)
+            with llmkern.track() as t:
+                out = ops.linear(x, w, b)
+            assert t.backends("linear") == {backend}, (isa, rows)
+            if backend == "reference":
+                assert torch.equal(out, F.linear(x, w, b))
+        assert ops._LINEAR_ROWS[torch.bfloat16] == want  # the table the direct path and decode_layer._fused_ok read
+    finally:
+        _ext.set_cpu_isa(prev)
 
 
 @pytest.mark.parametrize("case", ["rows_above_max", "fp16", "weight_last_stride", "bias_strided"])
