@@ -6,8 +6,9 @@ still works on its Triton and reference paths; ``LLMKERN_JIT=1`` builds it on fi
 
 The CPU kernels pick their instruction set at run time: the best this CPU runs (avx512, avx2, generic), capped by
 ``LLMKERN_CPU_ISA=avx512|avx2|generic`` (read when the extension loads). ``set_cpu_isa(name)`` below switches it
-in a running process (returns the previous one; an ISA the CPU cannot run is an error) and ask which kernel serves
-an op with ``torch.ops.llmkern_C.cpu_kernel(op, dtype, head_dim)`` ("avx512", "avx2", "portable" or "reference").
+in a running process (returns the previous one; an ISA the CPU cannot run is an error);
+``torch.ops.llmkern_C.cpu_kernel(op, dtype, head_dim)`` says which kernel serves an op ("avx512", "avx2",
+"portable" or "reference").
 The raw op ``torch.ops.llmkern_C.set_cpu_isa`` switches the kernels alone: ``llmkern.ops.linear``'s row limits
 (which depend on the kernel: ``ops.linear_max_rows``) then follow at its next call that takes the full path.
 """
