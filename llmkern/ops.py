@@ -522,19 +522,15 @@ LINEAR_MAX_ROWS_BF16_DOT = 32
 LINEAR_MAX_ROWS_FP32 = 64
 
 
-def _rows_for(dtype: torch.dtype, kernel: str) -> int:
-    if dtype == torch.float32:
-        return LINEAR_MAX_ROWS_FP32
-    return LINEAR_MAX_ROWS_BF16_DOT if dtype == torch.bfloat16 and kernel == "avx512" else LINEAR_MAX_ROWS
-
-
 def linear_max_rows(dtype: torch.dtype) -> int:
     """How many rows of x (``x.numel() // K``) the C++ linear serves for ``dtype`` with the kernel this CPU runs for
     it (``torch.ops.llmkern_C.cpu_kernel("linear", dtype)``, which follows a forced instruction set); more rows run
     ``F.linear``."""
-    kernel = (torch.ops.llmkern_C.cpu_kernel("linear", dtype)
-              if backends._ext_loaded() and hasattr(torch.ops.llmkern_C, "cpu_kernel") else "reference")
-    return _rows_for(dtype, kernel)
+    if dtype == torch.float32:
+        return LINEAR_MAX_ROWS_FP32
+    dot = (dtype == torch.bfloat16 and backends._ext_loaded() and hasattr(torch.ops.llmkern_C, "cpu_kernel")
+           and torch.ops.llmkern_C.cpu_kernel("linear", dtype) == "avx512")
+    return LINEAR_MAX_ROWS_BF16_DOT if dot else LINEAR_MAX_ROWS
 
 
 _K_LINEAR = ("linear", "cpp")
@@ -548,13 +544,11 @@ _LINEAR_ISA: list = []
 
 def _linear_rows() -> dict:
     lib = torch.ops.llmkern_C
-    # A build that predates the op has no cpu_linear_supported: then nothing is served.
+    # A build that predates the op has no cpu_linear_supported: then nothing is served (the table stays empty).
     if not (backends._ext_loaded() and hasattr(lib, "cpu_linear_supported")):
-        if not _LINEAR_ISA:
-            _LINEAR_ISA.append(None)
         return _LINEAR_ROWS
     isa = lib.cpu_isa() if hasattr(lib, "cpu_isa") else None
-    if not _LINEAR_ISA or _LINEAR_ISA[0] != isa:
+    if _LINEAR_ISA != [isa]:
         _LINEAR_ROWS.clear()
         _LINEAR_ROWS.update({d: linear_max_rows(d) for d in (torch.float32, torch.bfloat16)
                              if lib.cpu_linear_supported(d)})
