@@ -502,8 +502,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     Rounding (fp16/bf16) differs from eager's ``eager_attention_forward``, which rounds the logits ``q @ k.T``, their
     product with ``scale``, the normalised softmax and ``P @ V`` to the dtype: here logits and softmax stay fp32.
-    The C++ kernels and the reference round only the output; the Triton kernel also rounds the unnormalised
-    probabilities ``exp(s - max)`` for its tensor-core ``P @ V``. Not bit-equal to eager; guarantee: the largest
+    The reference and the C++ kernels round only the output, except in bf16 where the CPU has AVX512-BF16: there,
+    as in the Triton kernel (for its tensor-core ``P @ V``), the unnormalised probabilities ``exp(s - max)`` are
+    rounded to bf16 for a ``P @ V`` on the bf16 dot product. Not bit-equal to eager; guarantee: the largest
     error against an fp64 oracle is within the tolerance rule (README.md, "Where fp16/bf16 results are rounded"),
     and the tests keep a 30% margin below it.
 

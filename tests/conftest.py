@@ -255,6 +255,11 @@ def _attention_margin(request, monkeypatch):
 # is listed at the end of the run.
 
 CPU_MARGIN = 0.70
+# Per kernel/dtype exceptions. avx512/bfloat16: its P @ V runs on the bf16 dot product, so the softmax weights are
+# rounded to bf16 first, as eager's bf16 attention and the Triton kernel round them (csrc/cpu/attention_vec.h,
+# softmax_pv_row): against the reference here, which keeps them in fp32, that uses up to ~80% of the allowance (28%
+# before; its bits are the same on every machine with AVX512-BF16), so it keeps the GPU kernels' margin.
+CPU_MARGIN_FOR = {"avx512/bfloat16": MARGIN}
 _CPU_USAGE: dict = {}
 _CPU_EPS_S: dict = {}
 
@@ -271,8 +276,9 @@ def cpu_tolerance(request):
             _CPU_USAGE[key] = (used, case)
         if eps_s is not None and eps_s > _CPU_EPS_S.get(key, (-1.0, ""))[0]:
             _CPU_EPS_S[key] = (eps_s, case)
-        if used > CPU_MARGIN:
-            raise AssertionError(f"{kernel} {dtype}: uses {used:.0%} of its allowance, more than the {CPU_MARGIN:.0%} "
+        margin = CPU_MARGIN_FOR.get(key, CPU_MARGIN)
+        if used > margin:
+            raise AssertionError(f"{kernel} {dtype}: uses {used:.0%} of its allowance, more than the {margin:.0%} "
                                  f"margin kept so it holds on every machine kind")
     return record
 
@@ -285,7 +291,8 @@ def pytest_terminal_summary(terminalreporter):
     if _CPU_USAGE:
         terminalreporter.write_line(
             f"C++ attention tolerance used, worst per kernel/dtype (fp32: of the error bound; fp16/bf16: of the "
-            f"per-element rule; margin {CPU_MARGIN:.0%}): "
+            f"per-element rule; margin {CPU_MARGIN:.0%}, "
+            + ", ".join(f"{k} {v:.0%}" for k, v in CPU_MARGIN_FOR.items()) + "): "
             + ", ".join(f"{k} {v:.0%} ({case})" for k, (v, case) in sorted(_CPU_USAGE.items())))
     if _CPU_EPS_S:
         terminalreporter.write_line(

@@ -6,19 +6,24 @@
 // its memory delivers. Here each K/V row of the range is read from memory once per (sequence, KV head) whatever the
 // group size, and every FMA lane does useful work. One pass serves a block of query rows (decode: the G heads of the
 // group; prefill: a tile of positions times G), chunk by chunk (V::chunk_tokens):
-//   1. gather: the chunk's K and V rows are packed [CH, D], V widened to fp32, K too unless the scores take it as
-//      stored (bf16 with V::kBf16Dot). Rows of one KV head sit Hkv * D elements apart (4 KiB for Llama-3-8B in
-//      fp32) in token-major ("NHD") pages, so left in place they fall into the same few L1 sets and evict each other
-//      while the block's rows re-read them; packed, each line is read from memory once. (In head-major ("HND")
-//      pages, PagedKVCache's CPU default, a page's rows of one head are contiguous.) The next chunk's rows are
-//      prefetched into L2 meanwhile, a few lines between each pass over the current chunk (NextRows): in NHD pages
-//      every row is on its own 4 KiB page, where the hardware prefetchers stop.
+//   1. gather: the chunk's K and V rows are packed [CH, D], V widened to fp32 (bf16 with V::kBf16Dot: as token
+//      pairs, step 3), K too unless the scores take it as stored (bf16 with V::kBf16Dot). Rows of one KV head sit
+//      Hkv * D elements apart (4 KiB for Llama-3-8B in fp32) in token-major ("NHD") pages, so left in place they
+//      fall into the same few L1 sets and evict each other while the block's rows re-read them; packed, each line
+//      is read from memory once. (In head-major ("HND") pages, PagedKVCache's CPU default, a page's rows of one head
+//      are contiguous.) The next chunk's rows are prefetched into L2 meanwhile, a few lines between each pass over
+//      the current chunk (NextRows): in NHD pages every row is on its own 4 KiB page, where the hardware prefetchers
+//      stop.
 //   2. scores: per query row and W tokens, W accumulators take q . k over D in W-lane pieces, and one hsum turns
 //      them into a vector of W scores — every FMA lane does useful work for any group size. bf16 with
 //      V::kBf16Dot: the dot-product instruction on the raw bf16 q and K (products exact in fp32), and the softmax
 //      scale applied to the fp32 scores, so no rounding is added over eager's bf16 q . k; otherwise q is widened
 //      and pre-scaled.
-//   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to V::kPvRegs).
+//   3. online softmax per row, then P @ V with the output row held in registers (pieces of up to V::kPvRegs). bf16
+//      pages with V::kBf16Dot: P @ V on the dot product too, two tokens per instruction: the gather packs V as
+//      pairs of tokens instead of widening it, and the weights are rounded to bf16 (as eager's bf16 attention and
+//      the Triton kernel round them; the row's sum takes the rounded ones). Half the P @ V instructions: bf16 decode
+//      and prefill 0.75-0.85x the time (README.md, "bf16 P @ V on the dot product").
 // fp32 accumulation throughout; FMAs round once where eager's unfused matmul rounds twice. Sliding window, softcap,
 // left padding and empty ranges as kernels.h says.
 //
@@ -237,8 +242,10 @@ inline void score_row(const QueryRows& r, int64_t m, const float* const* kblk, i
 // Online-softmax step of one row over a chunk's scores s[0 .. nblk * W) (-inf where masked), then its P @ V into
 // acc (V's fp32 rows by blocks of W at vblk[b], as score_row's K). The output row stays in registers over the chunk,
 // PW registers at a time. 8-bit pages (vsc non-null): the weights that multiply V are p_j times token j's V scale;
-// the row's sum takes p_j.
-template <class V, int ND>
+// the row's sum takes p_j. PB (bf16 pages, the bf16 dot product): the weights are rounded to bf16 (the row's sum
+// takes the rounded ones) and P @ V runs on the dot product over pairs of tokens: vblk[0] holds the chunk's V as
+// pairs, token pair k's D pairs at vblk[0] + k * D (32 bits each; pair_bf16), the odd tail paired with zeros.
+template <class V, int ND, bool PB = false>
 inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* const* vblk, float* acc, float* row_max,
                            float* row_sum, const float* vsc) {
   using reg = typename V::reg;
@@ -255,7 +262,8 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* const
   reg vsum = V::zero();
   for (int64_t b = 0; b < nblk; ++b) {
     const reg x = V::load(s + b * W);
-    const reg p = V::zero_where_neg_inf(x, vec_exp<V>(V::sub(x, vm)));
+    reg p = V::zero_where_neg_inf(x, vec_exp<V>(V::sub(x, vm)));
+    if constexpr (PB) p = V::round_bf16(p);
     V::store(s + b * W, vsc ? V::mul(p, V::load(vsc + b * W)) : p);
     vsum = V::add(vsum, p);
   }
@@ -269,11 +277,23 @@ inline void softmax_pv_row(float* s, int64_t n, int64_t nblk, const float* const
     reg o[PW];
 #pragma GCC unroll 16
     for (int i = 0; i < PW; ++i) o[i] = V::zero();
-    for (int64_t j = 0; j < n; ++j) {
-      const reg pj = V::set1(s[j]);
-      const float* vj = vblk[j / W] + (j % W) * D + p0 * W;
+    if constexpr (PB) {
+      // Tail lanes past n hold p = 0 (masked scores), so an odd n's last pair takes 0 for its zero row.
+      uint32_t bits[2];
+      for (int64_t k = 0; k < (n + 1) / 2; ++k) {
+        std::memcpy(bits, s + 2 * k, 8);
+        const typename V::bf16x2 pk = V::bcast_bf16x2((bits[0] >> 16) | (bits[1] & 0xffff0000u));
+        const float* vk = vblk[0] + k * D + p0 * W;
 #pragma GCC unroll 16
-      for (int i = 0; i < PW; ++i) o[i] = V::fma(pj, V::load(vj + i * W), o[i]);
+        for (int i = 0; i < PW; ++i) o[i] = V::dot_bf16(o[i], pk, V::load_bf16x2(vk + i * W));
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const reg pj = V::set1(s[j]);
+        const float* vj = vblk[j / W] + (j % W) * D + p0 * W;
+#pragma GCC unroll 16
+        for (int i = 0; i < PW; ++i) o[i] = V::fma(pj, V::load(vj + i * W), o[i]);
+      }
     }
 #pragma GCC unroll 16
     for (int i = 0; i < PW; ++i) V::store(acc + (p0 + i) * W, V::fma(V::load(acc + (p0 + i) * W), va, o[i]));
@@ -290,6 +310,9 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
   static_assert(CH % W == 0, "a chunk is whole blocks of W tokens");
   // Which of K and V the passes can read as the pages store them: fp32, and bf16 K for the bf16 dot.
   constexpr bool k_as_stored = !q8 && (C == kF32 || dot_bf16), v_as_stored = !q8 && C == kF32;
+  // bf16 pages with the bf16 dot product: P @ V on the dot product too, V packed as pairs of tokens (softmax_pv_row).
+  constexpr bool pv_pairs = dot_bf16 && C == kBF16;
+  [[maybe_unused]] static const uint16_t zero_row[256] = {};  // an odd chunk's last V pair: D <= 256
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* kf = w.kf.data();
   float* vf = w.vf.data();
@@ -341,7 +364,13 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
             for (int i = 0; i < ND; ++i) V::store(kf + j * D + i * W, V::template load_as<C>(kr + i * W * es));
           }
         }
-        if (!v_in) {
+        if constexpr (pv_pairs) {
+          if ((j - j0) % 2 == 0) {  // tokens j and j + 1 (or zeros) as one pair row
+            const char* vr1 = j + 1 < j1 ? kv.v + voffs[j + 1] : reinterpret_cast<const char*>(zero_row);
+#pragma GCC unroll 16
+            for (int i = 0; i < ND; ++i) V::pair_bf16(vr + i * W * es, vr1 + i * W * es, vf + j / 2 * D + i * W);
+          }
+        } else if (!v_in) {
 #pragma GCC unroll 32
           for (int i = 0; i < ND; ++i) V::store(vf + j * D + i * W, V::template load_as<C>(vr + i * W * es));
         }
@@ -389,8 +418,12 @@ void attend_rows(const KvHead& kv, QueryRows& r, Workspace<V>& w, int64_t t0, in
                                              static_cast<int32_t>(lo - c0), static_cast<int32_t>(hi - c0), neg_inf));
     }
     for (int64_t m = 0; m < r.M; ++m) {
-      softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vblk, r.acc + m * D, r.row_max + m, r.row_sum + m,
-                            vsc);
+      if constexpr (pv_pairs)
+        softmax_pv_row<V, ND, true>(w.scores.data() + m * CH, n, nblk, &vf, r.acc + m * D, r.row_max + m,
+                                    r.row_sum + m, vsc);
+      else
+        softmax_pv_row<V, ND>(w.scores.data() + m * CH, n, nblk, vblk, r.acc + m * D, r.row_max + m, r.row_sum + m,
+                              vsc);
       next.template issue<V>(portion);
     }
     next.template issue<V>(next.lines());  // whatever rounding left

@@ -223,6 +223,21 @@ struct VecAvx512 {
     _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
   static reg dot_bf16(reg acc, bf16x2 a, bf16x2 b) { return _mm512_dpbf16_ps(acc, a, b); }
+  // P @ V by the dot product: W elements of two bf16 rows a and b as W pairs (a[d] low, b[d] high), and one pair of
+  // weights (bits: the low bf16 for a's token, the high for b's) broadcast to every lane.
+  static void pair_bf16(const void* a, const void* b, float* dst) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(a)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(b)));
+    _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+  static bf16x2 bcast_bf16x2(uint32_t bits) { return (bf16x2)_mm512_set1_epi32(static_cast<int>(bits)); }
+  // x rounded to bf16's precision (nearest even), as fp32: finite x.
+  static reg round_bf16(reg x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
 
   static float reduce_add(reg v) { return _mm512_reduce_add_ps(v); }
   static float reduce_max(reg v) { return _mm512_reduce_max_ps(v); }
