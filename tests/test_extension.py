@@ -119,6 +119,49 @@ def test_cpp_decode_empty_splits_are_not_nan(cpu_attention):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def _fill_unwritten(kc, vc, tables, lens, value):
+    """Copies of the pages with every row no sequence has written (past its length, or in a page no table names) set
+    to ``value``, as an unwritten page holds anything."""
+    bs = kc.shape[1]
+    written = torch.zeros(kc.shape[0], bs, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for t in range(n):
+            written[tables[b, t // bs], t % bs] = True
+    kc, vc = kc.clone(), vc.clone()
+    kc[~written] = value
+    vc[~written] = value
+    return kc, vc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_cpp_unwritten_rows_never_reach_the_output(dtype, D, cpu_attention):
+    """Rows past each sequence's end hold NaN or a finite value: the outputs are bit for bit the same, and finite.
+    Odd lengths end a chunk inside a pair of tokens (bf16 P @ V on the dot product pairs V rows, the last odd one with
+    zeros, csrc/cpu/attention_vec.h), where a row past the end must not be read."""
+    lens = [1, 17, 33, 95]
+    q, kc, vc, tables, seq_lens = _paged_problem(lens, 14, 2, D, 16, dtype)
+    outs = []
+    for value in (float("nan"), 3.0):
+        k2, v2 = _fill_unwritten(kc, vc, tables, lens, value)
+        with llmkern.use_backend("cpp"):
+            outs.append(paged_ops.paged_decode_attention(q, k2, v2, tables, seq_lens, D ** -0.5))
+    assert torch.isfinite(outs[0]).all(), f"decode {cpu_attention} {dtype}: an unwritten row reached the output"
+    assert torch.equal(outs[0], outs[1])
+    if cpu_attention == "portable":
+        return  # no portable C++ prefill kernel
+    ql = torch.tensor([1, 17, 5, 33], dtype=torch.int32)
+    qp = torch.randn(len(lens), 14, 33, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    outs = []
+    for value in (float("nan"), 3.0):
+        k2, v2 = _fill_unwritten(kc, vc, tables, lens, value)
+        with llmkern.use_backend("cpp"), llmkern.track() as ran:
+            outs.append(paged_ops.paged_prefill_attention(qp, k2, v2, tables, seq_lens, ql, D ** -0.5))
+        assert ran.backends("paged_prefill_attention") == {"cpp"}
+    assert torch.isfinite(outs[0]).all(), f"prefill {cpu_attention} {dtype}: an unwritten row reached the output"
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_cpp_decode_kernels_agree(cpu_attention):
     """The CPU kernels are twins: on one problem each agrees with the portable one to fp32 rounding (different
     summation order)."""
