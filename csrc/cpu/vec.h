@@ -206,8 +206,7 @@ struct VecAvx512 {
       _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     } else {
       const __m512i u = _mm512_castps_si512(v);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+      __m512i r = bf16_rne(u);
       const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
       _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
@@ -231,12 +230,15 @@ struct VecAvx512 {
     _mm512_storeu_si512(dst, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
   }
   static bf16x2 bcast_bf16x2(uint32_t bits) { return (bf16x2)_mm512_set1_epi32(static_cast<int>(bits)); }
+  // fp32 bits u plus the rounding increment to bf16, nearest even: the bf16 is the top 16 bits (finite u).
+  static __m512i bf16_rne(__m512i u) {
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+  }
   // x rounded to bf16's precision (nearest even), as fp32: finite x.
   static reg round_bf16(reg x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(bf16_rne(_mm512_castps_si512(x)), _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
 
   static float reduce_add(reg v) { return _mm512_reduce_add_ps(v); }
